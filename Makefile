@@ -1,0 +1,48 @@
+# The commands the README names. Everything installs itself into .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PROTOS := $(wildcard protos/ragfleet/v1/*.proto)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: venv protos demo test test-unit bench bench-gpu lint clean
+
+venv: $(STAMP)
+
+# torch: the CPU build 2.13.0 unless a CUDA GPU is present; the gpu extra swaps faiss-cpu for faiss-gpu.
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip install -q torch && extra=gpu; \
+	else \
+	  $(BIN)/python -m pip install -q torch==2.13.0 && extra=cpu; \
+	fi; \
+	$(BIN)/python -m pip install -q -e clients/python -e ".[$$extra,dev]"
+	touch $@
+
+protos: $(STAMP)
+	$(BIN)/python -m services.runtime.protogen
+
+demo: $(STAMP)
+	$(BIN)/ragfleet demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.search_latency
+
+lint: $(STAMP)
+	$(BIN)/ruff check services kernels clients/python/ragfleet bench tests
+
+clean:
+	rm -rf $(VENV) .ragfleet

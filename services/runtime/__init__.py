@@ -1,0 +1,1 @@
+"""What every ragfleet service shares: settings, the gRPC server bootstrap, errors, storage, Ray glue."""

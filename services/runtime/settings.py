@@ -1,0 +1,156 @@
+"""Settings of every service: defaults, then a YAML file, then environment variables.
+
+The YAML file is named by RAGFLEET_CONFIG (default: ./ragfleet.yaml when it exists). Environment
+variables are RAGFLEET_<FIELD>, nested with a double underscore: RAGFLEET_SERVER__PORT=50051,
+RAGFLEET_GATEWAY__RETRIEVERS='{"dense": {"address": "retriever-dense:50061"}}'.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+# Default ports of `ragfleet serve SERVICE` (plain grpc.aio); docker-compose uses the same ones.
+DEFAULT_PORTS: dict[str, int] = {
+    "pipeline": 50051,
+    "retriever-dense": 50061,
+    "retriever-bm25": 50062,
+    "reranker": 50071,
+    "generator": 50081,
+    "evaluator": 50091,
+}
+
+
+class Endpoint(BaseModel):
+    """Where a service answers: a host:port, plus the Ray Serve application when behind Serve's proxy."""
+
+    address: str
+    application: str | None = None
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Requests handled at once before new ones get RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 256
+    metrics_port: int | None = None
+    grace_seconds: float = 5.0
+
+
+class Limits(BaseModel):
+    max_query_chars: int = 4096
+    max_top_k: int = 1000
+    max_batch_queries: int = 4096
+    max_document_bytes: int = 2 * 1024 * 1024
+    max_id_chars: int = 512
+    max_index_name_chars: int = 128
+
+
+class RetrieverSettings(BaseModel):
+    # Backends this Retriever process serves; each has its own indexes under RAGFLEET_HOME.
+    backends: list[str] = ["dense", "bm25"]
+    # Sentence-transformers model: "all-MiniLM-L6-v2" (offline package), a local path or a hub id.
+    model: str = "all-MiniLM-L6-v2"
+    vector_store: str = "faiss"
+    faiss_index: str = "flat"
+    # When set, Chroma indexes live on this server (HttpClient) instead of embedded on disk.
+    chroma_host: str | None = None
+    chroma_port: int = 8000
+    device: str = "cpu"
+    batch_size: int = 64
+    bm25_stopwords: str = "en"
+
+
+class GatewaySettings(BaseModel):
+    retrievers: dict[str, Endpoint] = Field(
+        default_factory=lambda: {
+            "dense": Endpoint(address=f"127.0.0.1:{DEFAULT_PORTS['retriever-dense']}"),
+            "bm25": Endpoint(address=f"127.0.0.1:{DEFAULT_PORTS['retriever-bm25']}"),
+        }
+    )
+    reranker: Endpoint | None = None
+    generator: Endpoint | None = None
+    chunk_tokens: int = 200
+    overlap_tokens: int = 40
+    sentence_aware: bool = False
+    rrf_k: int = 60
+    # Seconds a call to another service may take when the caller sent no deadline.
+    default_timeout: float = 60.0
+    # Documents per Ingest message sent on to each retriever.
+    ingest_batch: int = 256
+
+
+class AuthSettings(BaseModel):
+    # Bearer token -> tenant. Empty: no authentication, every caller is tenant "default".
+    tokens: dict[str, str] = {}
+
+
+class TlsSettings(BaseModel):
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # With a client CA, clients must present a certificate signed by it (mTLS).
+    client_ca_file: Path | None = None
+
+
+class RaySettings(BaseModel):
+    # None: start an embedded Ray on this machine; "ray://head:10001" or "auto" joins a cluster.
+    address: str | None = None
+    grpc_port: int = 9000
+    http_port: int = 8000
+    num_cpus: int | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAGFLEET_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Path(".ragfleet")
+    log_level: str = "INFO"
+    server: ServerSettings = ServerSettings()
+    limits: Limits = Limits()
+    retriever: RetrieverSettings = RetrieverSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    auth: AuthSettings = AuthSettings()
+    tls: TlsSettings = TlsSettings()
+    ray: RaySettings = RaySettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = config_path()
+        if config is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config))
+        return tuple(sources)
+
+
+def config_path() -> Path | None:
+    named = os.environ.get("RAGFLEET_CONFIG")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise FileNotFoundError(f"RAGFLEET_CONFIG names {path}, which is not a file")
+        return path
+    default = Path("ragfleet.yaml")
+    return default if default.is_file() else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
