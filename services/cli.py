@@ -1,0 +1,397 @@
+"""`ragfleet`: run the fleet, feed it, ask it, evaluate it.
+
+    ragfleet up | down                     the fleet on Ray (embedded by default), behind Serve's gRPC proxy
+    ragfleet serve SERVICE --port N        one service on plain grpc.aio (what each compose container runs)
+    ragfleet ingest PATH --index NAME      a JSONL file or BEIR folder, through the Pipeline
+    ragfleet search | ask                  query an index; `ask` streams the answer events
+    ragfleet indexes | delete              list and delete indexes
+    ragfleet eval retrieval --beir DIR     nDCG@10 / Recall@100 / MRR@10 through the running services
+    ragfleet demo                          up, ingest the sample corpus, ask, print, down
+
+Commands that talk to the fleet use --address (default RAGFLEET_ADDRESS, else Serve's proxy at
+127.0.0.1:9000) and send the Serve application "pipeline", which a plain server ignores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from services.catalog import SERVICES
+from services.runtime.settings import DEFAULT_PORTS, Settings, get_settings
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+eval_app = typer.Typer(help="Evaluate the running fleet.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+console = Console()
+
+AddressOpt = Annotated[str | None, typer.Option(help="Pipeline address host:port.")]
+TokenOpt = Annotated[str | None, typer.Option(envvar="RAGFLEET_TOKEN", help="Bearer token.")]
+IndexOpt = Annotated[str, typer.Option(help="Index name.")]
+
+
+def _client(address: str | None, token: str | None, timeout: float = 120.0) -> Any:
+    import ragfleet
+
+    settings = get_settings()
+    address = address or os.environ.get("RAGFLEET_ADDRESS") or f"127.0.0.1:{settings.ray.grpc_port}"
+    return ragfleet.Client(address, token=token, application="pipeline", timeout=timeout)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/red] {err}")
+    raise typer.Exit(1)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+# --- running the fleet ----------------------------------------------------------------------------
+
+
+def _ray_bin() -> str:
+    local = Path(sys.executable).with_name("ray")
+    return str(local) if local.exists() else (shutil.which("ray") or "ray")
+
+
+@app.command()
+def up(
+    address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster (ray://head:10001 or 'auto') instead of starting one.")
+    ] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the embedded Ray instance.")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the fleet to answer.")] = 300.0,
+) -> None:
+    """Start the fleet: every service a Ray Serve deployment behind Serve's gRPC proxy."""
+    import ray
+
+    from services.runtime.serve import run_fleet
+
+    settings = get_settings()
+    address = address or settings.ray.address
+    if address is None:
+        cmd = [_ray_bin(), "start", "--head", "--disable-usage-stats", "--include-dashboard=false"]
+        cpus = num_cpus or settings.ray.num_cpus
+        if cpus:
+            cmd.append(f"--num-cpus={cpus}")
+        with console.status("starting Ray"):
+            started = subprocess.run(cmd, capture_output=True, text=True)
+        if started.returncode != 0 and "already running" not in started.stderr + started.stdout:
+            console.print(started.stdout + started.stderr)
+            raise typer.Exit(1)
+        address = "auto"
+    logging.basicConfig(level=logging.WARNING)
+    ray.init(address=address, namespace="ragfleet", log_to_driver=False)
+    with console.status("deploying the fleet (loads the models on first start)"):
+        run_fleet(settings)
+        _wait_ready(f"127.0.0.1:{settings.ray.grpc_port}", wait)
+    console.print(
+        f"[green]fleet up[/green]: Pipeline at 127.0.0.1:{settings.ray.grpc_port} "
+        "(metadata application=pipeline); `ragfleet down` stops it"
+    )
+
+
+def _wait_ready(address: str, seconds: float) -> None:
+    import ragfleet
+
+    deadline = time.time() + seconds
+    with ragfleet.Client(address, application="pipeline", timeout=10.0) as client:
+        while True:
+            try:
+                described = client.describe()
+                if all(s.healthy for s in described.services):
+                    return
+                problem = "; ".join(f"{s.name}: {s.detail}" for s in described.services if not s.healthy)
+            except ragfleet.errors.RagfleetError as err:
+                problem = str(err)
+            if time.time() > deadline:
+                raise RuntimeError(f"the fleet did not become ready in {seconds:.0f} s: {problem}")
+            time.sleep(1.0)
+
+
+@app.command()
+def down(
+    address: Annotated[str | None, typer.Option(help="The Ray cluster the fleet runs on.")] = None,
+) -> None:
+    """Stop the fleet (and the embedded Ray instance that `up` started)."""
+    import ray
+    from ray import serve
+
+    settings = get_settings()
+    address = address or settings.ray.address
+    try:
+        ray.init(address=address or "auto", namespace="ragfleet", log_to_driver=False)
+        serve.shutdown()
+        ray.shutdown()
+    except ConnectionError:
+        console.print("no running Ray instance found")
+    if address is None:
+        subprocess.run([_ray_bin(), "stop"], capture_output=True, text=True)
+    console.print("fleet down")
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")],
+    port: Annotated[int | None, typer.Option(help="Port (default: the service's standard port).")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default: settings.server.host).")] = None,
+) -> None:
+    """Run one service on plain grpc.aio, without Ray."""
+    from services.runtime.server import serve_forever
+
+    if service not in SERVICES:
+        console.print(f"[red]unknown service {service!r}[/red]; choose one of {', '.join(SERVICES)}")
+        raise typer.Exit(2)
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if host:
+        settings = settings.model_copy(update={"server": settings.server.model_copy(update={"host": host})})
+    spec = SERVICES[service]
+    port = port if port is not None else DEFAULT_PORTS.get(service, settings.server.port)
+    asyncio.run(serve_forever(spec.proto_service, spec.build(settings), settings, port=port))
+
+
+# --- using the fleet ------------------------------------------------------------------------------
+
+
+def _spec(
+    vector_store: str | None,
+    faiss_index: str | None,
+    model: str | None,
+    chunk_tokens: int | None,
+    overlap_tokens: int | None,
+    sentence_aware: bool,
+    whole_documents: bool,
+    retrievers: str | None,
+) -> dict[str, Any]:
+    chunking: dict[str, Any] = {"sentence_aware": sentence_aware, "whole_documents": whole_documents}
+    if chunk_tokens is not None:
+        chunking["chunk_tokens"] = chunk_tokens
+    if overlap_tokens is not None:
+        chunking["overlap_tokens"] = overlap_tokens
+    spec: dict[str, Any] = {"chunking": chunking}
+    for key, value in (("vector_store", vector_store), ("faiss_index", faiss_index), ("model", model)):
+        if value:
+            spec[key] = value
+    if retrievers:
+        spec["retrievers"] = retrievers.split(",")
+    return spec
+
+
+@app.command()
+def ingest(
+    path: Annotated[Path, typer.Argument(help="A JSONL file ({id,title,text,metadata} per line) or a BEIR folder.")],
+    index: IndexOpt,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+    vector_store: Annotated[str | None, typer.Option(help="faiss or chroma.")] = None,
+    faiss_index: Annotated[str | None, typer.Option(help="flat, ivf or hnsw.")] = None,
+    model: Annotated[str | None, typer.Option(help="Sentence-transformers model path or id.")] = None,
+    chunk_tokens: Annotated[int | None, typer.Option(help="Tokens per passage.")] = None,
+    overlap_tokens: Annotated[int | None, typer.Option(help="Tokens shared by neighbouring passages.")] = None,
+    sentence_aware: Annotated[bool, typer.Option(help="Cut passages at sentence boundaries.")] = False,
+    whole_documents: Annotated[bool, typer.Option(help="One passage per document.")] = False,
+    retrievers: Annotated[str | None, typer.Option(help="Comma-separated retrievers (default: all).")] = None,
+    upsert: Annotated[bool, typer.Option(help="Replace documents whose ids exist.")] = False,
+) -> None:
+    """Chunk and index documents through the Pipeline."""
+    import ragfleet
+
+    spec = _spec(vector_store, faiss_index, model, chunk_tokens, overlap_tokens, sentence_aware,
+                 whole_documents, retrievers)
+    with _client(address, token, timeout=3600.0) as client, _progress() as bar:
+        task = bar.add_task(f"ingesting into {index}", total=None)
+        try:
+            report = client.ingest(path, index=index, spec=spec, upsert=upsert,
+                                   progress=lambda n: bar.update(task, completed=n))
+        except ragfleet.errors.RagfleetError as err:
+            _fail(err)
+    for r in report.retrievers:
+        console.print(
+            f"{r.version.retriever}: +{r.added} passages (replaced {r.replaced}), {r.total_passages} in total, "
+            f"version {r.version.version}, model {r.version.model_id or '-'}"
+        )
+    console.print(f"{report.documents} documents -> {report.passages} passages")
+
+
+def _print_results(results: Any, title: str) -> None:
+    table = Table(title=title, show_lines=False)
+    for column in ("rank", "score", "retriever", "passage", "text"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        text = r.passage.text if len(r.passage.text) < 160 else r.passage.text[:157] + "..."
+        table.add_row(str(r.rank), f"{r.score:.4f}", r.retriever, r.passage.id, text)
+    console.print(table)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument()],
+    index: IndexOpt,
+    top_k: Annotated[int, typer.Option(help="Results to return.")] = 10,
+    retrievers: Annotated[str | None, typer.Option(help="Comma-separated retrievers (default: all).")] = None,
+    fusion: Annotated[str, typer.Option(help="rrf or weighted.")] = "rrf",
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Retrieve and fuse, without generation."""
+    import ragfleet
+
+    with _client(address, token) as client:
+        try:
+            found = client.search(query, index=index, top_k=top_k, fusion=fusion,
+                                  retrievers=retrievers.split(",") if retrievers else None)
+        except ragfleet.errors.RagfleetError as err:
+            _fail(err)
+    _print_results(found.results, query)
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument()],
+    index: IndexOpt,
+    top_k: Annotated[int, typer.Option(help="Passages to retrieve.")] = 5,
+    retrievers: Annotated[str | None, typer.Option(help="Comma-separated retrievers (default: all).")] = None,
+    rerank: Annotated[bool, typer.Option(help="Rerank when a reranker is configured.")] = False,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Ask a question; prints the streamed events as they come."""
+    import ragfleet
+
+    with _client(address, token) as client:
+        try:
+            for event in client.ask(question, index=index, top_k=top_k, rerank=rerank,
+                                    retrievers=retrievers.split(",") if retrievers else None):
+                _print_event(event)
+        except ragfleet.errors.RagfleetError as err:
+            _fail(err)
+
+
+def _print_event(event: Any) -> None:
+    kind = event.WhichOneof("event")
+    if kind in ("retrieved", "reranked"):
+        _print_results(getattr(event, kind).passages, kind)
+    elif kind == "token":
+        console.print(event.token, end="")
+    elif kind == "answer":
+        answer = event.answer
+        console.print(f"\n[bold]answer[/bold]: {answer.text}")
+        console.print("citations: " + ", ".join(c.passage_id for c in answer.citations))
+        console.print("timings: " + ", ".join(f"{t.stage} {t.millis:.1f} ms" for t in answer.timings))
+
+
+@app.command()
+def indexes(address: AddressOpt = None, token: TokenOpt = None) -> None:
+    """List indexes with their retrievers, versions and sizes."""
+    table = Table("index", "retriever", "version", "passages", "documents", "model")
+    with _client(address, token) as client:
+        for entry in client.list_indexes():
+            for d in entry.retrievers:
+                table.add_row(entry.index, d.version.retriever, str(d.version.version), str(d.passages),
+                              str(d.documents), d.version.model_id)
+    console.print(table)
+
+
+@app.command()
+def delete(
+    index: IndexOpt,
+    ids: Annotated[list[str] | None, typer.Option("--id", help="Passage id (repeatable).")] = None,
+    doc_ids: Annotated[list[str] | None, typer.Option("--doc-id", help="Document id (repeatable).")] = None,
+    drop: Annotated[bool, typer.Option(help="Delete the whole index.")] = False,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Delete passages, documents or a whole index."""
+    import ragfleet
+
+    with _client(address, token) as client:
+        try:
+            done = client.delete(index=index, ids=ids or (), doc_ids=doc_ids or (), drop_index=drop)
+        except ragfleet.errors.RagfleetError as err:
+            _fail(err)
+    for r in done.retrievers:
+        console.print(f"{r.version.retriever}: deleted {r.deleted}, now version {r.version.version}")
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    beir: Annotated[Path, typer.Option(help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")],
+    split: Annotated[str, typer.Option(help="qrels split.")] = "test",
+    retrievers: Annotated[str, typer.Option(help="Comma-separated: dense, bm25, hybrid.")] = "dense,bm25,hybrid",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Write the markdown table here.")] = None,
+    index: Annotated[str | None, typer.Option(help="Index name (default: from the folder name).")] = None,
+    vector_store: Annotated[str | None, typer.Option(help="faiss or chroma.")] = None,
+    chunk_tokens: Annotated[int | None, typer.Option(help="Chunk documents (default: whole documents).")] = None,
+    reuse_index: Annotated[bool, typer.Option(help="Search an index that is already ingested.")] = False,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Ingest a BEIR set through the services, search every query, score with pytrec_eval."""
+    from services.evaluator.retrieval import markdown_table, run_retrieval_eval, write_results
+
+    spec: dict[str, Any] = {"chunking": {"whole_documents": chunk_tokens is None}}
+    if chunk_tokens is not None:
+        spec["chunking"]["chunk_tokens"] = chunk_tokens
+    if vector_store:
+        spec["vector_store"] = vector_store
+    with _client(address, token, timeout=3600.0) as client:
+        results = run_retrieval_eval(
+            client, beir, split=split, retrievers=tuple(retrievers.split(",")), index=index, spec=spec,
+            reuse_index=reuse_index,
+        )
+    table = markdown_table(results)
+    console.print(table)
+    if json_out:
+        write_results(results, json_out)
+        console.print(f"wrote {json_out}")
+    if markdown:
+        markdown.write_text(table + "\n")
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Leave the fleet running afterwards.")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Start the fleet, ingest the sample corpus, ask its questions, print the answers, stop."""
+    from services.demo.run import run_demo
+
+    started = address is None
+    if started:
+        up(address=None, num_cpus=None, wait=300.0)
+    try:
+        with _client(address, None, timeout=600.0) as client:
+            run_demo(client, console)
+    finally:
+        if started and not keep:
+            down(address=None)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,522 @@
+"""Pipeline service (the gateway): what users talk to.
+
+Ingest chunks each document once and streams the passages to every chosen retriever, each on its own
+client-streaming call, so every retriever commits one new index version or none. Search fans out to
+the chosen retrievers concurrently and fuses their lists; Ask adds reranking and generation when those
+services are configured, and otherwise answers plainly that it is retrieval-only. Other services are
+reached only through the generated `ragfleet` stubs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import ragfleet
+from ragfleet.v1 import (
+    common_pb2,
+    generator_pb2,
+    generator_pb2_grpc,
+    pipeline_pb2,
+    reranker_pb2,
+    reranker_pb2_grpc,
+    retriever_pb2,
+    retriever_pb2_grpc,
+)
+
+from services.gateway.chunking import ChunkSettings, chunk_document
+from services.gateway.fusion import fuse
+from services.runtime.context import CallContext
+from services.runtime.errors import ServiceError, invalid_argument
+from services.runtime.settings import Endpoint, Settings
+
+# Names the backend when one Retriever process serves several.
+RETRIEVER_KEY = "x-ragfleet-retriever"
+T = TypeVar("T")
+
+
+class _Remote:
+    """A channel to one service plus the metadata its endpoint needs (the Serve application)."""
+
+    def __init__(self, endpoint: Endpoint, stub_cls: type) -> None:
+        self.endpoint = endpoint
+        self.stub = stub_cls(ragfleet.make_channel(endpoint.address, aio=True))
+
+    def metadata(self, ctx: CallContext, *extra: tuple[str, str]) -> list[tuple[str, str]]:
+        md = ctx.outgoing_metadata() + list(extra)
+        if self.endpoint.application:
+            md.append(("application", self.endpoint.application))
+        return md
+
+
+def _relay(err: grpc.aio.AioRpcError, who: str) -> ServiceError:
+    """A downstream failure keeps its status code; the message says which service answered."""
+    code = err.code()
+    if code == grpc.StatusCode.UNKNOWN:
+        code = grpc.StatusCode.INTERNAL
+    return ServiceError(code, f"{who}: {err.details()}")
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+class PipelineService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.limits = settings.limits
+        self._remotes: dict[str, _Remote] | None = None
+        self._reranker: _Remote | None = None
+        self._generator: _Remote | None = None
+
+    # Channels are made on first use: a grpc.aio channel belongs to the event loop that serves calls.
+    def _retrievers(self) -> dict[str, _Remote]:
+        if self._remotes is None:
+            gateway = self.settings.gateway
+            self._remotes = {
+                name: _Remote(ep, retriever_pb2_grpc.RetrieverStub) for name, ep in gateway.retrievers.items()
+            }
+            if gateway.reranker:
+                self._reranker = _Remote(gateway.reranker, reranker_pb2_grpc.RerankerStub)
+            if gateway.generator:
+                self._generator = _Remote(gateway.generator, generator_pb2_grpc.GeneratorStub)
+        return self._remotes
+
+    def _choose(self, names: Any, field: str) -> dict[str, _Remote]:
+        remotes = self._retrievers()
+        if not names:
+            return remotes
+        unknown = [n for n in names if n not in remotes]
+        if unknown:
+            raise invalid_argument(field, f"unknown retriever {unknown[0]!r}; configured: {sorted(remotes)}")
+        return {n: remotes[n] for n in dict.fromkeys(names)}
+
+    def _timeout(self, ctx: CallContext) -> float:
+        return ctx.timeout(self.settings.gateway.default_timeout)
+
+    def _check_index(self, index: str) -> None:
+        if not index:
+            raise invalid_argument("index", "is required")
+        if len(index) > self.limits.max_index_name_chars:
+            raise invalid_argument("index", f"longer than {self.limits.max_index_name_chars} characters")
+
+    def _check_query(self, query: str, field: str) -> None:
+        if not query.strip():
+            raise invalid_argument(field, "is empty")
+        if len(query) > self.limits.max_query_chars:
+            raise invalid_argument(field, f"longer than {self.limits.max_query_chars} characters")
+
+    def _check_top_k(self, top_k: int) -> None:
+        if top_k <= 0 or top_k > self.limits.max_top_k:
+            raise invalid_argument("top_k", f"must be between 1 and {self.limits.max_top_k}, got {top_k}")
+
+    def _candidates(self, top_k: int, candidates: int) -> int:
+        if candidates < 0:
+            raise invalid_argument("candidates", "must not be negative")
+        return min(max(candidates or 100, top_k), self.limits.max_top_k)
+
+    async def _fan_out(
+        self, remotes: dict[str, _Remote], call: Callable[[str, _Remote], Awaitable[T]]
+    ) -> dict[str, T]:
+        """Calls every remote at once. NOT_FOUND from some is fine while another has the index."""
+        names = list(remotes)
+        outcomes = await asyncio.gather(*(call(n, remotes[n]) for n in names), return_exceptions=True)
+        found: dict[str, T] = {}
+        missing: list[ServiceError] = []
+        for name, outcome in zip(names, outcomes):
+            if isinstance(outcome, grpc.aio.AioRpcError):
+                outcome = _relay(outcome, f"retriever {name}")
+            if isinstance(outcome, ServiceError) and outcome.code == grpc.StatusCode.NOT_FOUND:
+                missing.append(outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                found[name] = outcome
+        if not found and missing:
+            raise missing[0]
+        return found
+
+    # --- Ingest -----------------------------------------------------------------------------------
+
+    async def Ingest(
+        self, requests: AsyncIterator[pipeline_pb2.PipelineIngestRequest], ctx: CallContext
+    ) -> pipeline_pb2.PipelineIngestReport:
+        start = time.perf_counter()
+        stream = aiter(requests)
+        first = await anext(stream, None)
+        if first is None:
+            raise invalid_argument("documents", "the ingest stream was empty")
+        self._check_index(first.index)
+        chunking = ChunkSettings.from_spec(first.spec.chunking, self.settings.gateway)
+        remotes = self._choose(first.spec.retrievers, "spec.retrievers")
+
+        queues = {name: asyncio.Queue(maxsize=4) for name in remotes}
+
+        async def outgoing(name: str) -> AsyncIterator[retriever_pb2.IngestRequest]:
+            while (message := await queues[name].get()) is not None:
+                yield message
+
+        calls = {
+            name: remote.stub.Ingest(
+                outgoing(name), metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)), timeout=self._timeout(ctx)
+            )
+            for name, remote in remotes.items()
+        }
+        batch: list[common_pb2.Passage] = []
+        header_sent = False
+        seen: set[str] = set()
+        documents = passages = 0
+
+        async def flush() -> None:
+            nonlocal header_sent, batch
+            for name in remotes:
+                message = retriever_pb2.IngestRequest(passages=batch, upsert=first.upsert)
+                if not header_sent:
+                    message.index = first.index
+                    message.spec.CopyFrom(first.spec)
+                await _put(queues[name], message, calls[name], name)
+            header_sent = True
+            batch = []
+
+        try:
+            message = first
+            while message is not None:
+                for doc in message.documents:
+                    self._check_document(doc, f"documents[{documents}]", seen)
+                    documents += 1
+                    for passage in chunk_document(doc, chunking):
+                        batch.append(passage)
+                        passages += 1
+                    if len(batch) >= self.settings.gateway.ingest_batch:
+                        await flush()
+                message = await anext(stream, None)
+            if documents == 0:
+                raise invalid_argument("documents", "no documents were sent")
+            await flush()
+            for name in remotes:
+                await _put(queues[name], None, calls[name], name)
+            reports = await self._fan_out(remotes, lambda name, _: calls[name])
+        except BaseException:
+            for call in calls.values():
+                call.cancel()
+            raise
+        return pipeline_pb2.PipelineIngestReport(
+            documents=documents,
+            passages=passages,
+            retrievers=list(reports.values()),
+            timings=[common_pb2.Timing(stage="ingest", millis=_ms(start))],
+        )
+
+    def _check_document(self, doc: common_pb2.Document, field: str, seen: set[str]) -> None:
+        if not doc.id:
+            raise invalid_argument(f"{field}.id", "is required")
+        if len(doc.id) > self.limits.max_id_chars or "#" in doc.id:
+            raise invalid_argument(
+                f"{field}.id", f"must be at most {self.limits.max_id_chars} characters, without '#'"
+            )
+        if doc.id in seen:
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS, f"{field}.id: {doc.id!r} appears twice in this ingest"
+            )
+        seen.add(doc.id)
+        if not doc.text.strip():
+            raise invalid_argument(f"{field}.text", f"document {doc.id!r} has no text")
+        size = len(doc.text.encode()) + len(doc.title.encode())
+        if size > self.limits.max_document_bytes:
+            raise invalid_argument(
+                f"{field}.text",
+                f"document {doc.id!r} is {size} bytes; the limit is {self.limits.max_document_bytes}",
+            )
+
+    # --- Search -----------------------------------------------------------------------------------
+
+    async def Search(
+        self, request: pipeline_pb2.PipelineSearchRequest, ctx: CallContext
+    ) -> pipeline_pb2.PipelineSearchResponse:
+        self._check_query(request.query, "query")
+        self._check_index(request.index)
+        self._check_top_k(request.top_k)
+        remotes = self._choose(request.retrievers, "retrievers")
+        depth = self._candidates(request.top_k, request.candidates)
+        start = time.perf_counter()
+
+        async def search(name: str, remote: _Remote) -> retriever_pb2.SearchResponse:
+            return await remote.stub.Search(
+                retriever_pb2.SearchRequest(
+                    query=request.query,
+                    index=request.index,
+                    top_k=depth,
+                    filters=request.filters,
+                    with_continuation=request.with_continuation,
+                ),
+                metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)),
+                timeout=self._timeout(ctx),
+            )
+
+        responses = await self._fan_out(remotes, search)
+        retrieved = _ms(start)
+        lists = {n: list(r.results) for n, r in responses.items()}
+        results = fuse(lists, request.fusion, request.top_k, self.settings.gateway.rrf_k)
+        timings = [common_pb2.Timing(stage="retrieve", millis=retrieved)]
+        timings += [t for r in responses.values() for t in r.timings]
+        timings.append(common_pb2.Timing(stage="fuse", millis=_ms(start) - retrieved))
+        return pipeline_pb2.PipelineSearchResponse(
+            results=results, versions=[r.version for r in responses.values()], timings=timings
+        )
+
+    async def SearchBatch(
+        self, request: pipeline_pb2.PipelineSearchBatchRequest, ctx: CallContext
+    ) -> pipeline_pb2.PipelineSearchBatchResponse:
+        if not request.queries:
+            raise invalid_argument("queries", "is empty")
+        if len(request.queries) > self.limits.max_batch_queries:
+            raise invalid_argument("queries", f"more than {self.limits.max_batch_queries} queries")
+        for i, query in enumerate(request.queries):
+            self._check_query(query, f"queries[{i}]")
+        self._check_index(request.index)
+        self._check_top_k(request.top_k)
+        remotes = self._choose(request.retrievers, "retrievers")
+        depth = self._candidates(request.top_k, request.candidates)
+
+        async def search(name: str, remote: _Remote) -> retriever_pb2.SearchBatchResponse:
+            return await remote.stub.SearchBatch(
+                retriever_pb2.SearchBatchRequest(
+                    queries=request.queries, index=request.index, top_k=depth, filters=request.filters
+                ),
+                metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)),
+                timeout=self._timeout(ctx),
+            )
+
+        batches = await self._fan_out(remotes, search)
+        versions = [b.version for b in batches.values()]
+        out = pipeline_pb2.PipelineSearchBatchResponse(versions=versions)
+        for i in range(len(request.queries)):
+            lists = {n: list(b.responses[i].results) for n, b in batches.items()}
+            out.responses.add(
+                results=fuse(lists, request.fusion, request.top_k, self.settings.gateway.rrf_k),
+                versions=versions,
+            )
+        return out
+
+    # --- Ask --------------------------------------------------------------------------------------
+
+    async def Ask(self, request: pipeline_pb2.AskRequest, ctx: CallContext) -> pipeline_pb2.AskResponse:
+        response = pipeline_pb2.AskResponse()
+        async for event in self.AskStream(request, ctx):
+            kind = event.WhichOneof("event")
+            if kind in ("retrieved", "reranked"):
+                del response.passages[:]
+                response.passages.extend(getattr(event, kind).passages)
+            elif kind == "answer":
+                response.answer.CopyFrom(event.answer)
+        return response
+
+    async def AskStream(
+        self, request: pipeline_pb2.AskRequest, ctx: CallContext
+    ) -> AsyncIterator[pipeline_pb2.AskEvent]:
+        self._check_query(request.question, "question")
+        top_k = request.top_k or 5
+        start = time.perf_counter()
+        found = await self.Search(
+            pipeline_pb2.PipelineSearchRequest(
+                query=request.question,
+                index=request.index,
+                top_k=top_k,
+                retrievers=request.retrievers,
+                fusion=request.fusion,
+                filters=request.filters,
+            ),
+            ctx,
+        )
+        timings = [common_pb2.Timing(stage="retrieve", millis=_ms(start))]
+        passages = list(found.results)
+        yield pipeline_pb2.AskEvent(retrieved=pipeline_pb2.PassageList(passages=passages, timings=timings))
+        notes: list[str] = []
+        model_ids = sorted({v.model_id for v in found.versions if v.model_id})
+
+        if request.rerank and self._reranker is None:
+            notes.append("no reranker is configured, so passages are in retrieval order")
+        elif request.rerank and passages:
+            stage = time.perf_counter()
+            try:
+                reranked = await self._reranker.stub.Rerank(
+                    reranker_pb2.RerankRequest(query=request.question, candidates=passages, top_k=top_k),
+                    metadata=self._reranker.metadata(ctx),
+                    timeout=self._timeout(ctx),
+                )
+            except grpc.aio.AioRpcError as err:
+                raise _relay(err, "reranker") from err
+            passages = list(reranked.results)
+            model_ids.append(reranked.model_id)
+            timings.append(common_pb2.Timing(stage="rerank", millis=_ms(stage)))
+            yield pipeline_pb2.AskEvent(
+                reranked=pipeline_pb2.PassageList(passages=passages, timings=timings[-1:])
+            )
+
+        if request.generate and self._generator is not None and passages:
+            async for event in self._generate(request, passages, found, timings, model_ids, ctx):
+                yield event
+            return
+        if request.generate and self._generator is None:
+            notes.append("no generator is configured")
+        yield pipeline_pb2.AskEvent(answer=_retrieval_only_answer(passages, notes, timings, found, model_ids))
+
+    async def _generate(
+        self,
+        request: pipeline_pb2.AskRequest,
+        passages: list[common_pb2.ScoredPassage],
+        found: pipeline_pb2.PipelineSearchResponse,
+        timings: list[common_pb2.Timing],
+        model_ids: list[str],
+        ctx: CallContext,
+    ) -> AsyncIterator[pipeline_pb2.AskEvent]:
+        generator = self._generator
+        start = time.perf_counter()
+        call = generator.stub.GenerateStream(
+            generator_pb2.GenerateRequest(
+                question=request.question, context=passages, index=request.index, params=request.params
+            ),
+            metadata=generator.metadata(ctx),
+            timeout=self._timeout(ctx),
+        )
+        try:
+            async for event in call:
+                if event.WhichOneof("event") == "token":
+                    yield pipeline_pb2.AskEvent(token=event.token)
+                    continue
+                done = event.done
+                timings.append(common_pb2.Timing(stage="generate", millis=_ms(start)))
+                yield pipeline_pb2.AskEvent(
+                    answer=pipeline_pb2.Answer(
+                        text=done.text,
+                        citations=done.citations,
+                        timings=timings + list(done.timings),
+                        versions=found.versions,
+                        model_ids=model_ids + [done.model_id],
+                    )
+                )
+                return
+        except grpc.aio.AioRpcError as err:
+            raise _relay(err, "generator") from err
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE, "generator: the stream ended without an answer")
+
+    # --- Index management -------------------------------------------------------------------------
+
+    async def Delete(
+        self, request: retriever_pb2.DeleteRequest, ctx: CallContext
+    ) -> pipeline_pb2.PipelineDeleteResponse:
+        self._check_index(request.index)
+        if not (request.ids or request.doc_ids or request.drop_index):
+            raise invalid_argument("ids", "give ids, doc_ids or drop_index")
+
+        async def delete(name: str, remote: _Remote) -> retriever_pb2.DeleteResponse:
+            return await remote.stub.Delete(
+                request, metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)), timeout=self._timeout(ctx)
+            )
+
+        done = await self._fan_out(self._retrievers(), delete)
+        return pipeline_pb2.PipelineDeleteResponse(retrievers=list(done.values()))
+
+    async def DescribeIndex(
+        self, request: retriever_pb2.DescribeIndexRequest, ctx: CallContext
+    ) -> pipeline_pb2.PipelineIndexDescription:
+        self._check_index(request.index)
+
+        async def describe(name: str, remote: _Remote) -> retriever_pb2.IndexDescription:
+            return await remote.stub.DescribeIndex(
+                request, metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)), timeout=self._timeout(ctx)
+            )
+
+        found = await self._fan_out(self._retrievers(), describe)
+        return pipeline_pb2.PipelineIndexDescription(index=request.index, retrievers=list(found.values()))
+
+    async def ListIndexes(
+        self, request: retriever_pb2.ListIndexesRequest, ctx: CallContext
+    ) -> pipeline_pb2.PipelineListIndexesResponse:
+        async def list_indexes(name: str, remote: _Remote) -> retriever_pb2.ListIndexesResponse:
+            return await remote.stub.ListIndexes(
+                request, metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)), timeout=self._timeout(ctx)
+            )
+
+        by_index: dict[str, pipeline_pb2.PipelineIndexDescription] = {}
+        for listing in (await self._fan_out(self._retrievers(), list_indexes)).values():
+            for description in listing.indexes:
+                name = description.version.index
+                entry = by_index.setdefault(name, pipeline_pb2.PipelineIndexDescription(index=name))
+                entry.retrievers.append(description)
+        return pipeline_pb2.PipelineListIndexesResponse(indexes=[by_index[n] for n in sorted(by_index)])
+
+    async def Describe(
+        self, request: pipeline_pb2.DescribeRequest, ctx: CallContext
+    ) -> pipeline_pb2.DescribeResponse:
+        remotes = self._retrievers()
+
+        async def probe(name: str, remote: _Remote) -> pipeline_pb2.ServiceEndpoint:
+            endpoint = pipeline_pb2.ServiceEndpoint(name=f"retriever {name}", address=remote.endpoint.address)
+            try:
+                await remote.stub.ListIndexes(
+                    retriever_pb2.ListIndexesRequest(),
+                    metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)),
+                    timeout=min(self._timeout(ctx), 5.0),
+                )
+                endpoint.healthy = True
+            except grpc.aio.AioRpcError as err:
+                endpoint.detail = f"{err.code().name}: {err.details()}"
+            return endpoint
+
+        endpoints = await asyncio.gather(*(probe(n, r) for n, r in remotes.items()))
+        return pipeline_pb2.DescribeResponse(
+            version=ragfleet.__version__,
+            services=endpoints,
+            retrievers=list(remotes),
+            reranker=self._reranker is not None,
+            generator=self._generator is not None,
+        )
+
+
+async def _put(queue: asyncio.Queue, message: Any, call: grpc.aio.StreamUnaryCall, name: str) -> None:
+    """Queues a message for a retriever, failing fast if that retriever already ended the call."""
+    while True:
+        if call.done():
+            try:
+                await call
+            except grpc.aio.AioRpcError as err:
+                raise _relay(err, f"retriever {name}") from err
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"retriever {name} ended the ingest early")
+        try:
+            await asyncio.wait_for(queue.put(message), timeout=0.5)
+            return
+        except TimeoutError:
+            continue
+
+
+def _retrieval_only_answer(
+    passages: list[common_pb2.ScoredPassage],
+    notes: list[str],
+    timings: list[common_pb2.Timing],
+    found: pipeline_pb2.PipelineSearchResponse,
+    model_ids: list[str],
+) -> pipeline_pb2.Answer:
+    reason = "; ".join(notes) or "generation was not requested"
+    if passages:
+        top = passages[0].passage
+        text = f"Retrieval only ({reason}). The best matching passage is {top.id}: {top.text}"
+    else:
+        text = f"Retrieval only ({reason}). No passage matched."
+    citations = [
+        generator_pb2.Citation(
+            passage_id=p.passage.id, doc_id=p.passage.doc_id, weight=p.score, title=p.passage.title
+        )
+        for p in passages
+    ]
+    return pipeline_pb2.Answer(
+        text=text,
+        citations=citations,
+        timings=timings,
+        retrieval_only=True,
+        versions=found.versions,
+        model_ids=model_ids,
+    )

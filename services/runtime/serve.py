@@ -1,0 +1,145 @@
+"""Ray Serve glue: every ragfleet service as a Serve deployment behind Serve's gRPC proxy.
+
+The deployment wraps the same service object and the same `CallGate` as `ragfleet serve`, so auth,
+limits, metrics and the error model do not depend on the deployment mode. Clients choose the service
+with the `application` metadata (the SDK sets it); inside Ray, the gateway reaches the retrievers
+through the proxy too, so services still talk only through the ragfleet stubs.
+
+`deploy/ray/serve.yaml` names the module-level builders below (`pipeline_app`, ...);
+`ragfleet up` calls `run_fleet`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from services.catalog import SERVICES, ServiceSpec
+from services.runtime.calls import CallGate, RpcMethod, rpc_methods
+from services.runtime.errors import ServiceError
+from services.runtime.settings import Endpoint, Settings
+
+log = logging.getLogger("ragfleet.serve")
+
+# The applications `ragfleet up` deploys, in start order (retrievers before the gateway).
+FLEET = ("retriever-dense", "retriever-bm25", "pipeline")
+
+
+def _method(method: RpcMethod) -> Any:
+    if method.server_streaming:
+
+        async def streaming(self: Any, request: Any, grpc_context: Any) -> AsyncIterator[Any]:
+            fn = getattr(self.impl, method.name)
+            try:
+                ctx = self.gate.context(grpc_context.invocation_metadata(), None)
+                async for message in self.gate.stream(method, lambda c: fn(request, c), ctx):
+                    yield message
+            except ServiceError as err:
+                grpc_context.set_code(err.code)
+                grpc_context.set_details(err.message)
+
+        handler = streaming
+    else:
+
+        async def unary(self: Any, request: Any, grpc_context: Any) -> Any:
+            fn = getattr(self.impl, method.name)
+            try:
+                ctx = self.gate.context(grpc_context.invocation_metadata(), None)
+                return await self.gate.unary(method, lambda c: fn(request, c), ctx)
+            except ServiceError as err:
+                grpc_context.set_code(err.code)
+                grpc_context.set_details(err.message)
+                return method.response_cls()
+
+        handler = unary
+    handler.__name__ = method.name
+    handler.__qualname__ = method.name
+    return handler
+
+
+def deployment_class(spec: ServiceSpec) -> type:
+    """A plain class with one method per RPC, ready for `serve.deployment`."""
+
+    def __init__(self: Any, settings: dict[str, Any]) -> None:
+        logging.basicConfig(level=settings.get("log_level", "INFO"))
+        self.settings = Settings.model_validate(settings)
+        self.impl = spec.build(self.settings)
+        self.gate = CallGate(spec.proto_service.rsplit(".", 1)[-1], self.settings)
+
+    namespace: dict[str, Any] = {"__init__": __init__}
+    for method in rpc_methods(spec.proto_service):
+        namespace[method.name] = _method(method)
+    return type(spec.name.title().replace("-", ""), (), namespace)
+
+
+def fleet_settings(settings: Settings) -> Settings:
+    """Settings as the deployments see them: an absolute home, and the gateway reaching the
+    retrievers through Serve's gRPC proxy."""
+    proxy = f"127.0.0.1:{settings.ray.grpc_port}"
+    gateway = settings.gateway.model_copy(
+        update={
+            "retrievers": {
+                name.removeprefix("retriever-"): Endpoint(address=proxy, application=name)
+                for name in FLEET
+                if name.startswith("retriever-")
+            }
+        }
+    )
+    return settings.model_copy(update={"home": settings.home.resolve(), "gateway": gateway})
+
+
+def application(name: str, settings: Settings, *, num_cpus: float = 0.0) -> serve.Application:
+    spec = SERVICES[name]
+    deployment = serve.deployment(
+        deployment_class(spec),
+        name=spec.name,
+        ray_actor_options={"num_cpus": num_cpus},
+        max_ongoing_requests=64,
+    )
+    return deployment.bind(json.loads(settings.model_dump_json()))
+
+
+def grpc_options(settings: Settings) -> gRPCOptions:
+    return gRPCOptions(
+        port=settings.ray.grpc_port,
+        grpc_servicer_functions=sorted({SERVICES[name].servicer_function for name in FLEET}),
+    )
+
+
+def run_fleet(settings: Settings) -> None:
+    """Starts Serve (gRPC proxy on settings.ray.grpc_port) and deploys every fleet application.
+    Assumes `ray.init` was called."""
+    deployed = fleet_settings(settings)
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": settings.ray.http_port},
+        grpc_options=grpc_options(settings),
+    )
+    for name in FLEET:
+        serve.run(application(name, deployed), name=name, route_prefix=f"/{name}", blocking=False)
+        log.info("deployed %s", name)
+
+
+def _app(name: str) -> serve.Application:
+    """Builder for `serve deploy deploy/ray/serve.yaml`: settings from the environment / YAML file."""
+    settings = Settings()
+    if os.environ.get("RAGFLEET_GATEWAY__RETRIEVERS") is None:
+        settings = fleet_settings(settings)
+    return application(name, settings)
+
+
+def pipeline_app(args: dict[str, str] | None = None) -> serve.Application:
+    return _app("pipeline")
+
+
+def retriever_dense_app(args: dict[str, str] | None = None) -> serve.Application:
+    return _app("retriever-dense")
+
+
+def retriever_bm25_app(args: dict[str, str] | None = None) -> serve.Application:
+    return _app("retriever-bm25")
