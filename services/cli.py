@@ -140,7 +140,8 @@ def down(
     settings = get_settings()
     address = address or settings.ray.address
     try:
-        ray.init(address=address or "auto", namespace="ragfleet", log_to_driver=False)
+        if not ray.is_initialized():
+            ray.init(address=address or "auto", namespace="ragfleet", log_to_driver=False)
         serve.shutdown()
         ray.shutdown()
     except ConnectionError:

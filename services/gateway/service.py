@@ -170,10 +170,10 @@ class PipelineService:
         seen: set[str] = set()
         documents = passages = 0
 
-        async def flush() -> None:
+        async def flush(last: bool = False) -> None:
             nonlocal header_sent, batch
             for name in remotes:
-                message = retriever_pb2.IngestRequest(passages=batch, upsert=first.upsert)
+                message = retriever_pb2.IngestRequest(passages=batch, upsert=first.upsert, last=last)
                 if not header_sent:
                     message.index = first.index
                     message.spec.CopyFrom(first.spec)
@@ -183,7 +183,11 @@ class PipelineService:
 
         try:
             message = first
+            finished = False
             while message is not None:
+                if finished:
+                    raise invalid_argument("last", "a message followed the one marked last")
+                finished = message.last
                 for doc in message.documents:
                     self._check_document(doc, f"documents[{documents}]", seen)
                     documents += 1
@@ -193,9 +197,13 @@ class PipelineService:
                     if len(batch) >= self.settings.gateway.ingest_batch:
                         await flush()
                 message = await anext(stream, None)
+            if not finished:
+                raise invalid_argument(
+                    "last", "the stream ended without a message marked last; nothing was committed"
+                )
             if documents == 0:
                 raise invalid_argument("documents", "no documents were sent")
-            await flush()
+            await flush(last=True)
             for name in remotes:
                 await _put(queues[name], None, calls[name], name)
             reports = await self._fan_out(remotes, lambda name, _: calls[name])

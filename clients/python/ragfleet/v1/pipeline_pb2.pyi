@@ -10,16 +10,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PipelineIngestRequest(_message.Message):
-    __slots__ = ("index", "spec", "documents", "upsert")
+    __slots__ = ("index", "spec", "documents", "upsert", "last")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     UPSERT_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     index: str
     spec: _common_pb2.IndexSpec
     documents: _containers.RepeatedCompositeFieldContainer[_common_pb2.Document]
     upsert: bool
-    def __init__(self, index: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., documents: _Optional[_Iterable[_Union[_common_pb2.Document, _Mapping]]] = ..., upsert: _Optional[bool] = ...) -> None: ...
+    last: bool
+    def __init__(self, index: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., documents: _Optional[_Iterable[_Union[_common_pb2.Document, _Mapping]]] = ..., upsert: _Optional[bool] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class PipelineIngestReport(_message.Message):
     __slots__ = ("documents", "passages", "retrievers", "timings")

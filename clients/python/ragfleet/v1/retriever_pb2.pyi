@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IngestRequest(_message.Message):
-    __slots__ = ("index", "spec", "passages", "upsert")
+    __slots__ = ("index", "spec", "passages", "upsert", "last")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     UPSERT_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     index: str
     spec: _common_pb2.IndexSpec
     passages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Passage]
     upsert: bool
-    def __init__(self, index: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., passages: _Optional[_Iterable[_Union[_common_pb2.Passage, _Mapping]]] = ..., upsert: _Optional[bool] = ...) -> None: ...
+    last: bool
+    def __init__(self, index: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., passages: _Optional[_Iterable[_Union[_common_pb2.Passage, _Mapping]]] = ..., upsert: _Optional[bool] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class IngestReport(_message.Message):
     __slots__ = ("version", "added", "replaced", "total_passages", "timings")

@@ -1,0 +1,1 @@
+"""The Pipeline service (gateway): chunking, ingest fan-out, retrieval fan-out + fusion, rerank, generate."""

@@ -1,0 +1,92 @@
+"""The interface every retriever backend implements, and the registry of backends.
+
+A backend holds the search structure of one index at one version. The service never mutates the
+instance searches are using: a writer opens a fresh instance from the live version's folder
+(copy-on-write), applies `add` / `remove`, `save`s it into a new version folder and only then, after
+the manifest switch, swaps it in. Rowids are the passage store's int64 rowids; the backend knows
+nothing of passage ids, versions or metadata.
+
+Backends are imported lazily (`backend_class`), so a bm25-only process never imports torch, and a
+backend never imports another backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from services.retriever.passages import Passage
+from services.runtime.settings import Settings
+
+# name -> "module:Class"
+BACKENDS: dict[str, str] = {
+    "dense": "services.retriever.dense:DenseBackend",
+    "bm25": "services.retriever.bm25:BM25Backend",
+}
+
+Hits = list[tuple[int, float]]
+
+
+class Backend(ABC):
+    """One backend index at one version."""
+
+    @classmethod
+    @abstractmethod
+    def resolve_spec(cls, spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+        """The full spec of a new index: `spec`'s fields (IndexSpec names) with defaults filled in.
+
+        Raises ServiceError (INVALID_ARGUMENT naming `spec.<field>`) for values this backend rejects.
+        """
+
+    @classmethod
+    @abstractmethod
+    def open(
+        cls, directory: Path, spec: dict[str, Any], settings: Settings, version_dir: Path | None
+    ) -> Backend:
+        """The index saved in `version_dir`, or an empty one when it is None.
+
+        `directory` is the backend index directory (`.../<index>/<backend>/`), `spec` a resolved spec.
+        """
+
+    @property
+    @abstractmethod
+    def model_id(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def dimension(self) -> int:
+        """Embedding dimension; 0 for sparse backends."""
+
+    @abstractmethod
+    def add(self, rows: Sequence[tuple[int, Passage]]) -> None: ...
+
+    @abstractmethod
+    def remove(self, rowids: Sequence[int]) -> None: ...
+
+    @abstractmethod
+    def search(self, queries: Sequence[str], k: int, allowed_rowids: set[int] | None = None) -> list[Hits]:
+        """Top-k (rowid, score) per query, best first; only rowids in `allowed_rowids` when given."""
+
+    @abstractmethod
+    def save(self, version_dir: Path) -> dict[str, Any]:
+        """Writes this index into the (new, empty) `version_dir`; returns facts for the manifest."""
+
+    def discard(self, version_dir: Path) -> None:
+        """Frees what the version in `version_dir` holds outside that folder (the folder itself is
+        removed by the caller)."""
+
+    def collect_garbage(self, live_version_dir: Path | None) -> None:
+        """Frees leftovers of versions other than the live one (after a crash), outside folders."""
+
+
+def backend_class(name: str) -> type[Backend]:
+    module_name, _, class_name = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def passage_text(passage: Passage) -> str:
+    """What backends index: the title and the text."""
+    return f"{passage.title} {passage.text}" if passage.title else passage.text

@@ -1,0 +1,55 @@
+"""The demo path end to end: `ragfleet demo` starts the fleet on an embedded Ray (Serve's gRPC proxy),
+ingests the sample corpus, asks its questions through the SDK and prints ranked, cited passages.
+With --keep the fleet stays up, so the same Serve deployment is then checked for the error model."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import ragfleet
+
+from services.demo.corpus import demo_questions
+from services.runtime.processes import RAGFLEET, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def test_demo_runs_through_ray_serve(tmp_path: Path) -> None:
+    grpc_port = free_port()
+    env = dict(os.environ)
+    env.update(
+        RAGFLEET_HOME=str(tmp_path / "home"),
+        RAGFLEET_RAY__GRPC_PORT=str(grpc_port),
+        RAGFLEET_RAY__HTTP_PORT=str(free_port()),
+        HF_HUB_OFFLINE="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        COLUMNS="200",
+    )
+    try:
+        run = subprocess.run([RAGFLEET, "demo", "--keep"], env=env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        out = run.stdout
+        summary = re.search(r"(\d+)/(\d+) questions have the answering document first, (\d+)/\d+ within", out)
+        assert summary, out[-3000:]
+        top1, total, top5 = map(int, summary.groups())
+        assert total == len(demo_questions())
+        assert top5 >= total - 1 and top1 >= total // 2, out[-3000:]
+        assert "fused" in out and "Retrieval only" in out
+
+        with ragfleet.Client(f"127.0.0.1:{grpc_port}", application="pipeline", timeout=60) as client:
+            q = demo_questions()[0]
+            found = client.search(q["question"], index="demo", top_k=3)
+            assert q["doc_id"] in [r.passage.doc_id for r in found.results]
+            with pytest.raises(ragfleet.errors.NotFound):
+                client.search("q", index="missing-index")
+            with pytest.raises(ragfleet.errors.InvalidArgument) as err:
+                client.search("q", index="demo", top_k=0)
+            assert "top_k" in err.value.details
+            with pytest.raises(ragfleet.errors.InvalidArgument):
+                client.ingest([{"id": "", "text": "x"}], index="demo")
+    finally:
+        subprocess.run([RAGFLEET, "down"], env=env, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,230 @@
+"""Static checks of the deployment files: compose, Dockerfiles, Ray Serve, Ray cluster and KubeRay configs.
+
+Nothing is built or started; the files are parsed and checked against the settings and the code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.catalog import SERVICES
+from services.runtime.settings import DEFAULT_PORTS, GatewaySettings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy/docker/Dockerfile"
+DOCKERFILE_GPU = ROOT / "deploy/docker/Dockerfile.gpu"
+SERVE = ROOT / "deploy/ray/serve.yaml"
+CLUSTER = ROOT / "deploy/ray/cluster.yaml"
+RAYSERVICE = ROOT / "deploy/k8s/rayservice.yaml"
+APPLICATIONS = {"pipeline", "retriever-dense", "retriever-bm25"}
+
+
+def compose_services() -> dict[str, dict]:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def ragfleet_services() -> dict[str, dict]:
+    return {name: spec for name, spec in compose_services().items() if name != "chroma"}
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [
+        (parts[0].upper(), parts[1] if len(parts) > 1 else "")
+        for parts in (line.strip().split(None, 1) for line in joined.splitlines() if line.strip())
+    ]
+
+
+def serve_config() -> dict:
+    return yaml.safe_load(SERVE.read_text())
+
+
+def rayservice() -> dict:
+    return next(doc for doc in yaml.safe_load_all(RAYSERVICE.read_text()) if doc["kind"] == "RayService")
+
+
+# docker-compose.yml
+
+
+def test_compose_runs_the_services_that_exist_plus_chroma() -> None:
+    assert set(compose_services()) == APPLICATIONS | {"chroma"}
+
+
+@pytest.mark.parametrize("name", sorted(APPLICATIONS))
+def test_compose_service_serves_itself_on_its_default_port(name: str) -> None:
+    spec = ragfleet_services()[name]
+    assert spec["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+    assert (ROOT / spec["build"]["context"] / spec["build"]["dockerfile"]).is_file()
+    command = spec["command"]
+    assert command[:2] == ["serve", name] and command[2] == "--port" and len(command) == 4
+    assert name in DEFAULT_PORTS
+    port = int(command[3])
+    assert port == DEFAULT_PORTS[name]
+    assert spec["ports"] == [f"{port}:{port}"]
+    env = spec["environment"]
+    assert env["RAGFLEET_SERVER__HOST"] == "0.0.0.0"
+    assert env["RAGFLEET_HOME"] == "/data"
+    # The health check reads the port from RAGFLEET_SERVER__PORT.
+    assert int(env["RAGFLEET_SERVER__PORT"]) == port
+    assert "RAGFLEET_SERVER__PORT" in " ".join(spec["healthcheck"]["test"])
+
+
+def test_every_stateful_service_has_its_own_named_volume() -> None:
+    top = yaml.safe_load(COMPOSE.read_text())
+    mounts = {}
+    for name, spec in compose_services().items():
+        (volume,) = spec["volumes"]
+        source, target = volume.split(":")
+        assert target == "/data"
+        mounts[name] = source
+    assert len(set(mounts.values())) == len(mounts)
+    assert set(mounts.values()) == set(top["volumes"])
+
+
+def test_pipeline_finds_the_retrievers_by_service_name() -> None:
+    services = compose_services()
+    raw = services["pipeline"]["environment"]["RAGFLEET_GATEWAY__RETRIEVERS"]
+    gateway = GatewaySettings(retrievers=json.loads(raw))
+    assert set(gateway.retrievers) == {"dense", "bm25"}
+    for endpoint in gateway.retrievers.values():
+        host, port = endpoint.address.rsplit(":", 1)
+        assert host in services
+        assert int(port) == DEFAULT_PORTS[host]
+        assert services["pipeline"]["depends_on"][host] == {"condition": "service_healthy"}
+
+
+def test_dense_retriever_uses_the_chroma_service() -> None:
+    services = compose_services()
+    env = services["retriever-dense"]["environment"]
+    assert env["RAGFLEET_RETRIEVER__CHROMA_HOST"] == "chroma"
+    chroma_port = int(env["RAGFLEET_RETRIEVER__CHROMA_PORT"])
+    assert services["chroma"]["ports"] == [f"{chroma_port}:{chroma_port}"]
+    assert services["chroma"]["image"].startswith("chromadb/chroma:")
+    assert f"/dev/tcp/127.0.0.1/{chroma_port}" in " ".join(services["chroma"]["healthcheck"]["test"])
+    assert services["retriever-dense"]["depends_on"]["chroma"] == {"condition": "service_healthy"}
+
+
+def test_compose_and_serve_names_are_services_the_cli_knows() -> None:
+    assert set(ragfleet_services()) <= set(SERVICES)
+    config = serve_config()
+    assert {app["name"] for app in config["applications"]} <= set(SERVICES)
+    assert sorted(config["grpc_options"]["grpc_servicer_functions"]) == sorted(
+        {SERVICES[app["name"]].servicer_function for app in config["applications"]}
+    )
+
+
+# Dockerfiles
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, DOCKERFILE_GPU], ids=["cpu", "gpu"])
+def test_dockerfile_installs_the_project_and_runs_ragfleet(path: Path) -> None:
+    instructions = dockerfile_instructions(path)
+    entrypoints = [args for op, args in instructions if op == "ENTRYPOINT"]
+    assert [json.loads(args) for args in entrypoints] == [["ragfleet"]]
+    runs = " ".join(args for op, args in instructions if op == "RUN")
+    assert "pip install ./clients/python" in runs
+    assert "torch==2.13.0" in runs
+    users = [args for op, args in instructions if op == "USER"]
+    assert users and users[-1] not in {"root", "0"}
+    assert any(op == "HEALTHCHECK" and "grpc_health" in args for op, args in instructions)
+
+
+def test_cpu_image_takes_torch_from_the_cpu_index() -> None:
+    instructions = dockerfile_instructions(DOCKERFILE)
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    runs = [shlex.split(args) for op, args in instructions if op == "RUN" and "torch==2.13.0" in args]
+    assert runs and "https://download.pytorch.org/whl/cpu" in runs[0]
+    assert any(op == "RUN" and '".[cpu]"' in args for op, args in instructions)
+
+
+def test_gpu_image_is_cuda_based_with_the_gpu_extra() -> None:
+    instructions = dockerfile_instructions(DOCKERFILE_GPU)
+    base = dict(arg.split("=", 1) for op, arg in instructions if op == "ARG")["CUDA_IMAGE"]
+    assert base.startswith("nvidia/cuda:") and "runtime" in base
+    assert any(op == "RUN" and '".[gpu]"' in args for op, args in instructions)
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, DOCKERFILE_GPU], ids=["cpu", "gpu"])
+def test_dockerfile_copies_only_existing_unignored_paths(path: Path) -> None:
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for op, args in dockerfile_instructions(path):
+        if op == "COPY":
+            *sources, _ = args.split()
+            for source in sources:
+                assert (ROOT / source).exists(), f"{path.name} copies {source}, which does not exist"
+                assert source.split("/")[0] not in ignored, f".dockerignore drops {source}"
+
+
+# Ray Serve, the Ray cluster launcher, KubeRay
+
+
+def test_serve_config_names_the_applications_and_servicers() -> None:
+    config = serve_config()
+    assert {app["name"] for app in config["applications"]} == APPLICATIONS
+    assert config["grpc_options"]["port"] == 9000
+    for function in config["grpc_options"]["grpc_servicer_functions"]:
+        module, attribute = function.rsplit(".", 1)
+        stub = ROOT / "clients/python" / (module.replace(".", "/") + ".py")
+        assert f"def {attribute}(" in stub.read_text()
+
+
+def test_serve_import_paths_point_at_service_modules() -> None:
+    for app in serve_config()["applications"]:
+        module, _, attribute = app["import_path"].partition(":")
+        assert attribute.isidentifier()
+        assert module.split(".")[0] == "services"
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"{module} has no file"
+
+
+def test_serve_applications_route_by_their_name() -> None:
+    for app in serve_config()["applications"]:
+        assert app["route_prefix"] == f"/{app['name']}"
+
+
+def test_serve_config_matches_rays_schema() -> None:
+    schema = pytest.importorskip("ray.serve.schema")
+    schema.ServeDeploySchema.model_validate(serve_config())
+
+
+def test_rayservice_carries_the_same_serve_config() -> None:
+    service = rayservice()
+    assert service["apiVersion"] == "ray.io/v1"
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == serve_config()
+
+
+def test_rayservice_pods_expose_grpc_and_share_ragfleet_home() -> None:
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [
+        group["template"]["spec"] for group in cluster["workerGroupSpecs"]
+    ]
+    for pod in pods:
+        (container,) = pod["containers"]
+        assert 9000 in {port["containerPort"] for port in container["ports"]}
+        env = {item["name"]: item["value"] for item in container["env"]}
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        assert env["RAGFLEET_HOME"] in mounts
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+        assert claims[mounts[env["RAGFLEET_HOME"]]] == "ragfleet-data"
+
+
+def test_cluster_config_is_valid_for_the_ray_launcher() -> None:
+    util = pytest.importorskip("ray.autoscaler._private.util")
+    config = yaml.safe_load(CLUSTER.read_text())
+    util.validate_config(util.prepare_config(copy.deepcopy(config)))
+    assert config["provider"]["type"] == "local"
+    setup = " ".join(config["setup_commands"])
+    assert "torch==2.13.0" in setup and "./clients/python" in setup
