@@ -49,41 +49,41 @@ def time_calls(call, qs: list[str]) -> list[float]:
     return samples
 
 
-def bench_in_process(home: Path, docs: list[dict], qs: list[str], top_k: int) -> dict[str, list[float]]:
-    from ragfleet.v1 import common_pb2, retriever_pb2
-
-    from services.gateway.chunking import ChunkSettings, chunk_document
+def _time_service(service: Any, passages: list[Any], qs: list[str], top_k: int) -> list[float]:
+    from ragfleet.v1 import retriever_pb2
     from services.runtime.context import CallContext
-    from services.runtime.settings import Settings
 
+    async def requests():
+        for i in range(0, len(passages), 256):
+            batch = passages[i : i + 256]
+            yield retriever_pb2.IngestRequest(index="bench", passages=batch, last=i + 256 >= len(passages))
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(service.Ingest(requests(), CallContext()))
+
+        def search(q: str) -> Any:
+            request = retriever_pb2.SearchRequest(query=q, index="bench", top_k=top_k)
+            return loop.run_until_complete(service.Search(request, CallContext()))
+
+        return time_calls(search, qs)
+    finally:
+        loop.close()
+
+
+def bench_in_process(home: Path, docs: list[dict], qs: list[str], top_k: int) -> dict[str, list[float]]:
+    from ragfleet.v1 import common_pb2
+    from services.gateway.chunking import ChunkSettings, chunk_document
     from services.retriever.service import RetrieverService
+    from services.runtime.settings import Settings
 
     settings = Settings(home=home / "in-process")
     chunking = ChunkSettings.from_spec(common_pb2.ChunkingSpec(), settings.gateway)
     passages = [p for d in docs for p in chunk_document(common_pb2.Document(**d), chunking)]
-    out: dict[str, list[float]] = {}
-    for name in RETRIEVERS:
-        service = RetrieverService(settings, backends=[name])
-
-        async def ingest() -> None:
-            async def requests():
-                for i in range(0, len(passages), 256):
-                    last = i + 256 >= len(passages)
-                    yield retriever_pb2.IngestRequest(index="bench", passages=passages[i : i + 256], last=last)
-
-            await service.Ingest(requests(), CallContext())
-
-        loop = asyncio.new_event_loop()
-        loop.run_until_complete(ingest())
-
-        def search(q: str) -> Any:
-            return loop.run_until_complete(
-                service.Search(retriever_pb2.SearchRequest(query=q, index="bench", top_k=top_k), CallContext())
-            )
-
-        out[name] = time_calls(search, qs)
-        loop.close()
-    return out
+    return {
+        name: _time_service(RetrieverService(settings, backends=[name]), passages, qs, top_k)
+        for name in RETRIEVERS
+    }
 
 
 def bench_client(client: Any, docs: list[dict], qs: list[str], top_k: int) -> dict[str, list[float]]:
@@ -96,7 +96,6 @@ def bench_client(client: Any, docs: list[dict], qs: list[str], top_k: int) -> di
 
 def bench_grpc(home: Path, docs: list[dict], qs: list[str], top_k: int) -> dict[str, list[float]]:
     import ragfleet
-
     from services.runtime.processes import start_local_fleet
 
     fleet = start_local_fleet(home / "grpc")
@@ -109,11 +108,12 @@ def bench_grpc(home: Path, docs: list[dict], qs: list[str], top_k: int) -> dict[
 
 def bench_serve(home: Path, docs: list[dict], qs: list[str], top_k: int) -> dict[str, list[float]]:
     import ragfleet
-
     from services.runtime.processes import RAGFLEET, free_port, service_env
 
     port = free_port()
-    env = service_env(home / "serve", RAGFLEET_RAY__GRPC_PORT=str(port), RAGFLEET_RAY__HTTP_PORT=str(free_port()))
+    env = service_env(
+        home / "serve", RAGFLEET_RAY__GRPC_PORT=str(port), RAGFLEET_RAY__HTTP_PORT=str(free_port())
+    )
     subprocess.run([RAGFLEET, "up"], env=env, check=True, capture_output=True)
     try:
         with ragfleet.Client(f"127.0.0.1:{port}", application="pipeline", timeout=600) as client:
@@ -134,7 +134,10 @@ def main() -> None:
     docs, qs = corpus(args.docs), queries(args.queries)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        modes = {"in-process": bench_in_process(home, docs, qs, args.top_k), "grpc": bench_grpc(home, docs, qs, args.top_k)}
+        modes = {
+            "in-process": bench_in_process(home, docs, qs, args.top_k),
+            "grpc": bench_grpc(home, docs, qs, args.top_k),
+        }
         if not args.skip_serve:
             modes["serve"] = bench_serve(home, docs, qs, args.top_k)
     rows = []

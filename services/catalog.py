@@ -41,9 +41,16 @@ def _retriever(backends: list[str] | None) -> Callable[[Settings], Any]:
 _RETRIEVER_FN = "ragfleet.v1.retriever_pb2_grpc.add_RetrieverServicer_to_server"
 SERVICES: dict[str, ServiceSpec] = {
     "pipeline": ServiceSpec(
-        "pipeline", "ragfleet.v1.Pipeline", _pipeline, "ragfleet.v1.pipeline_pb2_grpc.add_PipelineServicer_to_server"
+        "pipeline",
+        "ragfleet.v1.Pipeline",
+        _pipeline,
+        "ragfleet.v1.pipeline_pb2_grpc.add_PipelineServicer_to_server",
     ),
-    "retriever-dense": ServiceSpec("retriever-dense", "ragfleet.v1.Retriever", _retriever(["dense"]), _RETRIEVER_FN),
-    "retriever-bm25": ServiceSpec("retriever-bm25", "ragfleet.v1.Retriever", _retriever(["bm25"]), _RETRIEVER_FN),
+    "retriever-dense": ServiceSpec(
+        "retriever-dense", "ragfleet.v1.Retriever", _retriever(["dense"]), _RETRIEVER_FN
+    ),
+    "retriever-bm25": ServiceSpec(
+        "retriever-bm25", "ragfleet.v1.Retriever", _retriever(["bm25"]), _RETRIEVER_FN
+    ),
     "retriever": ServiceSpec("retriever", "ragfleet.v1.Retriever", _retriever(None), _RETRIEVER_FN),
 }

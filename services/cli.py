@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from services.catalog import SERVICES
-from services.runtime.settings import DEFAULT_PORTS, Settings, get_settings
+from services.runtime.settings import DEFAULT_PORTS, get_settings
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 eval_app = typer.Typer(help="Evaluate the running fleet.", no_args_is_help=True)
@@ -77,7 +77,8 @@ def _ray_bin() -> str:
 @app.command()
 def up(
     address: Annotated[
-        str | None, typer.Option(help="Join this Ray cluster (ray://head:10001 or 'auto') instead of starting one.")
+        str | None,
+        typer.Option(help="Join this Ray cluster (ray://head:10001 or 'auto') instead of starting one."),
     ] = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the embedded Ray instance.")] = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the fleet to answer.")] = 300.0,
@@ -155,7 +156,9 @@ def down(
 def serve(
     service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")],
     port: Annotated[int | None, typer.Option(help="Port (default: the service's standard port).")] = None,
-    host: Annotated[str | None, typer.Option(help="Interface to bind (default: settings.server.host).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Interface to bind (default: settings.server.host).")
+    ] = None,
 ) -> None:
     """Run one service on plain grpc.aio, without Ray."""
     from services.runtime.server import serve_forever
@@ -201,7 +204,9 @@ def _spec(
 
 @app.command()
 def ingest(
-    path: Annotated[Path, typer.Argument(help="A JSONL file ({id,title,text,metadata} per line) or a BEIR folder.")],
+    path: Annotated[
+        Path, typer.Argument(help="A JSONL file ({id,title,text,metadata} per line) or a BEIR folder.")
+    ],
     index: IndexOpt,
     address: AddressOpt = None,
     token: TokenOpt = None,
@@ -209,7 +214,9 @@ def ingest(
     faiss_index: Annotated[str | None, typer.Option(help="flat, ivf or hnsw.")] = None,
     model: Annotated[str | None, typer.Option(help="Sentence-transformers model path or id.")] = None,
     chunk_tokens: Annotated[int | None, typer.Option(help="Tokens per passage.")] = None,
-    overlap_tokens: Annotated[int | None, typer.Option(help="Tokens shared by neighbouring passages.")] = None,
+    overlap_tokens: Annotated[
+        int | None, typer.Option(help="Tokens shared by neighbouring passages.")
+    ] = None,
     sentence_aware: Annotated[bool, typer.Option(help="Cut passages at sentence boundaries.")] = False,
     whole_documents: Annotated[bool, typer.Option(help="One passage per document.")] = False,
     retrievers: Annotated[str | None, typer.Option(help="Comma-separated retrievers (default: all).")] = None,
@@ -218,19 +225,28 @@ def ingest(
     """Chunk and index documents through the Pipeline."""
     import ragfleet
 
-    spec = _spec(vector_store, faiss_index, model, chunk_tokens, overlap_tokens, sentence_aware,
-                 whole_documents, retrievers)
+    spec = _spec(
+        vector_store,
+        faiss_index,
+        model,
+        chunk_tokens,
+        overlap_tokens,
+        sentence_aware,
+        whole_documents,
+        retrievers,
+    )
     with _client(address, token, timeout=3600.0) as client, _progress() as bar:
         task = bar.add_task(f"ingesting into {index}", total=None)
         try:
-            report = client.ingest(path, index=index, spec=spec, upsert=upsert,
-                                   progress=lambda n: bar.update(task, completed=n))
+            report = client.ingest(
+                path, index=index, spec=spec, upsert=upsert, progress=lambda n: bar.update(task, completed=n)
+            )
         except ragfleet.errors.RagfleetError as err:
             _fail(err)
     for r in report.retrievers:
         console.print(
-            f"{r.version.retriever}: +{r.added} passages (replaced {r.replaced}), {r.total_passages} in total, "
-            f"version {r.version.version}, model {r.version.model_id or '-'}"
+            f"{r.version.retriever}: +{r.added} passages (replaced {r.replaced}), "
+            f"{r.total_passages} in total, version {r.version.version}, model {r.version.model_id or '-'}"
         )
     console.print(f"{report.documents} documents -> {report.passages} passages")
 
@@ -260,8 +276,13 @@ def search(
 
     with _client(address, token) as client:
         try:
-            found = client.search(query, index=index, top_k=top_k, fusion=fusion,
-                                  retrievers=retrievers.split(",") if retrievers else None)
+            found = client.search(
+                query,
+                index=index,
+                top_k=top_k,
+                fusion=fusion,
+                retrievers=retrievers.split(",") if retrievers else None,
+            )
         except ragfleet.errors.RagfleetError as err:
             _fail(err)
     _print_results(found.results, query)
@@ -282,8 +303,13 @@ def ask(
 
     with _client(address, token) as client:
         try:
-            for event in client.ask(question, index=index, top_k=top_k, rerank=rerank,
-                                    retrievers=retrievers.split(",") if retrievers else None):
+            for event in client.ask(
+                question,
+                index=index,
+                top_k=top_k,
+                rerank=rerank,
+                retrievers=retrievers.split(",") if retrievers else None,
+            ):
                 _print_event(event)
         except ragfleet.errors.RagfleetError as err:
             _fail(err)
@@ -309,8 +335,14 @@ def indexes(address: AddressOpt = None, token: TokenOpt = None) -> None:
     with _client(address, token) as client:
         for entry in client.list_indexes():
             for d in entry.retrievers:
-                table.add_row(entry.index, d.version.retriever, str(d.version.version), str(d.passages),
-                              str(d.documents), d.version.model_id)
+                table.add_row(
+                    entry.index,
+                    d.version.retriever,
+                    str(d.version.version),
+                    str(d.passages),
+                    str(d.documents),
+                    d.version.model_id,
+                )
     console.print(table)
 
 
@@ -339,12 +371,16 @@ def delete(
 def eval_retrieval(
     beir: Annotated[Path, typer.Option(help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")],
     split: Annotated[str, typer.Option(help="qrels split.")] = "test",
-    retrievers: Annotated[str, typer.Option(help="Comma-separated: dense, bm25, hybrid.")] = "dense,bm25,hybrid",
+    retrievers: Annotated[
+        str, typer.Option(help="Comma-separated: dense, bm25, hybrid.")
+    ] = "dense,bm25,hybrid",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the markdown table here.")] = None,
     index: Annotated[str | None, typer.Option(help="Index name (default: from the folder name).")] = None,
     vector_store: Annotated[str | None, typer.Option(help="faiss or chroma.")] = None,
-    chunk_tokens: Annotated[int | None, typer.Option(help="Chunk documents (default: whole documents).")] = None,
+    chunk_tokens: Annotated[
+        int | None, typer.Option(help="Chunk documents (default: whole documents).")
+    ] = None,
     reuse_index: Annotated[bool, typer.Option(help="Search an index that is already ingested.")] = False,
     address: AddressOpt = None,
     token: TokenOpt = None,
@@ -359,7 +395,12 @@ def eval_retrieval(
         spec["vector_store"] = vector_store
     with _client(address, token, timeout=3600.0) as client:
         results = run_retrieval_eval(
-            client, beir, split=split, retrievers=tuple(retrievers.split(",")), index=index, spec=spec,
+            client,
+            beir,
+            split=split,
+            retrievers=tuple(retrievers.split(",")),
+            index=index,
+            spec=spec,
             reuse_index=reuse_index,
         )
     table = markdown_table(results)

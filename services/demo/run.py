@@ -27,13 +27,21 @@ def run_demo(client: Any, console: Console, *, index: str = DEMO_INDEX, top_k: i
         client.delete(index=index, drop_index=True)
     except ragfleet.errors.NotFound:
         pass
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         task = bar.add_task("ingesting the demo corpus", total=len(documents))
-        report = client.ingest(documents, index=index, batch_size=32,
-                               progress=lambda n: bar.update(task, completed=n))
-    console.print(f"ingested {report.documents} documents as {report.passages} passages into "
-                  + ", ".join(f"{r.version.retriever} (v{r.version.version})" for r in report.retrievers))
+        report = client.ingest(
+            documents, index=index, batch_size=32, progress=lambda n: bar.update(task, completed=n)
+        )
+    console.print(
+        f"ingested {report.documents} documents as {report.passages} passages into "
+        + ", ".join(f"{r.version.retriever} (v{r.version.version})" for r in report.retrievers)
+    )
 
     top1 = top5 = 0
     for q in questions:
@@ -50,7 +58,9 @@ def run_demo(client: Any, console: Console, *, index: str = DEMO_INDEX, top_k: i
             table.add_column(column, overflow="fold")
         for p in passages:
             text = p.passage.text if len(p.passage.text) <= 120 else p.passage.text[:117] + "..."
-            table.add_row(str(p.rank), f"{p.score:.4f}", p.retriever, f"[{p.passage.title}] {p.passage.id}", text)
+            table.add_row(
+                str(p.rank), f"{p.score:.4f}", p.retriever, f"[{p.passage.title}] {p.passage.id}", text
+            )
         console.print(table)
         if answer is not None:
             console.print(f"[bold]answer[/bold]: {answer.text[:300]}")

@@ -37,11 +37,17 @@ def bm25_run(
     stemmer = Stemmer.Stemmer("english")
     doc_ids, texts = _doc_texts(dataset)
     retriever = bm25s.BM25(k1=k1, b=b)
-    retriever.index(bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False),
-                    show_progress=False)
+    retriever.index(
+        bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False
+    )
     query_ids = list(dataset.queries)
-    query_tokens = bm25s.tokenize([dataset.queries[q] for q in query_ids], stopwords="en",
-                                  stemmer=stemmer, return_ids=False, show_progress=False)
+    query_tokens = bm25s.tokenize(
+        [dataset.queries[q] for q in query_ids],
+        stopwords="en",
+        stemmer=stemmer,
+        return_ids=False,
+        show_progress=False,
+    )
     indices, scores = retriever.retrieve(query_tokens, k=min(top_k, len(doc_ids)), show_progress=False)
     return {
         qid: {doc_ids[i]: float(s) for i, s in zip(indices[row], scores[row]) if s > 0}
@@ -59,14 +65,18 @@ def minilm_exact_cosine_run(dataset: BeirDataset, top_k: int = 100) -> dict[str,
     doc_ids, texts = _doc_texts(dataset)
     query_ids = list(dataset.queries)
     docs = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    queries = model.encode([dataset.queries[q] for q in query_ids], batch_size=64,
-                           normalize_embeddings=True, convert_to_numpy=True)
+    queries = model.encode(
+        [dataset.queries[q] for q in query_ids],
+        batch_size=64,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+    )
     k = min(top_k, len(doc_ids))
     run: dict[str, dict[str, float]] = {}
     for start in range(0, len(query_ids), _QUERY_BLOCK):
-        scores = queries[start:start + _QUERY_BLOCK] @ docs.T
+        scores = queries[start : start + _QUERY_BLOCK] @ docs.T
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        for row, qid in enumerate(query_ids[start:start + _QUERY_BLOCK]):
+        for row, qid in enumerate(query_ids[start : start + _QUERY_BLOCK]):
             best = top[row][np.argsort(-scores[row, top[row]], kind="stable")]
             run[qid] = {doc_ids[i]: float(scores[row, i]) for i in best}
     return run

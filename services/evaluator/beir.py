@@ -35,8 +35,10 @@ class BeirDataset:
 
 def _require(path: Path) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (a BEIR folder needs {CORPUS_FILE}, "
-                                f"{QUERIES_FILE} and {QRELS_DIR}/<split>.tsv)")
+        raise FileNotFoundError(
+            f"{path}: no such file (a BEIR folder needs {CORPUS_FILE}, "
+            f"{QUERIES_FILE} and {QRELS_DIR}/<split>.tsv)"
+        )
     return path
 
 

@@ -40,13 +40,27 @@ TIMINGS = "timings"
 class PipelineClient(Protocol):
     """The part of `ragfleet.Client` the evaluation uses."""
 
-    def ingest(self, source: Any, *, index: str, spec: Mapping[str, Any] | None = None,
-               upsert: bool = False, batch_size: int = 256,
-               progress: Callable[[int], None] | None = None) -> Any: ...
+    def ingest(
+        self,
+        source: Any,
+        *,
+        index: str,
+        spec: Mapping[str, Any] | None = None,
+        upsert: bool = False,
+        batch_size: int = 256,
+        progress: Callable[[int], None] | None = None,
+    ) -> Any: ...
 
-    def search_batch(self, queries: list[str], *, index: str, top_k: int = 10,
-                     retrievers: list[str] | None = None, fusion: str | None = None,
-                     candidates: int = 0) -> Any: ...
+    def search_batch(
+        self,
+        queries: list[str],
+        *,
+        index: str,
+        top_k: int = 10,
+        retrievers: list[str] | None = None,
+        fusion: str | None = None,
+        candidates: int = 0,
+    ) -> Any: ...
 
     def delete(self, *, index: str, drop_index: bool = True) -> Any: ...
 
@@ -64,27 +78,40 @@ def _backends(retrievers: Sequence[str]) -> list[str]:
 
 
 def _progress_bar(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), disable=not enabled, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=False,
+    )
 
 
-def _ingest(client: PipelineClient, dataset_dir: Path, index: str, spec: dict[str, Any],
-            show: bool) -> float:
+def _ingest(client: PipelineClient, dataset_dir: Path, index: str, spec: dict[str, Any], show: bool) -> float:
     """Ingests the corpus into a new index; returns the seconds it took."""
     documents = list(iter_corpus(dataset_dir))
     with _progress_bar(show) as bar:
         task = bar.add_task(f"ingest {index}", total=len(documents))
         start = time.perf_counter()
         # The client reports the number of documents sent so far.
-        client.ingest(documents, index=index, spec=spec,
-                      progress=lambda sent: bar.update(task, completed=sent))
+        client.ingest(
+            documents, index=index, spec=spec, progress=lambda sent: bar.update(task, completed=sent)
+        )
         elapsed = time.perf_counter() - start
         bar.update(task, completed=len(documents))
     return elapsed
 
 
-def _search(client: PipelineClient, dataset: BeirDataset, index: str, name: str, top_k: int,
-            batch_size: int, show: bool) -> tuple[dict[str, dict[str, float]], float]:
+def _search(
+    client: PipelineClient,
+    dataset: BeirDataset,
+    index: str,
+    name: str,
+    top_k: int,
+    batch_size: int,
+    show: bool,
+) -> tuple[dict[str, dict[str, float]], float]:
     """Runs every query through one retriever; returns the document run and the seconds it took."""
     retrievers, fusion = _search_args(name)
     query_ids = list(dataset.queries)
@@ -93,12 +120,18 @@ def _search(client: PipelineClient, dataset: BeirDataset, index: str, name: str,
         task = bar.add_task(f"search {name}", total=len(query_ids))
         start = time.perf_counter()
         for offset in range(0, len(query_ids), batch_size):
-            batch = query_ids[offset:offset + batch_size]
-            response = client.search_batch([dataset.queries[q] for q in batch], index=index,
-                                            top_k=top_k, retrievers=retrievers, fusion=fusion)
+            batch = query_ids[offset : offset + batch_size]
+            response = client.search_batch(
+                [dataset.queries[q] for q in batch],
+                index=index,
+                top_k=top_k,
+                retrievers=retrievers,
+                fusion=fusion,
+            )
             if len(response.responses) != len(batch):
-                raise RuntimeError(f"search_batch answered {len(response.responses)} of "
-                                   f"{len(batch)} queries ({name})")
+                raise RuntimeError(
+                    f"search_batch answered {len(response.responses)} of {len(batch)} queries ({name})"
+                )
             for qid, answer in zip(batch, response.responses):
                 run[qid] = ir.passages_to_docs(answer.results)
             bar.advance(task, len(batch))
@@ -173,8 +206,12 @@ def markdown_table(results: Mapping[str, Mapping[str, float | None]]) -> str:
     names = [name for name in results if name != TIMINGS]
     metrics = list(dict.fromkeys(key for name in names for key in results[name]))
     rows = [
-        {"retriever": name, **results[name], "search s": timings.get(f"{name}_search_s"),
-         "QPS": timings.get(f"{name}_qps")}
+        {
+            "retriever": name,
+            **results[name],
+            "search s": timings.get(f"{name}_search_s"),
+            "QPS": timings.get(f"{name}_qps"),
+        }
         for name in names
     ]
     table = _table(rows, ["retriever", *metrics, "search s", "QPS"])

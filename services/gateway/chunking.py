@@ -24,7 +24,6 @@ import re
 from dataclasses import dataclass
 
 from ragfleet.v1 import common_pb2
-
 from services.runtime.errors import invalid_argument
 from services.runtime.settings import GatewaySettings
 

@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 from ragfleet.v1 import common_pb2, pipeline_pb2
-
 from services.runtime.errors import invalid_argument
 
 FUSED = "fused"

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+
 import ragfleet
 from ragfleet.v1 import (
     common_pb2,
@@ -26,27 +27,27 @@ from ragfleet.v1 import (
     retriever_pb2,
     retriever_pb2_grpc,
 )
-
 from services.gateway.chunking import ChunkSettings, chunk_document
 from services.gateway.fusion import fuse
-from services.runtime.context import CallContext
+from services.runtime.context import RETRIEVER_KEY, CallContext
 from services.runtime.errors import ServiceError, invalid_argument
 from services.runtime.settings import Endpoint, Settings
 
-# Names the backend when one Retriever process serves several.
-RETRIEVER_KEY = "x-ragfleet-retriever"
 T = TypeVar("T")
 
 
 class _Remote:
     """A channel to one service plus the metadata its endpoint needs (the Serve application)."""
 
-    def __init__(self, endpoint: Endpoint, stub_cls: type) -> None:
+    def __init__(self, endpoint: Endpoint, stub_cls: type, retriever: str | None = None) -> None:
         self.endpoint = endpoint
+        self.retriever = retriever
         self.stub = stub_cls(ragfleet.make_channel(endpoint.address, aio=True))
 
-    def metadata(self, ctx: CallContext, *extra: tuple[str, str]) -> list[tuple[str, str]]:
-        md = ctx.outgoing_metadata() + list(extra)
+    def metadata(self, ctx: CallContext) -> list[tuple[str, str]]:
+        md = ctx.outgoing_metadata()
+        if self.retriever:
+            md.append((RETRIEVER_KEY, self.retriever))
         if self.endpoint.application:
             md.append(("application", self.endpoint.application))
         return md
@@ -77,7 +78,8 @@ class PipelineService:
         if self._remotes is None:
             gateway = self.settings.gateway
             self._remotes = {
-                name: _Remote(ep, retriever_pb2_grpc.RetrieverStub) for name, ep in gateway.retrievers.items()
+                name: _Remote(ep, retriever_pb2_grpc.RetrieverStub, retriever=name)
+                for name, ep in gateway.retrievers.items()
             }
             if gateway.reranker:
                 self._reranker = _Remote(gateway.reranker, reranker_pb2_grpc.RerankerStub)
@@ -161,7 +163,9 @@ class PipelineService:
 
         calls = {
             name: remote.stub.Ingest(
-                outgoing(name), metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)), timeout=self._timeout(ctx)
+                outgoing(name),
+                metadata=remote.metadata(ctx),
+                timeout=self._timeout(ctx),
             )
             for name, remote in remotes.items()
         }
@@ -260,7 +264,7 @@ class PipelineService:
                     filters=request.filters,
                     with_continuation=request.with_continuation,
                 ),
-                metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)),
+                metadata=remote.metadata(ctx),
                 timeout=self._timeout(ctx),
             )
 
@@ -294,7 +298,7 @@ class PipelineService:
                 retriever_pb2.SearchBatchRequest(
                     queries=request.queries, index=request.index, top_k=depth, filters=request.filters
                 ),
-                metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)),
+                metadata=remote.metadata(ctx),
                 timeout=self._timeout(ctx),
             )
 
@@ -422,7 +426,7 @@ class PipelineService:
 
         async def delete(name: str, remote: _Remote) -> retriever_pb2.DeleteResponse:
             return await remote.stub.Delete(
-                request, metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)), timeout=self._timeout(ctx)
+                request, metadata=remote.metadata(ctx), timeout=self._timeout(ctx)
             )
 
         done = await self._fan_out(self._retrievers(), delete)
@@ -435,7 +439,7 @@ class PipelineService:
 
         async def describe(name: str, remote: _Remote) -> retriever_pb2.IndexDescription:
             return await remote.stub.DescribeIndex(
-                request, metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)), timeout=self._timeout(ctx)
+                request, metadata=remote.metadata(ctx), timeout=self._timeout(ctx)
             )
 
         found = await self._fan_out(self._retrievers(), describe)
@@ -446,7 +450,7 @@ class PipelineService:
     ) -> pipeline_pb2.PipelineListIndexesResponse:
         async def list_indexes(name: str, remote: _Remote) -> retriever_pb2.ListIndexesResponse:
             return await remote.stub.ListIndexes(
-                request, metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)), timeout=self._timeout(ctx)
+                request, metadata=remote.metadata(ctx), timeout=self._timeout(ctx)
             )
 
         by_index: dict[str, pipeline_pb2.PipelineIndexDescription] = {}
@@ -467,7 +471,7 @@ class PipelineService:
             try:
                 await remote.stub.ListIndexes(
                     retriever_pb2.ListIndexesRequest(),
-                    metadata=remote.metadata(ctx, (RETRIEVER_KEY, name)),
+                    metadata=remote.metadata(ctx),
                     timeout=min(self._timeout(ctx), 5.0),
                 )
                 endpoint.healthy = True

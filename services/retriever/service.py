@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from ragfleet.v1 import common_pb2, retriever_pb2
-
 from services.retriever.backend import BACKENDS, Backend, backend_class
 from services.retriever.passages import Passage, PassageStore
-from services.runtime.context import CallContext
+from services.runtime.context import RETRIEVER_KEY, CallContext
 from services.runtime.errors import (
     ServiceError,
     already_exists,
@@ -54,7 +53,6 @@ from services.runtime.storage import (
     write_manifest,
 )
 
-RETRIEVER_KEY = "x-ragfleet-retriever"
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _VERSION_DIR = re.compile(r"^v\d{6,}$")
 
@@ -283,7 +281,9 @@ class RetrieverService:
         if index is None:
             raise invalid_argument("index", "is required (the stream carried no message)")
         if not finished:
-            raise invalid_argument("last", "the stream ended without a message marked last; nothing was committed")
+            raise invalid_argument(
+                "last", "the stream ended without a message marked last; nothing was committed"
+            )
         timings = [_timing("receive", start)]
 
         handle = await self._handle(ctx, index, backend_name, create=True)

@@ -169,5 +169,10 @@ class CallGate:
         RPC_SECONDS.labels(self.service_name, method.name).observe(elapsed)
         log.info(
             "%s.%s tenant=%s request_id=%s code=%s %.1f ms",
-            self.service_name, method.name, ctx.tenant, ctx.request_id, code.name, elapsed * 1000,
+            self.service_name,
+            method.name,
+            ctx.tenant,
+            ctx.request_id,
+            code.name,
+            elapsed * 1000,
         )

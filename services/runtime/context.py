@@ -11,6 +11,8 @@ REQUEST_ID_KEY = "x-request-id"
 # proxy) that do not forward gRPC's own deadline.
 DEADLINE_KEY = "x-ragfleet-deadline"
 AUTHORIZATION_KEY = "authorization"
+# Names the backend when one Retriever process serves several (the gateway always sends it).
+RETRIEVER_KEY = "x-ragfleet-retriever"
 
 
 @dataclass

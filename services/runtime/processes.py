@@ -47,7 +47,9 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 180.0) -> N
 
 def service_env(home: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(RAGFLEET_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        RAGFLEET_HOME=str(home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     env.update(extra)
     return env
 

@@ -122,7 +122,9 @@ async def start_server(
     return server, bound
 
 
-async def serve_forever(service_full_name: str, impl: Any, settings: Settings, *, port: int | None = None) -> None:
+async def serve_forever(
+    service_full_name: str, impl: Any, settings: Settings, *, port: int | None = None
+) -> None:
     """Runs until SIGINT/SIGTERM, then drains in-flight calls for server.grace_seconds."""
     if settings.server.metrics_port:
         start_http_server(settings.server.metrics_port)

@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import ragfleet
 
+import ragfleet
 from services.demo.corpus import demo_questions
 from services.runtime.processes import RAGFLEET, free_port
 
@@ -30,7 +30,9 @@ def test_demo_runs_through_ray_serve(tmp_path: Path) -> None:
         COLUMNS="200",
     )
     try:
-        run = subprocess.run([RAGFLEET, "demo", "--keep"], env=env, capture_output=True, text=True, timeout=900)
+        run = subprocess.run(
+            [RAGFLEET, "demo", "--keep"], env=env, capture_output=True, text=True, timeout=900
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         out = run.stdout
         summary = re.search(r"(\d+)/(\d+) questions have the answering document first, (\d+)/\d+ within", out)

@@ -7,13 +7,13 @@ import time
 
 import grpc
 import pytest
-import ragfleet
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import ragfleet
 from ragfleet.v1 import pipeline_pb2, pipeline_pb2_grpc, retriever_pb2, retriever_pb2_grpc
-
 from services.demo.corpus import demo_documents, demo_questions
-
-from services.runtime.processes import LocalFleet as Fleet, Service, free_port, service_env
+from services.runtime.processes import LocalFleet as Fleet
+from services.runtime.processes import Service, free_port, service_env
 
 pytestmark = pytest.mark.integration
 
@@ -73,8 +73,16 @@ def test_ask_streams_retrieval_then_a_retrieval_only_answer(client: ragfleet.Cli
         (lambda c: c.search("q", index=INDEX, top_k=0), ragfleet.errors.InvalidArgument, "top_k"),
         (lambda c: c.search("q", index=INDEX, top_k=1_000_000), ragfleet.errors.InvalidArgument, "top_k"),
         (lambda c: c.search("q", index="no-such-index"), ragfleet.errors.NotFound, "no-such-index"),
-        (lambda c: c.search("q", index=INDEX, retrievers=["sparse"]), ragfleet.errors.InvalidArgument, "retrievers"),
-        (lambda c: c.search("q", index=INDEX, fusion="borda"), ragfleet.errors.InvalidArgument, "fusion.method"),
+        (
+            lambda c: c.search("q", index=INDEX, retrievers=["sparse"]),
+            ragfleet.errors.InvalidArgument,
+            "retrievers",
+        ),
+        (
+            lambda c: c.search("q", index=INDEX, fusion="borda"),
+            ragfleet.errors.InvalidArgument,
+            "fusion.method",
+        ),
     ],
 )
 def test_bad_queries_get_clear_errors(client: ragfleet.Client, call, error, field) -> None:
@@ -87,10 +95,22 @@ def test_bad_queries_get_clear_errors(client: ragfleet.Client, call, error, fiel
     ("docs", "code", "field"),
     [
         ([{"id": "", "text": "no id"}], grpc.StatusCode.INVALID_ARGUMENT, "documents[0].id"),
-        ([{"id": "ok-1", "text": "fine"}, {"id": "x", "text": "   "}], grpc.StatusCode.INVALID_ARGUMENT, "documents[1].text"),
+        (
+            [{"id": "ok-1", "text": "fine"}, {"id": "x", "text": "   "}],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "documents[1].text",
+        ),
         ([{"id": "big", "text": "word " * 1_000_000}], grpc.StatusCode.INVALID_ARGUMENT, "documents[0].text"),
-        ([{"id": "twice", "text": "a"}, {"id": "twice", "text": "b"}], grpc.StatusCode.ALREADY_EXISTS, "twice"),
-        ([{"id": "fresh", "text": "new"}, {"id": EXISTING, "text": "exists"}], grpc.StatusCode.ALREADY_EXISTS, EXISTING),
+        (
+            [{"id": "twice", "text": "a"}, {"id": "twice", "text": "b"}],
+            grpc.StatusCode.ALREADY_EXISTS,
+            "twice",
+        ),
+        (
+            [{"id": "fresh", "text": "new"}, {"id": EXISTING, "text": "exists"}],
+            grpc.StatusCode.ALREADY_EXISTS,
+            EXISTING,
+        ),
     ],
 )
 def test_bad_documents_change_nothing(fleet: Fleet, client: ragfleet.Client, docs, code, field) -> None:
@@ -126,7 +146,9 @@ def test_undecodable_request_is_invalid_argument(fleet: Fleet) -> None:
 
 
 def test_delete_is_visible_at_once(client: ragfleet.Client) -> None:
-    client.ingest([{"id": "temp-doc", "text": "The zeppelin quartermaster hums a zirconium tune."}], index=INDEX)
+    client.ingest(
+        [{"id": "temp-doc", "text": "The zeppelin quartermaster hums a zirconium tune."}], index=INDEX
+    )
     hits = client.search("zeppelin quartermaster zirconium", index=INDEX, top_k=1, retrievers=["bm25"])
     assert hits.results[0].passage.doc_id == "temp-doc"
     before = versions(client)
@@ -168,7 +190,8 @@ def _slow_ingest(stub: retriever_pb2_grpc.RetrieverStub, sent: list[int]):
     def messages():
         for i in range(1000):
             passages = [
-                {"id": f"slow-{i}-{j}#0", "doc_id": f"slow-{i}-{j}", "text": f"slow passage {i} {j}"} for j in range(50)
+                {"id": f"slow-{i}-{j}#0", "doc_id": f"slow-{i}-{j}", "text": f"slow passage {i} {j}"}
+                for j in range(50)
             ]
             yield retriever_pb2.IngestRequest(index="crash", passages=passages)
             sent.append(i)
@@ -204,7 +227,9 @@ def test_killed_mid_ingest_reloads_the_last_complete_version(tmp_path) -> None:
             described = stub.DescribeIndex(retriever_pb2.DescribeIndexRequest(index="crash"), timeout=30)
             assert described.version.version == committed
             assert described.passages == 1
-            hits = stub.Search(retriever_pb2.SearchRequest(query="slow passage", index="crash", top_k=10), timeout=30)
+            hits = stub.Search(
+                retriever_pb2.SearchRequest(query="slow passage", index="crash", top_k=10), timeout=30
+            )
             assert all(h.passage.doc_id == "keep" for h in hits.results)
     finally:
         service.stop()
@@ -217,11 +242,15 @@ def test_describe_reports_healthy_retrievers(client: ragfleet.Client) -> None:
     assert not described.generator
 
 
-def test_an_ingest_stream_without_its_last_message_commits_nothing(fleet: Fleet, client: ragfleet.Client) -> None:
+def test_an_ingest_stream_without_its_last_message_commits_nothing(
+    fleet: Fleet, client: ragfleet.Client
+) -> None:
     before = versions(client)
     with grpc.insecure_channel(fleet.address) as channel:
         stub = pipeline_pb2_grpc.PipelineStub(channel)
-        request = pipeline_pb2.PipelineIngestRequest(index=INDEX, documents=[{"id": "unfinished", "text": "half"}])
+        request = pipeline_pb2.PipelineIngestRequest(
+            index=INDEX, documents=[{"id": "unfinished", "text": "half"}]
+        )
         with pytest.raises(grpc.RpcError) as err:
             stub.Ingest(iter([request]), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "last" in err.value.details()

@@ -60,8 +60,12 @@ def test_load_beir_other_split_and_headerless_qrels(beir_dir: Path):
 def test_iter_corpus_streams_documents_with_string_metadata(beir_dir: Path):
     docs = list(iter_corpus(beir_dir))
     assert [d["id"] for d in docs] == ["d1", "2", "d3"]
-    assert docs[0] == {"id": "d1", "title": "Alpha", "text": "first document",
-                       "metadata": {"year": "2001", "src": "x"}}
+    assert docs[0] == {
+        "id": "d1",
+        "title": "Alpha",
+        "text": "first document",
+        "metadata": {"year": "2001", "src": "x"},
+    }
     assert docs[1]["metadata"] == {}
 
 

@@ -7,8 +7,8 @@ import re
 
 import grpc
 import pytest
-from ragfleet.v1 import common_pb2
 
+from ragfleet.v1 import common_pb2
 from services.gateway.chunking import ChunkSettings, chunk_document
 from services.runtime.errors import ServiceError
 from services.runtime.settings import GatewaySettings

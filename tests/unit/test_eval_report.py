@@ -29,8 +29,7 @@ def test_percentiles_rejects_empty_or_non_positive(samples):
 
 
 def test_markdown_table():
-    rows = [{"name": "grpc", "p50": 1.23456, "qps": 12345.678, "n": 3},
-            {"name": "a|b", "p50": None}]
+    rows = [{"name": "grpc", "p50": 1.23456, "qps": 12345.678, "n": 3}, {"name": "a|b", "p50": None}]
     assert markdown_table(rows, ["name", "p50", "qps", "n"]).splitlines() == [
         "| name | p50 | qps | n |",
         "|---|---:|---:|---:|",

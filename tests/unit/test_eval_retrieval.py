@@ -23,11 +23,20 @@ DOCS = ["d1", "d2", "d3", "d4", "d5", "d6"]
 # Passage ids each (retrievers, fusion) returns per query, best first.
 RANKINGS = {
     (("dense",), None): {  # perfect
-        "q1": ["d1#0", "d5#0"], "q2": ["d2#0", "d3#0", "d6#0"], "q3": ["d4#0"]},
+        "q1": ["d1#0", "d5#0"],
+        "q2": ["d2#0", "d3#0", "d6#0"],
+        "q3": ["d4#0"],
+    },
     (("bm25",), None): {  # every relevant document one place too low
-        "q1": ["d5#0", "d1#0"], "q2": ["d6#0", "d2#0", "d3#0"], "q3": ["d6#0", "d4#0"]},
+        "q1": ["d5#0", "d1#0"],
+        "q2": ["d6#0", "d2#0", "d3#0"],
+        "q3": ["d6#0", "d4#0"],
+    },
     (("dense", "bm25"), "rrf"): {  # several passages per document; nothing for q3
-        "q1": ["d1#2", "d5#0", "d1#0"], "q2": ["d3#1", "d2#0", "d3#0"], "q3": []},
+        "q1": ["d1#2", "d5#0", "d1#0"],
+        "q2": ["d3#1", "d2#0", "d3#0"],
+        "q3": [],
+    },
 }
 
 
@@ -45,7 +54,7 @@ class FakeClient:
         self.calls.append(("ingest", index, spec))
         self.indexes[index] = []
         for start in range(0, len(source), 4):
-            self.indexes[index].extend(source[start:start + 4])
+            self.indexes[index].extend(source[start : start + 4])
             if progress:
                 self.progress_seen.append(len(self.indexes[index]))
                 progress(len(self.indexes[index]))
@@ -57,14 +66,22 @@ class FakeClient:
         self.calls.append(("search", tuple(retrievers), fusion, len(queries), top_k))
         by_text = {text: qid for qid, text in QUERIES.items()}
         ranking = RANKINGS[(tuple(retrievers), fusion)]
-        return SimpleNamespace(responses=[
-            SimpleNamespace(results=[
-                SimpleNamespace(passage=SimpleNamespace(id=pid, doc_id=pid.split("#")[0]),
-                                score=1.0 / rank, rank=rank, retriever="x")
-                for rank, pid in enumerate(ranking[by_text[text]][:top_k], start=1)
-            ])
-            for text in queries
-        ])
+        return SimpleNamespace(
+            responses=[
+                SimpleNamespace(
+                    results=[
+                        SimpleNamespace(
+                            passage=SimpleNamespace(id=pid, doc_id=pid.split("#")[0]),
+                            score=1.0 / rank,
+                            rank=rank,
+                            retriever="x",
+                        )
+                        for rank, pid in enumerate(ranking[by_text[text]][:top_k], start=1)
+                    ]
+                )
+                for text in queries
+            ]
+        )
 
     def delete(self, *, index, drop_index=True):
         self.calls.append(("delete", index, drop_index))
@@ -76,9 +93,11 @@ def beir_dir(tmp_path: Path) -> Path:
     root = tmp_path / "tiny set"
     (root / "qrels").mkdir(parents=True)
     (root / "corpus.jsonl").write_text(
-        "".join(json.dumps({"_id": d, "title": d.upper(), "text": f"text of {d}"}) + "\n" for d in DOCS))
+        "".join(json.dumps({"_id": d, "title": d.upper(), "text": f"text of {d}"}) + "\n" for d in DOCS)
+    )
     (root / "queries.jsonl").write_text(
-        "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in QUERIES.items()))
+        "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in QUERIES.items())
+    )
     (root / "qrels" / "test.tsv").write_text(QRELS)
     return root
 
@@ -105,13 +124,14 @@ def test_known_metrics_for_each_retriever(beir_dir: Path):
 
 def test_ingests_whole_documents_searches_in_batches_and_drops_the_index(beir_dir: Path):
     client = FakeClient()
-    run_retrieval_eval(client, beir_dir, retrievers=("bm25", "hybrid"), batch_size=2, top_k=7,
-                       progress=False)
+    run_retrieval_eval(client, beir_dir, retrievers=("bm25", "hybrid"), batch_size=2, top_k=7, progress=False)
     index = "eval-tiny-set"
     assert client.calls == [
         ("ingest", index, {"chunking": {"whole_documents": True}, "retrievers": ["bm25", "dense"]}),
-        ("search", ("bm25",), None, 2, 7), ("search", ("bm25",), None, 1, 7),
-        ("search", ("dense", "bm25"), "rrf", 2, 7), ("search", ("dense", "bm25"), "rrf", 1, 7),
+        ("search", ("bm25",), None, 2, 7),
+        ("search", ("bm25",), None, 1, 7),
+        ("search", ("dense", "bm25"), "rrf", 2, 7),
+        ("search", ("dense", "bm25"), "rrf", 1, 7),
         ("delete", index, True),
     ]
     assert client.progress_seen == [4, 6]
@@ -121,8 +141,10 @@ def test_ingests_whole_documents_searches_in_batches_and_drops_the_index(beir_di
 @pytest.mark.parametrize(
     ("spec", "sent"),
     [
-        ({"vector_store": "chroma", "chunking": {"chunk_tokens": 64}},
-         {"vector_store": "chroma", "chunking": {"chunk_tokens": 64}, "retrievers": ["dense"]}),
+        (
+            {"vector_store": "chroma", "chunking": {"chunk_tokens": 64}},
+            {"vector_store": "chroma", "chunking": {"chunk_tokens": 64}, "retrievers": ["dense"]},
+        ),
         ({"retrievers": ["dense", "colbert"]}, {"retrievers": ["dense", "colbert"]}),
     ],
 )
@@ -143,8 +165,9 @@ def test_ingested_documents_are_the_corpus(beir_dir: Path):
 def test_reuse_index_neither_ingests_nor_drops(beir_dir: Path):
     client = FakeClient()
     client.indexes["existing"] = []
-    results = run_retrieval_eval(client, beir_dir, retrievers=("dense",), index="existing",
-                                 reuse_index=True, progress=False)
+    results = run_retrieval_eval(
+        client, beir_dir, retrievers=("dense",), index="existing", reuse_index=True, progress=False
+    )
     assert [call[0] for call in client.calls] == ["search"]
     assert results["timings"]["ingest_s"] is None
     assert "existing" in client.indexes
@@ -161,7 +184,8 @@ def test_a_short_batch_answer_is_an_error(beir_dir: Path):
     client = FakeClient()
     answer = client.search_batch
     client.search_batch = lambda queries, **kw: SimpleNamespace(
-        responses=answer(queries, **kw).responses[:-1])
+        responses=answer(queries, **kw).responses[:-1]
+    )
     with pytest.raises(RuntimeError, match="answered 1 of 2 queries"):
         run_retrieval_eval(client, beir_dir, retrievers=("dense",), batch_size=2, progress=False)
 

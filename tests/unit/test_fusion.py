@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from ragfleet.v1 import common_pb2, pipeline_pb2
 
+from ragfleet.v1 import common_pb2, pipeline_pb2
 from services.gateway.fusion import fuse, reciprocal_rank_fusion, weighted_fusion
 from services.runtime.errors import ServiceError
 

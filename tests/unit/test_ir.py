@@ -15,8 +15,9 @@ def random_case(seed: int, n_queries: int = 40, n_docs: int = 300):
     rng = np.random.default_rng(seed)
     docs = [f"d{i}" for i in range(n_docs)]
     qrels = {
-        f"q{q}": {str(d): int(rng.integers(0, 3))
-                  for d in rng.choice(docs, rng.integers(1, 8), replace=False)}
+        f"q{q}": {
+            str(d): int(rng.integers(0, 3)) for d in rng.choice(docs, rng.integers(1, 8), replace=False)
+        }
         for q in range(n_queries)
     }
     run = {
@@ -44,7 +45,8 @@ def test_default_measures_match_pytrec_eval(seed):
         assert per_query[qid]["recall@100"] == pytest.approx(reference[qid]["recall_100"], abs=1e-6)
         assert per_query[qid]["mrr@10"] == pytest.approx(mrr[qid]["recip_rank"], abs=1e-6)
     assert aggregate["ndcg@10"] == pytest.approx(
-        np.mean([v["ndcg_cut_10"] for v in reference.values()]), abs=1e-6)
+        np.mean([v["ndcg_cut_10"] for v in reference.values()]), abs=1e-6
+    )
     assert aggregate["mrr@10"] == pytest.approx(np.mean([v["recip_rank"] for v in mrr.values()]), abs=1e-6)
     # The random runs are long enough for MRR@10 to differ from the untruncated reciprocal rank.
     full_rr = direct(qrels, run, {"recip_rank"})
@@ -55,8 +57,13 @@ def test_generic_measures_and_names():
     qrels, run = random_case(3)
     aggregate, _ = evaluate_run(run, qrels, measures=("P_5", "map", "map_cut_10", "ndcg", "success_1"))
     reference = direct(qrels, run, {"P.5", "map", "map_cut.10", "ndcg", "success.1"})
-    for key, ref_key in [("P@5", "P_5"), ("map", "map"), ("map@10", "map_cut_10"), ("ndcg", "ndcg"),
-                         ("success@1", "success_1")]:
+    for key, ref_key in [
+        ("P@5", "P_5"),
+        ("map", "map"),
+        ("map@10", "map_cut_10"),
+        ("ndcg", "ndcg"),
+        ("success@1", "success_1"),
+    ]:
         assert aggregate[key] == pytest.approx(np.mean([v[ref_key] for v in reference.values()]), abs=1e-6)
 
 
@@ -110,13 +117,21 @@ def scored(pid: str, score: float, doc_id: str | None = None):
 
 
 def test_passages_to_docs_keeps_best_passage_and_first_seen_order():
-    docs = passages_to_docs([
-        scored("b#1", 0.9), scored("a#0", 0.9), scored("b#0", 0.5), scored("c#2", 0.4), scored("a#3", 0.95),
-    ])
+    docs = passages_to_docs(
+        [
+            scored("b#1", 0.9),
+            scored("a#0", 0.9),
+            scored("b#0", 0.5),
+            scored("c#2", 0.4),
+            scored("a#3", 0.95),
+        ]
+    )
     assert list(docs) == ["b", "a", "c"]
     assert docs == {"b": 0.9, "a": 0.95, "c": pytest.approx(0.4)}
 
 
 def test_passages_to_docs_reads_the_document_from_the_id_when_doc_id_is_empty():
     assert passages_to_docs([scored("x#y#3", 1.0, doc_id=""), scored("plain", 0.5, doc_id="")]) == {
-        "x#y": 1.0, "plain": 0.5}
+        "x#y": 1.0,
+        "plain": 0.5,
+    }

@@ -16,6 +16,7 @@ def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:
 
 def test_every_service_is_defined() -> None:
     from google.protobuf import descriptor_pool
+
     from ragfleet.v1 import evaluator_pb2, generator_pb2, pipeline_pb2, reranker_pb2, retriever_pb2  # noqa: F401
 
     pool = descriptor_pool.Default()

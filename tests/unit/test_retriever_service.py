@@ -12,7 +12,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ragfleet.v1 import common_pb2, retriever_pb2
-
 from services.retriever.service import RetrieverService
 from services.runtime.context import CallContext
 from services.runtime.errors import ServiceError
@@ -48,7 +47,9 @@ async def stream(*requests):
     """The requests as a client stream, the final one marked last as clients must."""
     for i, r in enumerate(requests):
         if i == len(requests) - 1:
-            r = retriever_pb2.IngestRequest(last=True, index=r.index, spec=r.spec, passages=r.passages, upsert=r.upsert)
+            r = retriever_pb2.IngestRequest(
+                last=True, index=r.index, spec=r.spec, passages=r.passages, upsert=r.upsert
+            )
         yield r
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 import ragfleet
 from ragfleet import _common, errors
 from ragfleet.v1 import common_pb2, pipeline_pb2, pipeline_pb2_grpc, retriever_pb2

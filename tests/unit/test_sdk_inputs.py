@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 import ragfleet
 from ragfleet import _common
 from ragfleet.errors import InvalidArgument
