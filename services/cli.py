@@ -50,6 +50,10 @@ def _client(address: str | None, token: str | None, timeout: float = 120.0) -> A
     return ragfleet.Client(address, token=token, application="pipeline", timeout=timeout)
 
 
+def _names(csv: str) -> list[str]:
+    return [name.strip() for name in csv.split(",") if name.strip()]
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[red]error:[/red] {err}")
     raise typer.Exit(1)
@@ -198,7 +202,7 @@ def _spec(
         if value:
             spec[key] = value
     if retrievers:
-        spec["retrievers"] = retrievers.split(",")
+        spec["retrievers"] = _names(retrievers)
     return spec
 
 
@@ -281,7 +285,7 @@ def search(
                 index=index,
                 top_k=top_k,
                 fusion=fusion,
-                retrievers=retrievers.split(",") if retrievers else None,
+                retrievers=_names(retrievers) if retrievers else None,
             )
         except ragfleet.errors.RagfleetError as err:
             _fail(err)
@@ -308,7 +312,7 @@ def ask(
                 index=index,
                 top_k=top_k,
                 rerank=rerank,
-                retrievers=retrievers.split(",") if retrievers else None,
+                retrievers=_names(retrievers) if retrievers else None,
             ):
                 _print_event(event)
         except ragfleet.errors.RagfleetError as err:
@@ -386,6 +390,7 @@ def eval_retrieval(
     token: TokenOpt = None,
 ) -> None:
     """Ingest a BEIR set through the services, search every query, score with pytrec_eval."""
+    import ragfleet
     from services.evaluator.retrieval import markdown_table, run_retrieval_eval, write_results
 
     spec: dict[str, Any] = {"chunking": {"whole_documents": chunk_tokens is None}}
@@ -394,15 +399,18 @@ def eval_retrieval(
     if vector_store:
         spec["vector_store"] = vector_store
     with _client(address, token, timeout=3600.0) as client:
-        results = run_retrieval_eval(
-            client,
-            beir,
-            split=split,
-            retrievers=tuple(retrievers.split(",")),
-            index=index,
-            spec=spec,
-            reuse_index=reuse_index,
-        )
+        try:
+            results = run_retrieval_eval(
+                client,
+                beir,
+                split=split,
+                retrievers=tuple(_names(retrievers)),
+                index=index,
+                spec=spec,
+                reuse_index=reuse_index,
+            )
+        except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError) as err:
+            _fail(err)
     table = markdown_table(results)
     console.print(table)
     if json_out:

@@ -10,13 +10,15 @@
 3. turn each ranked passage list into document scores (`ir.passages_to_docs`: a document scores its
    best passage) and score the run with `ir.evaluate_run` (nDCG@10, Recall@100, MRR@10, averaged
    over all judged queries);
-4. drop the index it ingested (an index given with `reuse_index` is left alone).
+4. drop the index it ingested (an index given with `reuse_index` is left alone); when that fails,
+   a warning names the index left behind and the results are still returned.
 
 `top_k` counts passages; with whole documents that is also the number of documents per query.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +37,8 @@ HYBRID_RETRIEVERS = ("dense", "bm25")
 HYBRID_FUSION = "rrf"
 DEFAULT_SPEC: dict[str, Any] = {"chunking": {"whole_documents": True}}
 TIMINGS = "timings"
+
+logger = logging.getLogger(__name__)
 
 
 class PipelineClient(Protocol):
@@ -139,6 +143,17 @@ def _search(
     return run, elapsed
 
 
+def _drop(client: PipelineClient, index: str) -> None:
+    """Drops the index the evaluation made. A failure is logged, not raised: it must neither discard
+    the results nor hide the error that ended the evaluation."""
+    try:
+        client.delete(index=index, drop_index=True)
+    except Exception as error:  # noqa: BLE001 - cleanup only
+        logger.warning(
+            "could not drop index %r (`ragfleet delete --index %s --drop` does): %s", index, index, error
+        )
+
+
 def default_index_name(dataset_dir: str | Path) -> str:
     """`eval-<folder name>`, with characters other than letters, digits, `_` and `-` as `-`."""
     return "eval-" + re.sub(r"[^A-Za-z0-9_-]+", "-", Path(dataset_dir).resolve().name)
@@ -189,7 +204,7 @@ def run_retrieval_eval(
             timings[f"{name}_qps"] = len(dataset.queries) / seconds if seconds > 0 else None
     finally:
         if not reuse_index:
-            client.delete(index=index, drop_index=True)
+            _drop(client, index)
     results[TIMINGS] = timings
     return results
 

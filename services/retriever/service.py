@@ -24,6 +24,7 @@ uses it; one serving several reads the `x-ragfleet-retriever` call metadata.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import time
@@ -432,9 +433,9 @@ class RetrieverService:
         handle.store = None
         self._handles.pop((handle.tenant, handle.index, handle.backend_name), None)
         shutil.rmtree(handle.directory, ignore_errors=True)
-        parent = handle.directory.parent
-        if parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+        # Other backends' processes share the parent folder and may be dropping theirs right now.
+        with contextlib.suppress(OSError):
+            handle.directory.parent.rmdir()
 
     async def DescribeIndex(
         self, request: retriever_pb2.DescribeIndexRequest, ctx: CallContext

@@ -180,6 +180,18 @@ def test_index_is_dropped_when_a_search_fails(beir_dir: Path):
     assert client.calls[-1] == ("delete", "eval-tiny-set", True)
 
 
+def test_a_failed_drop_is_logged_and_keeps_the_results(beir_dir: Path, caplog):
+    client = FakeClient()
+
+    def broken_delete(**kwargs):
+        raise ConnectionError("pipeline went away")
+
+    client.delete = broken_delete
+    results = run_retrieval_eval(client, beir_dir, retrievers=("dense",), progress=False)
+    assert results["dense"]["ndcg@10"] == 1.0
+    assert "could not drop index 'eval-tiny-set'" in caplog.text and "pipeline went away" in caplog.text
+
+
 def test_a_short_batch_answer_is_an_error(beir_dir: Path):
     client = FakeClient()
     answer = client.search_batch
