@@ -115,9 +115,13 @@ class PipelineService:
         if top_k <= 0 or top_k > self.limits.max_top_k:
             raise invalid_argument("top_k", f"must be between 1 and {self.limits.max_top_k}, got {top_k}")
 
-    def _candidates(self, top_k: int, candidates: int) -> int:
+    def _candidates(self, top_k: int, candidates: int, retrievers: int) -> int:
+        """How deep each retriever searches: fusion needs more than top_k from each list, a single
+        retriever's list is the answer as it is."""
         if candidates < 0:
             raise invalid_argument("candidates", "must not be negative")
+        if candidates == 0 and retrievers == 1:
+            return top_k
         return min(max(candidates or 100, top_k), self.limits.max_top_k)
 
     async def _fan_out(
@@ -252,7 +256,7 @@ class PipelineService:
         self._check_index(request.index)
         self._check_top_k(request.top_k)
         remotes = self._choose(request.retrievers, "retrievers")
-        depth = self._candidates(request.top_k, request.candidates)
+        depth = self._candidates(request.top_k, request.candidates, len(remotes))
         start = time.perf_counter()
 
         async def search(name: str, remote: _Remote) -> retriever_pb2.SearchResponse:
@@ -291,7 +295,7 @@ class PipelineService:
         self._check_index(request.index)
         self._check_top_k(request.top_k)
         remotes = self._choose(request.retrievers, "retrievers")
-        depth = self._candidates(request.top_k, request.candidates)
+        depth = self._candidates(request.top_k, request.candidates, len(remotes))
 
         async def search(name: str, remote: _Remote) -> retriever_pb2.SearchBatchResponse:
             return await remote.stub.SearchBatch(
