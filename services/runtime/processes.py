@@ -111,9 +111,12 @@ class LocalFleet:
 
 
 def start_local_fleet(
-    home: Path, names: tuple[str, ...] = ("retriever-dense", "retriever-bm25", "pipeline")
+    home: Path,
+    names: tuple[str, ...] = ("retriever-dense", "retriever-bm25", "pipeline"),
+    **env_overrides: str,
 ) -> LocalFleet:
-    """Starts the named services at once and waits until each is healthy."""
+    """Starts the named services at once and waits until each is healthy; `env_overrides` are extra
+    environment variables (settings) for all of them."""
     fleet = LocalFleet(home=home)
     ports = {name: free_port() for name in names}
     retrievers = {
@@ -121,7 +124,7 @@ def start_local_fleet(
         for name in names
         if name.startswith("retriever-")
     }
-    env = service_env(home, RAGFLEET_GATEWAY__RETRIEVERS=json.dumps(retrievers))
+    env = service_env(home, RAGFLEET_GATEWAY__RETRIEVERS=json.dumps(retrievers), **env_overrides)
     for name in names:
         fleet.services[name] = Service(name, ports[name], env)
         fleet.services[name].start()
