@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv protos demo test test-unit bench bench-gpu lint clean
+.PHONY: venv protos demo test test-unit bench lint clean
 
 venv: $(STAMP)
 

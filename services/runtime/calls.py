@@ -10,11 +10,12 @@ thin shells around this, so auth, limits and metrics behave the same in every de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,21 +117,18 @@ class CallGate:
             metadata=md,
         )
 
-    async def unary(
-        self, method: RpcMethod, call: Callable[[CallContext], Awaitable[Message]], ctx: CallContext
-    ) -> Message:
+    @contextlib.contextmanager
+    def _observed(self, method: RpcMethod, ctx: CallContext) -> Iterator[None]:
+        """Counts, times and logs one call; anything but a ServiceError becomes INTERNAL."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            remaining = ctx.time_remaining()
-            if remaining is not None and remaining <= 0:
-                raise deadline_exceeded("the deadline passed before the call started")
-            try:
-                return await asyncio.wait_for(call(ctx), timeout=remaining)
-            except TimeoutError:
-                raise deadline_exceeded(f"{method.name} did not finish before the deadline") from None
+            yield
         except ServiceError as err:
             code = err.code
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception as err:
             code = grpc.StatusCode.INTERNAL
@@ -138,24 +136,26 @@ class CallGate:
         finally:
             self.record(method, ctx, code, start)
 
+    async def unary(
+        self, method: RpcMethod, call: Callable[[CallContext], Awaitable[Message]], ctx: CallContext
+    ) -> Message:
+        with self._observed(method, ctx):
+            remaining = ctx.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise deadline_exceeded("the deadline passed before the call started")
+            try:
+                return await asyncio.wait_for(call(ctx), timeout=remaining)
+            except TimeoutError:
+                raise deadline_exceeded(f"{method.name} did not finish before the deadline") from None
+
     async def stream(
         self, method: RpcMethod, call: Callable[[CallContext], AsyncIterator[Message]], ctx: CallContext
     ) -> AsyncIterator[Message]:
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
+        with self._observed(method, ctx):
             async for message in call(ctx):
                 if ctx.deadline is not None and ctx.time_remaining() <= 0:
                     raise deadline_exceeded(f"{method.name} did not finish before the deadline")
                 yield message
-        except ServiceError as err:
-            code = err.code
-            raise
-        except Exception as err:
-            code = grpc.StatusCode.INTERNAL
-            raise self.internal(method, ctx, err) from err
-        finally:
-            self.record(method, ctx, code, start)
 
     def internal(self, method: RpcMethod, ctx: CallContext, err: Exception) -> ServiceError:
         log.exception("%s.%s failed (request id %s)", self.service_name, method.name, ctx.request_id)

@@ -75,3 +75,21 @@ async def test_deadline_is_enforced() -> None:
     with pytest.raises(ServiceError) as err:
         await g.unary(SEARCH, slow, ctx)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_streams_map_errors_the_same_way() -> None:
+    g = gate()
+    ctx = g.context([], None)
+    ask = next(m for m in rpc_methods("ragfleet.v1.Pipeline") if m.name == "AskStream")
+
+    async def two_then_crash(_):
+        yield 1
+        yield 2
+        raise RuntimeError("secret detail")
+
+    got = []
+    with pytest.raises(ServiceError) as err:
+        async for item in g.stream(ask, two_then_crash, ctx):
+            got.append(item)
+    assert got == [1, 2]
+    assert err.value.code == grpc.StatusCode.INTERNAL and "secret" not in err.value.message
