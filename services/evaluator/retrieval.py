@@ -27,8 +27,8 @@ from typing import Any, Protocol
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from services.evaluator import ir
 from services.evaluator.beir import BeirDataset, iter_corpus, load_beir
+from services.evaluator.metrics import ir
 from services.evaluator.report import markdown_table as _table
 from services.runtime.storage import atomic_write_json
 

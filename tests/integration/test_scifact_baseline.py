@@ -1,4 +1,4 @@
-"""SciFact test with an in-process BM25 (bm25s), scored by services.evaluator.ir: the BEIR figure.
+"""SciFact test with an in-process BM25 (bm25s), scored by services.evaluator.metrics.ir: the BEIR figure.
 
 Needs ../shared/data/scifact beside the repository; skipped when it is absent. Takes a few seconds.
 """
@@ -11,7 +11,7 @@ import pytest
 
 from services.evaluator.baseline import bm25_run
 from services.evaluator.beir import load_beir
-from services.evaluator.ir import evaluate_run
+from services.evaluator.metrics.ir import evaluate_run
 
 SCIFACT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scifact"
 

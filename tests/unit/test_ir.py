@@ -1,4 +1,4 @@
-"""services.evaluator.ir against direct pytrec_eval calls on random runs."""
+"""services.evaluator.metrics.ir against direct pytrec_eval calls on random runs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-from services.evaluator.ir import evaluate_run, passages_to_docs, truncate_run
+from services.evaluator.metrics.ir import evaluate_run, passages_to_docs, truncate_run
 
 
 def random_case(seed: int, n_queries: int = 40, n_docs: int = 300):
