@@ -29,6 +29,12 @@ def _pipeline(settings: Settings) -> Any:
     return PipelineService(settings)
 
 
+def _evaluator(settings: Settings) -> Any:
+    from services.evaluator.service import EvaluatorService
+
+    return EvaluatorService(settings)
+
+
 def _retriever(backends: list[str] | None) -> Callable[[Settings], Any]:
     def build(settings: Settings) -> Any:
         from services.retriever.service import RetrieverService
@@ -51,6 +57,12 @@ SERVICES: dict[str, ServiceSpec] = {
     ),
     "retriever-bm25": ServiceSpec(
         "retriever-bm25", "ragfleet.v1.Retriever", _retriever(["bm25"]), _RETRIEVER_FN
+    ),
+    "evaluator": ServiceSpec(
+        "evaluator",
+        "ragfleet.v1.Evaluator",
+        _evaluator,
+        "ragfleet.v1.evaluator_pb2_grpc.add_EvaluatorServicer_to_server",
     ),
     "retriever": ServiceSpec("retriever", "ragfleet.v1.Retriever", _retriever(None), _RETRIEVER_FN),
 }

@@ -6,6 +6,7 @@
     ragfleet search | ask                  query an index; `ask` streams the answer events
     ragfleet indexes | delete              list and delete indexes
     ragfleet eval retrieval --beir DIR     nDCG@10 / Recall@100 / MRR@10 through the running services
+    ragfleet eval qa | run | report        SQuAD EM/F1, experiment sweeps, reports with plots
     ragfleet demo                          up, ingest the sample corpus, ask, print, down
 
 Commands that talk to the fleet use --address (default RAGFLEET_ADDRESS, else Serve's proxy at
@@ -418,6 +419,87 @@ def eval_retrieval(
         console.print(f"wrote {json_out}")
     if markdown:
         markdown.write_text(table + "\n")
+
+
+@eval_app.command("qa")
+def eval_qa(
+    squad: Annotated[Path, typer.Option(help="SQuAD v1.1 or v2.0 dataset JSON.")],
+    predictions: Annotated[Path, typer.Option(help="Predictions JSON: {question id: answer text}.")],
+    na_probs: Annotated[Path | None, typer.Option(help="v2.0: {question id: no-answer probability}.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores here.")] = None,
+) -> None:
+    """Score predictions exactly as the official SQuAD v1.1 / v2.0 scripts do."""
+    import json
+
+    from services.evaluator.metrics.qa import score_squad_files
+    from services.runtime.storage import atomic_write_json
+
+    try:
+        scores = score_squad_files(squad, predictions, na_probs)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    print(json.dumps(scores))
+    if json_out:
+        atomic_write_json(json_out, scores)
+
+
+@eval_app.command("run")
+def eval_run(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (see deploy/eval/*.yaml).")],
+    report: Annotated[bool, typer.Option(help="Write the report when the sweep ends.")] = True,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Run a sweep over pipeline settings through the live services; one record per run."""
+    import ragfleet
+    from services.evaluator import experiments
+    from services.evaluator.report import build_report, load_records
+    from services.evaluator.service import report_dir
+
+    settings = get_settings()
+    try:
+        experiment = experiments.ExperimentConfig.from_yaml(config)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    with _client(address, token, timeout=24 * 3600.0) as client, _progress() as bar:
+        task = bar.add_task(f"experiment {experiment.name}", total=None)
+
+        def show(p: experiments.ExperimentProgress) -> None:
+            bar.update(task, completed=p.done, total=p.total, description=f"{p.run_id} {p.stage}")
+
+        try:
+            run_ids = experiments.run_experiment(client, experiment, home=settings.home, progress=show)
+        except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError) as err:
+            _fail(err)
+    console.print("runs: " + " ".join(run_ids))
+    if report:
+        paths = build_report(
+            load_records(run_ids, settings.home / "runs"), report_dir(settings.home, experiment.name)
+        )
+        console.print(f"report: {paths['markdown']} and {paths['html']}")
+
+
+@eval_app.command("report")
+def eval_report(
+    runs: Annotated[list[str], typer.Argument(help="Run ids (under RAGFLEET_HOME/runs) or run JSON files.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder (default: under RAGFLEET_HOME/runs/reports).")
+    ] = None,
+    metric: Annotated[str | None, typer.Option(help="Primary metric (default: ndcg@10, else f1).")] = None,
+) -> None:
+    """Markdown + HTML report with plots and paired significance tests between runs."""
+    from services.evaluator.report import build_report, load_records
+    from services.evaluator.service import report_dir
+
+    settings = get_settings()
+    try:
+        records = load_records(runs, settings.home / "runs")
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    paths = build_report(records, out or report_dir(settings.home, records[0]["experiment"]), metric=metric)
+    console.print(
+        f"report: {paths['markdown']} and {paths['html']}; plots: {', '.join(map(str, paths['plots']))}"
+    )
 
 
 @app.command()

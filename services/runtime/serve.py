@@ -28,7 +28,7 @@ from services.runtime.settings import Endpoint, Settings
 log = logging.getLogger("ragfleet.serve")
 
 # The applications `ragfleet up` deploys, in start order (retrievers before the gateway).
-FLEET = ("retriever-dense", "retriever-bm25", "pipeline")
+FLEET = ("retriever-dense", "retriever-bm25", "pipeline", "evaluator")
 
 
 def _method(method: RpcMethod) -> Any:
@@ -91,7 +91,12 @@ def fleet_settings(settings: Settings) -> Settings:
             }
         }
     )
-    return settings.model_copy(update={"home": settings.home.resolve(), "gateway": gateway})
+    evaluator = settings.evaluator.model_copy(
+        update={"pipeline": Endpoint(address=proxy, application="pipeline")}
+    )
+    return settings.model_copy(
+        update={"home": settings.home.resolve(), "gateway": gateway, "evaluator": evaluator}
+    )
 
 
 def application(name: str, settings: Settings, *, num_cpus: float = 0.0) -> serve.Application:
@@ -143,3 +148,7 @@ def retriever_dense_app(args: dict[str, str] | None = None) -> serve.Application
 
 def retriever_bm25_app(args: dict[str, str] | None = None) -> serve.Application:
     return _app("retriever-bm25")
+
+
+def evaluator_app(args: dict[str, str] | None = None) -> serve.Application:
+    return _app("evaluator")

@@ -90,6 +90,11 @@ class GatewaySettings(BaseModel):
     ingest_batch: int = 256
 
 
+class EvaluatorSettings(BaseModel):
+    # The Pipeline that experiment sweeps run through.
+    pipeline: Endpoint = Endpoint(address=f"127.0.0.1:{DEFAULT_PORTS['pipeline']}")
+
+
 class AuthSettings(BaseModel):
     # Bearer token -> tenant. Empty: no authentication, every caller is tenant "default".
     tokens: dict[str, str] = {}
@@ -119,6 +124,7 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     retriever: RetrieverSettings = RetrieverSettings()
     gateway: GatewaySettings = GatewaySettings()
+    evaluator: EvaluatorSettings = EvaluatorSettings()
     auth: AuthSettings = AuthSettings()
     tls: TlsSettings = TlsSettings()
     ray: RaySettings = RaySettings()

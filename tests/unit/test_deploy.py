@@ -24,7 +24,7 @@ DOCKERFILE_GPU = ROOT / "deploy/docker/Dockerfile.gpu"
 SERVE = ROOT / "deploy/ray/serve.yaml"
 CLUSTER = ROOT / "deploy/ray/cluster.yaml"
 RAYSERVICE = ROOT / "deploy/k8s/rayservice.yaml"
-APPLICATIONS = {"pipeline", "retriever-dense", "retriever-bm25"}
+APPLICATIONS = {"pipeline", "retriever-dense", "retriever-bm25", "evaluator"}
 
 
 def compose_services() -> dict[str, dict]:
