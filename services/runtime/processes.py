@@ -125,6 +125,9 @@ def start_local_fleet(
         if name.startswith("retriever-")
     }
     env = service_env(home, RAGFLEET_GATEWAY__RETRIEVERS=json.dumps(retrievers), **env_overrides)
+    if "pipeline" in ports:
+        pipeline = json.dumps({"address": f"127.0.0.1:{ports['pipeline']}"})
+        env.setdefault("RAGFLEET_EVALUATOR__PIPELINE", pipeline)
     for name in names:
         fleet.services[name] = Service(name, ports[name], env)
         fleet.services[name].start()
