@@ -1,8 +1,10 @@
-"""Evaluator: datasets (BEIR), IR metrics over pytrec_eval, reference runs and retrieval evaluation.
+"""Evaluator: datasets, metrics, experiment sweeps and reports, and the Evaluator gRPC service.
 
-- `beir`: load a BEIR folder (corpus, queries, qrels of a split) or stream its corpus.
-- `ir`: nDCG@k, Recall@k, MRR@10, ... of a run, computed by pytrec_eval; passages to documents.
+- `datasets` (with `beir`): BEIR folders, SQuAD 1.1/2.0 JSON, QA JSONL and the demo set, validated whole.
+- `metrics`: `ir` (pytrec_eval), `qa` (SQuAD EM/F1, official semantics), `rag` (six RAG answer metrics).
 - `retrieval`: ingest a BEIR corpus into a fleet, search it with each retriever, score the runs.
+- `experiments`: sweeps over pipeline settings through the live services; one record per run.
+- `report`, `significance`: markdown + HTML reports with plots and paired significance tests.
 - `baseline`: in-process BM25 and exact MiniLM runs to check the fleet's numbers against.
-- `report`: markdown tables for reports and benchmarks.
+- `service`: the Evaluator gRPC service (ScoreRetrieval, ScoreAnswers, RunExperiment).
 """
