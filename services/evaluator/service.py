@@ -66,10 +66,13 @@ class EvaluatorService:
         if len(set(ids)) != len(ids):
             raise invalid_argument("items.id", "ids must be unique")
         per_item: dict[str, dict[str, float]] = {i: {} for i in ids}
-        for name in (m for m in metrics if m in QA_METRICS):
-            score = qa.exact_match if name == "exact_match" else qa.f1_score
-            for item_id, item in zip(ids, request.items):
-                per_item[item_id][name] = 100.0 * score(item.prediction, list(item.gold_answers) or [""])
+        for item_id, item in zip(ids, request.items):
+            # No gold answers means a no-answer question, scored as SQuAD 2.0 does (empty is right).
+            golds, version = (list(item.gold_answers), "1.1") if item.gold_answers else ([""], "2.0")
+            if "exact_match" in metrics:
+                per_item[item_id]["exact_match"] = 100.0 * qa.exact_match(item.prediction, golds)
+            if "f1" in metrics:
+                per_item[item_id]["f1"] = 100.0 * qa.f1_score(item.prediction, golds, version=version)
         rag_metrics = [m for m in metrics if m in rag.ALL_METRICS]
         if rag_metrics:
             samples = [

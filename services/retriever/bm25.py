@@ -24,7 +24,6 @@ import Stemmer
 
 from services.retriever.backend import Backend, Hits, passage_text
 from services.retriever.passages import Passage
-from services.runtime.errors import invalid_argument
 from services.runtime.settings import Settings
 
 K1 = 0.9
@@ -46,9 +45,8 @@ class BM25Backend(Backend):
 
     @classmethod
     def resolve_spec(cls, spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
-        for name in ("vector_store", "faiss_index", "model"):
-            if spec.get(name):
-                raise invalid_argument(f"spec.{name}", "does not apply to the bm25 retriever")
+        # One IndexSpec serves every retriever of an index: its dense-only fields (vector_store,
+        # faiss_index, model) are not for bm25 and are ignored here.
         return {
             "k1": K1,
             "b": B,

@@ -1,0 +1,702 @@
+"""Experiments: a sweep over pipeline settings, run through the live services, one record per run.
+
+An experiment config (YAML, `ExperimentConfig.from_yaml`) names a dataset (a `load_dataset` spec;
+relative paths are read from the config file's folder) and a sweep: a list of values per setting,
+whose cartesian product gives the runs (`RunConfig`). A single value may stand for a one-item list;
+in `retrievers`, an item is a list of retriever names (fused) or one name.
+
+    name: scifact-chunking
+    dataset: {kind: beir, path: ../../../shared/data/scifact, split: test}
+    sweep:
+      chunk_tokens: [100, 200]
+      retrievers: [bm25, dense, [dense, bm25]]
+    max_queries: 100
+
+`run_experiment` drives the Pipeline through the SDK client:
+
+1. Runs are grouped by their ingest settings (chunking, and the vector store when a run uses the
+   dense retriever); each group shares one index,
+   named `eval-<dataset>-<hash>` from a hash of the settings, the retrievers it feeds and the
+   documents. The index is ingested once (into every retriever any run of the group uses) and
+   dropped after the group's runs unless `keep_index`. An index of that name that already exists in
+   every one of those retrievers is the same corpus built the same way and is reused (`ingest_s` is
+   then None); a partial one is dropped and rebuilt. With `index:` the
+   experiment searches that existing index instead (needed for a QA set without contexts) and
+   never drops it.
+2. Every query (the first `max_queries` in dataset order) goes through the pipeline:
+   - IR datasets: `client.search` with depth `max(top_k, largest @k of the metrics)` — with
+     `rerank: true`, `client.ask(generate=False, rerank=True)` at that depth instead — and the
+     ranked passages become document scores (`ir.passages_to_docs`: a document scores its best
+     passage), scored per query with `ir.evaluate_run` (pytrec_eval).
+   - QA datasets: `client.ask` (streamed) with top_k, retrievers, fusion, rerank and the sampling
+     temperature; the answer text is scored with EM/F1 (`metrics.qa`, SQuAD v2.0 rules: a question
+     without gold answers expects the empty answer) and, where the dataset has qrels, the passages
+     the answer was given with are scored with IR metrics. While the fleet has no generator the
+     answer is retrieval-only (the gateway's "Retrieval only ..." text, so EM/F1 are near 0); the
+     record says so in `retrieval_only`.
+3. Each run's record is written atomically to `<home>/runs/<run id>.json` as soon as the run
+   ends; run ids are `<experiment>-<UTC time>-<random>-<position in the sweep>`. A record holds
+   exactly `RUN_RECORD_KEYS`: `config` (the RunConfig), `dataset` ({name, kind, queries: how many
+   were asked}), `versions` (every index version that answered), `ingest_s` (seconds to build the
+   run's index, the same for every run sharing it; None when it already existed), `aggregate` and
+   `per_query` metrics, `latency_ms` ({per_query: {qid: {stage: ms, total: ms}}, mean: {stage:
+   ms}, p50_total, p99_total}) and `retrieval_only` (true unless every answer was generated;
+   always true for IR datasets).
+
+Metrics are named `ndcg@10`, `recall@100`, `mrr@10`, `P@5`, `map`, ... (as `ir.evaluate_run`
+reports them) and `exact_match`, `f1` (QA). The default is the IR trio for IR datasets and
+EM/F1 plus the IR trio (when the dataset has qrels) for QA datasets.
+
+Latencies, in milliseconds per query: the stages the pipeline reports (`retrieve`, `fuse` for a
+search; `retrieve`, `rerank`, `generate` for an ask — the first timing of each name) and `total`,
+the client-side wall time of the call including reading the whole stream.
+
+Known gap: the gateway reads a zero `overlap_tokens` as "use the server default", so the sweep
+rejects an overlap of 0 rather than silently running with another one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from itertools import product
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.evaluator.datasets import DEMO, EvalDataset, load_dataset
+from services.evaluator.metrics import ir
+from services.runtime.storage import atomic_write_json, utc_now
+
+RUNS_DIR = "runs"
+# The retrievers an index spec's `vector_store` applies to (runs without one share an index).
+VECTOR_STORE_RETRIEVERS = frozenset({"dense"})
+STAGES = ("retrieve", "fuse", "rerank", "generate")
+TOTAL = "total"
+IR_DEFAULT_METRICS = ("ndcg@10", "recall@100", "mrr@10")
+QA_METRICS = ("exact_match", "f1")
+RUN_RECORD_KEYS = (
+    "run_id",
+    "experiment",
+    "created_at",
+    "config",
+    "dataset",
+    "versions",
+    "ingest_s",
+    "aggregate",
+    "per_query",
+    "latency_ms",
+    "retrieval_only",
+)
+
+_MRR = f"mrr@{ir.MRR_CUTOFF}"
+_PYTREC_FAMILY = {"ndcg": "ndcg_cut", "map": "map_cut"}
+_CUTOFF = re.compile(r"^(?P<family>[A-Za-z_]+)@(?P<k>\d+)$")
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def _pytrec_name(metric: str) -> str:
+    """The pytrec_eval output name of a readable IR metric name (`ndcg@10` -> `ndcg_cut_10`)."""
+    if metric == _MRR:
+        return "recip_rank"
+    match = _CUTOFF.match(metric)
+    if match:
+        return f"{_PYTREC_FAMILY.get(match['family'], match['family'])}_{match['k']}"
+    return metric
+
+
+def _check_ir_metric(metric: str) -> None:
+    """Raises ValueError unless `ir.evaluate_run` reports `metric` under exactly this name."""
+    try:
+        reported = ir.evaluate_run({}, {"q": {"d": 1}}, [_pytrec_name(metric)])[0]
+    except ValueError:
+        raise ValueError(
+            f"unknown metric {metric!r}; use names such as 'ndcg@10', 'recall@100', "
+            f"'mrr@10', 'P@5', 'map', or {' / '.join(QA_METRICS)} for QA datasets"
+        ) from None
+    if metric not in reported:
+        raise ValueError(f"write {metric!r} as {next(iter(reported))!r}")
+
+
+def _cutoff(metric: str) -> int:
+    match = _CUTOFF.match(metric)
+    return int(match["k"]) if match else 0
+
+
+class Sweep(BaseModel):
+    """The values to try for each pipeline setting; runs are their cartesian product."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vector_store: list[Literal["faiss", "chroma"]] = Field(["faiss"], min_length=1)
+    chunk_tokens: list[int] = Field([200], min_length=1)
+    overlap_tokens: list[int] = Field([40], min_length=1)
+    whole_documents: list[bool] = Field([False], min_length=1)
+    retrievers: list[list[str]] = Field([["dense", "bm25"]], min_length=1)
+    fusion: list[Literal["rrf", "weighted"]] = Field(["rrf"], min_length=1)
+    rerank: list[bool] = Field([False], min_length=1)
+    top_k: list[int] = Field([10], min_length=1)
+    temperature: list[float] = Field([0.0], min_length=1)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _one_value_is_a_list(cls, value: Any) -> Any:
+        return value if isinstance(value, list) else [value]
+
+    @field_validator("retrievers", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        items = value if isinstance(value, list) else [value]
+        return [[item] if isinstance(item, str) else item for item in items]
+
+    @field_validator("retrievers")
+    @classmethod
+    def _names(cls, value: list[list[str]]) -> list[list[str]]:
+        for names in value:
+            if not names or any(not name.strip() for name in names):
+                raise ValueError("each item must name at least one retriever, with no empty names")
+            if len(set(names)) != len(names):
+                raise ValueError(f"{names} names a retriever twice")
+        return value
+
+    @field_validator("chunk_tokens", "overlap_tokens", "top_k")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(v < 1 for v in value):
+            raise ValueError(
+                "every value must be at least 1 (the gateway reads an overlap of 0 as its default)"
+            )
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_negative(cls, value: list[float]) -> list[float]:
+        if any(v < 0 for v in value):
+            raise ValueError("every value must be at least 0")
+        return value
+
+    @model_validator(mode="after")
+    def _overlap_below_window(self) -> Sweep:
+        if False in self.whole_documents and max(self.overlap_tokens) >= min(self.chunk_tokens):
+            raise ValueError(
+                f"overlap_tokens {max(self.overlap_tokens)} is not below chunk_tokens "
+                f"{min(self.chunk_tokens)}: every overlap must be smaller than every window"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """What an index is built with; runs with equal settings share an index."""
+
+    vector_store: str
+    chunk_tokens: int
+    overlap_tokens: int
+    whole_documents: bool
+
+    def spec(self, retrievers: Sequence[str]) -> dict[str, Any]:
+        """The SDK's index spec for these settings, ingesting into `retrievers` (retrievers without a
+        vector store ignore that field)."""
+        chunking: dict[str, Any] = (
+            {"whole_documents": True}
+            if self.whole_documents
+            else {"chunk_tokens": self.chunk_tokens, "overlap_tokens": self.overlap_tokens}
+        )
+        spec: dict[str, Any] = {"chunking": chunking, "retrievers": list(retrievers)}
+        if set(retrievers) & VECTOR_STORE_RETRIEVERS:
+            spec["vector_store"] = self.vector_store
+        return spec
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One point of the sweep."""
+
+    vector_store: str
+    chunk_tokens: int
+    overlap_tokens: int
+    whole_documents: bool
+    retrievers: tuple[str, ...]
+    fusion: str
+    rerank: bool
+    top_k: int
+    temperature: float
+
+    @property
+    def ingest(self) -> IngestSettings:
+        """The index this run needs: window sizes do not matter for whole documents, nor the vector
+        store for retrievers without one."""
+        store = self.vector_store if set(self.retrievers) & VECTOR_STORE_RETRIEVERS else ""
+        if self.whole_documents:
+            return IngestSettings(store, 0, 0, True)
+        return IngestSettings(store, self.chunk_tokens, self.overlap_tokens, False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "retrievers": list(self.retrievers)}
+
+
+class ExperimentConfig(BaseModel):
+    """An experiment: a dataset, a sweep, and how to evaluate it (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    dataset: str | dict[str, Any]
+    sweep: Sweep = Sweep()
+    max_queries: int | None = Field(None, ge=1)
+    metrics: list[str] | None = Field(None, min_length=1)
+    # Search this existing index instead of ingesting the dataset; it is never dropped.
+    index: str | None = Field(None, min_length=1)
+    keep_index: bool = False
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: list[str] | None) -> list[str] | None:
+        for metric in value or ():
+            if metric not in QA_METRICS:
+                _check_ir_metric(metric)
+        return value
+
+    @model_validator(mode="after")
+    def _index_fixes_ingest_settings(self) -> ExperimentConfig:
+        if self.index is not None and len({run.ingest for run in self.runs()}) > 1:
+            raise ValueError(
+                "index: an existing index has fixed ingest settings, but the sweep varies "
+                "vector_store / chunk_tokens / overlap_tokens / whole_documents"
+            )
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ExperimentConfig:
+        """Reads a config file; ValueError names the file and the offending field or line."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such experiment config")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ValueError(
+                f"{where}: not valid YAML ({getattr(error, 'problem', None) or error})"
+            ) from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in e['loc']) or 'config'}: {e['msg']}" for e in error.errors()
+            )
+            raise ValueError(f"{path}: {problems}") from None
+        return config.model_copy(update={"dataset": _relative_to(config.dataset, path.parent)})
+
+    def runs(self) -> list[RunConfig]:
+        """The sweep's cartesian product, in the order of the config's lists, without repeats."""
+        s = self.sweep
+        points = product(
+            s.vector_store,
+            s.chunk_tokens,
+            s.overlap_tokens,
+            s.whole_documents,
+            s.retrievers,
+            s.fusion,
+            s.rerank,
+            s.top_k,
+            s.temperature,
+        )
+        runs = (
+            RunConfig(store, chunk, overlap, whole, tuple(names), fusion, rerank, top_k, float(temp))
+            for store, chunk, overlap, whole, names, fusion, rerank, top_k, temp in points
+        )
+        return list(dict.fromkeys(runs))
+
+
+def _relative_to(dataset: str | dict[str, Any], folder: Path) -> str | dict[str, Any]:
+    """The dataset spec with a relative path read from `folder`."""
+    if isinstance(dataset, dict):
+        path = dataset.get("path")
+        if isinstance(path, str) and not Path(path).is_absolute():
+            return {**dataset, "path": str(folder / path)}
+        return dataset
+    if dataset == DEMO or Path(dataset).is_absolute():
+        return dataset
+    return str(folder / dataset)
+
+
+# --- progress, records -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExperimentProgress:
+    """A progress report: `stage` "ingest" (documents sent), "query" (queries done) or "done"."""
+
+    run_id: str
+    done: int
+    total: int
+    stage: str
+
+
+def runs_dir(home: str | Path) -> Path:
+    return Path(home) / RUNS_DIR
+
+
+def _record_path(home: str | Path, run_id: str) -> Path:
+    if not run_id or run_id.startswith(".") or Path(run_id).name != run_id:
+        raise ValueError(f"run_id: {run_id!r} is not a run id")
+    return runs_dir(home) / f"{run_id}.json"
+
+
+def load_run(home: str | Path, run_id: str) -> dict[str, Any]:
+    """The record of one run; FileNotFoundError when there is none."""
+    path = _record_path(home, run_id)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no record of run {run_id!r}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def list_runs(home: str | Path, experiment: str | None = None) -> list[dict[str, Any]]:
+    """Every run record under `home` (of one experiment when named), oldest first."""
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(runs_dir(home).glob("*.json"))]
+    if experiment is not None:
+        records = [r for r in records if r["experiment"] == experiment]
+    return sorted(records, key=lambda r: (r["created_at"], r["run_id"]))
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+class ExperimentClient(Protocol):
+    """The part of `ragfleet.Client` an experiment uses."""
+
+    def ingest(self, source: Any, *, index: str, spec: Any = None, progress: Any = None) -> Any: ...
+    def search(self, query: str, *, index: str, top_k: int, retrievers: Any, fusion: Any) -> Any: ...
+    def ask(self, question: str, *, index: str, **options: Any) -> Any: ...
+    def delete(self, *, index: str, drop_index: bool = False) -> Any: ...
+    def describe_index(self, index: str) -> Any: ...
+    def describe(self) -> Any: ...
+
+
+Progress = Callable[[ExperimentProgress], None]
+
+
+@dataclass
+class _QueryResult:
+    """What one query through the pipeline gave."""
+
+    passages: list[Any]
+    answer: str | None
+    retrieval_only: bool
+    timings: dict[str, float]
+    versions: list[Any]
+
+
+@dataclass
+class _Experiment:
+    """The state shared by the runs of one `run_experiment` call."""
+
+    client: ExperimentClient
+    config: ExperimentConfig
+    dataset: EvalDataset
+    query_ids: list[str]
+    metrics: list[str]
+    home: Path
+    progress: Progress | None
+    experiment_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        self.experiment_id = f"{_slug(self.config.name)}-{stamp}-{secrets.token_hex(2)}"
+
+    def report(self, run_id: str, done: int, total: int, stage: str) -> None:
+        if self.progress is not None:
+            self.progress(ExperimentProgress(run_id, done, total, stage))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
+
+
+def _metrics(config: ExperimentConfig, dataset: EvalDataset) -> list[str]:
+    """The metrics to compute: the config's, checked against the dataset, or the kind's defaults."""
+    if config.metrics is None:
+        ir_metrics = list(IR_DEFAULT_METRICS) if dataset.qrels else []
+        return [*QA_METRICS, *ir_metrics] if dataset.kind == "qa" else ir_metrics
+    qa_asked = [m for m in config.metrics if m in QA_METRICS]
+    if qa_asked and dataset.kind != "qa":
+        raise ValueError(f"metrics: {qa_asked[0]!r} needs a QA dataset; {dataset.name!r} has no answers")
+    if len(qa_asked) < len(config.metrics) and not dataset.qrels:
+        raise ValueError(f"metrics: IR metrics need qrels; {dataset.name!r} has none (no contexts)")
+    return list(dict.fromkeys(config.metrics))
+
+
+def _check_fleet(client: ExperimentClient, runs: Sequence[RunConfig]) -> None:
+    """Fails before any work when the sweep names retrievers or a reranker the fleet lacks."""
+    described = client.describe()
+    missing = sorted({name for run in runs for name in run.retrievers} - set(described.retrievers))
+    if missing:
+        raise ValueError(
+            f"sweep.retrievers: the fleet has no {missing} (it has {list(described.retrievers)})"
+        )
+    if any(run.rerank for run in runs) and not described.reranker:
+        raise ValueError("sweep.rerank: true, but the fleet has no reranker")
+
+
+def _fingerprint(dataset: EvalDataset) -> str:
+    digest = hashlib.sha256()
+    for document in dataset.documents():
+        digest.update(json.dumps(document, sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def index_name(
+    dataset: EvalDataset, settings: IngestSettings, retrievers: Sequence[str], fingerprint: str
+) -> str:
+    """`eval-<dataset>-<hash of the settings, the retrievers and the documents>`."""
+    key = json.dumps(
+        {
+            "dataset": dataset.name,
+            "settings": asdict(settings),
+            "retrievers": sorted(retrievers),
+            "docs": fingerprint,
+        },
+        sort_keys=True,
+    )
+    return f"eval-{_slug(dataset.name)[:60]}-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:10]}"
+
+
+def index_groups(runs: Sequence[RunConfig]) -> dict[IngestSettings, list[tuple[int, RunConfig]]]:
+    """The runs (with their 1-based position in the sweep) by the index they share.
+
+    A run without a vector-store retriever joins the first index built with its chunking, so a sweep
+    over `[bm25, dense, [dense, bm25]]` builds one index per chunking, not two.
+    """
+    groups: dict[IngestSettings, list[tuple[int, RunConfig]]] = {}
+    numbered = list(enumerate(runs, start=1))
+    for position, run in numbered:
+        if run.ingest.vector_store:
+            groups.setdefault(run.ingest, []).append((position, run))
+    for position, run in numbered:
+        if not run.ingest.vector_store:
+            key = next((k for k in groups if replace(k, vector_store="") == run.ingest), run.ingest)
+            groups.setdefault(key, []).append((position, run))
+    return {key: sorted(members) for key, members in groups.items()}
+
+
+def _prepare_index(
+    exp: _Experiment, index: str, settings: IngestSettings, retrievers: list[str], run_id: str
+) -> float | None:
+    """Builds `index`, or reuses a complete one of that name; returns the ingest seconds (None: reused)."""
+    from ragfleet.errors import NotFound
+
+    try:
+        described = exp.client.describe_index(index)
+    except NotFound:
+        described = None
+    if described is not None:
+        if set(retrievers) <= {d.version.retriever for d in described.retrievers}:
+            return None
+        exp.client.delete(index=index, drop_index=True)
+    documents = list(exp.dataset.documents())
+    start = time.perf_counter()
+    exp.client.ingest(
+        documents,
+        index=index,
+        spec=settings.spec(retrievers),
+        progress=lambda sent: exp.report(run_id, sent, len(documents), "ingest"),
+    )
+    return time.perf_counter() - start
+
+
+def _drop(client: ExperimentClient, index: str) -> None:
+    from ragfleet.errors import NotFound
+
+    try:
+        client.delete(index=index, drop_index=True)
+    except NotFound:
+        pass
+
+
+def _first_timings(timings: Iterable[Any]) -> dict[str, float]:
+    """{stage: ms} of the pipeline stages in `timings`, the first timing of each name."""
+    found: dict[str, float] = {}
+    for timing in timings:
+        if timing.stage in STAGES and timing.stage not in found:
+            found[timing.stage] = float(timing.millis)
+    return found
+
+
+def _search(exp: _Experiment, run: RunConfig, index: str, text: str, depth: int) -> _QueryResult:
+    response = exp.client.search(
+        text, index=index, top_k=depth, retrievers=list(run.retrievers), fusion=run.fusion
+    )
+    return _QueryResult(
+        passages=list(response.results),
+        answer=None,
+        retrieval_only=True,
+        timings=_first_timings(response.timings),
+        versions=list(response.versions),
+    )
+
+
+def _ask(exp: _Experiment, run: RunConfig, index: str, text: str, top_k: int, generate: bool) -> _QueryResult:
+    passages: list[Any] = []
+    answer = None
+    events = exp.client.ask(
+        text,
+        index=index,
+        top_k=top_k,
+        retrievers=list(run.retrievers),
+        fusion=run.fusion,
+        rerank=run.rerank,
+        generate=generate,
+        params={"temperature": run.temperature},
+    )
+    for event in events:
+        kind = event.WhichOneof("event")
+        if kind in ("retrieved", "reranked"):
+            passages = list(getattr(event, kind).passages)
+        elif kind == "answer":
+            answer = event.answer
+    if answer is None:
+        raise RuntimeError(f"the pipeline's answer stream ended without an answer (question {text!r})")
+    return _QueryResult(
+        passages=passages,
+        answer=answer.text,
+        retrieval_only=answer.retrieval_only,
+        timings=_first_timings(answer.timings),
+        versions=list(answer.versions),
+    )
+
+
+def _qa_scores(prediction: str, golds: list[str]) -> dict[str, float]:
+    from services.evaluator.metrics.qa import V2, exact_match, f1_score, normalize_answer
+
+    golds = [gold for gold in golds if normalize_answer(gold)] or [""]
+    return {"exact_match": exact_match(prediction, golds), "f1": f1_score(prediction, golds, version=V2)}
+
+
+def _latency(per_query: dict[str, dict[str, float]]) -> dict[str, Any]:
+    stages = [stage for stage in (*STAGES, TOTAL) if any(stage in ms for ms in per_query.values())]
+    mean = {
+        stage: float(np.mean([ms[stage] for ms in per_query.values() if stage in ms])) for stage in stages
+    }
+    totals = [ms[TOTAL] for ms in per_query.values()]
+    return {
+        "per_query": per_query,
+        "mean": mean,
+        "p50_total": float(np.percentile(totals, 50)),
+        "p99_total": float(np.percentile(totals, 99)),
+    }
+
+
+def _execute(
+    exp: _Experiment, run: RunConfig, run_id: str, index: str, ingest_s: float | None
+) -> dict[str, Any]:
+    """Sends every query of one run through the pipeline and returns its record."""
+    created_at = utc_now()
+    dataset = exp.dataset
+    ir_metrics = [m for m in exp.metrics if m not in QA_METRICS]
+    qa_metrics = [m for m in exp.metrics if m in QA_METRICS]
+    depth = max([run.top_k, *(_cutoff(m) for m in ir_metrics)])
+    doc_run: dict[str, dict[str, float]] = {}
+    per_query: dict[str, dict[str, float]] = {}
+    latency: dict[str, dict[str, float]] = {}
+    versions: set[tuple[str, str, int, str]] = set()
+    retrieval_only = True
+    for done, qid in enumerate(exp.query_ids, start=1):
+        text = dataset.queries[qid]
+        start = time.perf_counter()
+        if dataset.kind == "qa":
+            result = _ask(exp, run, index, text, run.top_k, generate=True)
+        elif run.rerank:
+            result = _ask(exp, run, index, text, depth, generate=False)
+        else:
+            result = _search(exp, run, index, text, depth)
+        latency[qid] = {**result.timings, TOTAL: (time.perf_counter() - start) * 1000.0}
+        doc_run[qid] = ir.passages_to_docs(result.passages)
+        versions |= {(v.index, v.retriever, v.version, v.model_id) for v in result.versions}
+        retrieval_only = retrieval_only and result.retrieval_only
+        per_query[qid] = _qa_scores(result.answer, dataset.answers[qid]) if qa_metrics else {}
+        exp.report(run_id, done, len(exp.query_ids), "query")
+
+    aggregate = {m: float(np.mean([per_query[qid][m] for qid in exp.query_ids])) for m in qa_metrics}
+    qrels = {qid: dataset.qrels[qid] for qid in exp.query_ids if qid in dataset.qrels}
+    if ir_metrics and qrels:
+        ir_aggregate, ir_per_query = ir.evaluate_run(doc_run, qrels, [_pytrec_name(m) for m in ir_metrics])
+        aggregate.update(ir_aggregate)
+        for qid, values in ir_per_query.items():
+            per_query[qid].update(values)
+    return {
+        "run_id": run_id,
+        "experiment": exp.config.name,
+        "created_at": created_at,
+        "config": run.as_dict(),
+        "dataset": {"name": dataset.name, "kind": dataset.kind, "queries": len(exp.query_ids)},
+        "versions": [
+            {"index": i, "retriever": r, "version": v, "model_id": m} for i, r, v, m in sorted(versions)
+        ],
+        "ingest_s": ingest_s,
+        "aggregate": aggregate,
+        "per_query": per_query,
+        "latency_ms": _latency(latency),
+        "retrieval_only": retrieval_only,
+    }
+
+
+def run_experiment(
+    client: ExperimentClient,
+    config: ExperimentConfig,
+    *,
+    home: str | Path,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Runs every point of the sweep (see the module docstring); returns the run ids in the order run.
+
+    Each record is written as soon as its run ends, so the runs before a failure are kept.
+    """
+    dataset = load_dataset(config.dataset)
+    if config.index is None and not dataset.has_corpus:
+        raise ValueError(f"dataset {dataset.name!r} has no documents to ingest; name an existing `index`")
+    exp = _Experiment(
+        client=client,
+        config=config,
+        dataset=dataset,
+        query_ids=list(dataset.queries)[: config.max_queries],
+        metrics=_metrics(config, dataset),
+        home=Path(home),
+        progress=progress,
+    )
+    runs = config.runs()
+    _check_fleet(client, runs)
+    groups = index_groups(runs)
+    fingerprint = _fingerprint(dataset) if config.index is None else ""
+
+    run_ids: list[str] = []
+    for settings, members in groups.items():
+        first_id = f"{exp.experiment_id}-{members[0][0]:02d}"
+        retrievers = list(dict.fromkeys(name for _, run in members for name in run.retrievers))
+        index = config.index or index_name(dataset, settings, retrievers, fingerprint)
+        try:
+            ingest_s = None if config.index else _prepare_index(exp, index, settings, retrievers, first_id)
+            for position, run in members:
+                run_id = f"{exp.experiment_id}-{position:02d}"
+                record = _execute(exp, run, run_id, index, ingest_s)
+                atomic_write_json(_record_path(exp.home, run_id), record)
+                run_ids.append(run_id)
+                exp.report(run_id, len(exp.query_ids), len(exp.query_ids), "done")
+        finally:
+            if config.index is None and not config.keep_index:
+                _drop(client, index)
+    return run_ids
