@@ -123,3 +123,16 @@ sweep:
             stub.RunExperiment(evaluator_pb2.RunExperimentRequest(config_yaml="name: [unclosed"), timeout=60)
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "config_yaml" in err.value.details()
+
+
+def test_the_sdk_evaluator_client(fleet: LocalFleet) -> None:
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    run = {"q1": {"d1": 2.0, "d3": 1.0}, "q2": {"d3": 2.0, "d2": 1.0}}
+    with ragfleet.EvaluatorClient(fleet.services["evaluator"].address, timeout=60) as evaluator:
+        scored = evaluator.score_retrieval(run, qrels, ["recip_rank"])
+        assert scored.aggregate["mrr@10"] == pytest.approx(0.75)
+        items = [{"id": "a", "prediction": "the Nile", "gold_answers": ["Nile"]}]
+        answers = evaluator.score_answers(items, ["exact_match"])
+        assert answers.per_item["a"].values["exact_match"] == 100.0
+        with pytest.raises(ragfleet.errors.InvalidArgument):
+            list(evaluator.run_experiment("sweep: {top_k: [0]}"))

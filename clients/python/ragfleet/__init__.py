@@ -5,7 +5,8 @@
     client.ingest("corpus.jsonl", index="docs")
     print(client.search("a question", index="docs", top_k=5))
 
-`Client` blocks, `AsyncClient` is the asyncio twin; failures raise `ragfleet.errors.*`.
+`Client` blocks, `AsyncClient` is the asyncio twin; `EvaluatorClient` talks to the Evaluator
+service. Failures raise `ragfleet.errors.*`.
 `make_channel` and `call_metadata` are what services use to call each other with the same
 channel defaults and metadata. Generated messages and stubs live in `ragfleet.v1`.
 """
@@ -15,6 +16,7 @@ from ragfleet._common import call_metadata, make_channel
 from ragfleet.aio import AsyncClient
 from ragfleet.client import Client
 from ragfleet.errors import RagfleetError
+from ragfleet.evaluator import EvaluatorClient
 from ragfleet.v1.common_pb2 import ChunkingSpec, Document, GenerationParams, IndexSpec
 from ragfleet.v1.pipeline_pb2 import Fusion
 
@@ -25,6 +27,7 @@ __all__ = [
     "ChunkingSpec",
     "Client",
     "Document",
+    "EvaluatorClient",
     "Fusion",
     "GenerationParams",
     "IndexSpec",

@@ -193,9 +193,10 @@ class CallBudget:
 
 
 class BaseClient:
-    """Configuration and channel shared by Client and AsyncClient."""
+    """Configuration and channel shared by Client, AsyncClient and EvaluatorClient."""
 
     _aio = False
+    _stub_class: Any = pipeline_pb2_grpc.PipelineStub
 
     def __init__(
         self,
@@ -219,7 +220,7 @@ class BaseClient:
         self._channel: Any = make_channel(
             address, tls=tls, root_certificates=root_certificates, options=options, aio=self._aio
         )
-        self._stub = pipeline_pb2_grpc.PipelineStub(self._channel)
+        self._stub = self._stub_class(self._channel)
 
     def _budget(self, timeout: float | None, *, idempotent: bool) -> CallBudget:
         """A call's budget; `timeout` None means the client's timeout."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -38,11 +38,44 @@ from ragfleet._common import (
 from ragfleet.errors import Unavailable
 from ragfleet.v1 import pipeline_pb2, retriever_pb2
 
+_Client = TypeVar("_Client", bound="SyncClientBase")
 
-class Client(BaseClient):
-    """Blocking client for the Pipeline service; see the module docstring."""
+
+class SyncClientBase(BaseClient):
+    """The blocking plumbing every synchronous client shares: unary calls with retries, closing."""
 
     _channel: grpc.Channel
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self: _Client) -> _Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _unary(
+        self, method: grpc.UnaryUnaryMultiCallable, request: Any, timeout: float | None, *, idempotent: bool
+    ) -> Any:
+        budget = self._budget(timeout, idempotent=idempotent)
+        while True:
+            try:
+                return method(request, timeout=budget.remaining(), metadata=budget.metadata)
+            except grpc.RpcError as err:
+                delay = budget.retry_delay(err)
+                if delay is None:
+                    raise budget.error(err) from err
+            time.sleep(delay)
+
+
+class Client(SyncClientBase):
+    """Blocking client for the Pipeline service; see the module docstring."""
 
     def ingest(
         self,
@@ -156,7 +189,7 @@ class Client(BaseClient):
         )
         budget = self._budget(timeout, idempotent=False)
         call = self._stub.AskStream(request, timeout=budget.remaining(), metadata=budget.metadata)
-        return _events(call, budget)
+        return relay_stream(call, budget)
 
     def ask_once(
         self,
@@ -221,35 +254,9 @@ class Client(BaseClient):
             ready.cancel()
             raise Unavailable(f"{self.address}: not reachable within {timeout:g} s") from None
 
-    def close(self) -> None:
-        self._channel.close()
 
-    def __enter__(self) -> Client:  # noqa: PYI034 - typing.Self needs Python 3.11
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _unary(
-        self, method: grpc.UnaryUnaryMultiCallable, request: Any, timeout: float | None, *, idempotent: bool
-    ) -> Any:
-        budget = self._budget(timeout, idempotent=idempotent)
-        while True:
-            try:
-                return method(request, timeout=budget.remaining(), metadata=budget.metadata)
-            except grpc.RpcError as err:
-                delay = budget.retry_delay(err)
-                if delay is None:
-                    raise budget.error(err) from err
-            time.sleep(delay)
-
-
-def _events(call: Any, budget: CallBudget) -> Iterator[pipeline_pb2.AskEvent]:
+def relay_stream(call: Any, budget: CallBudget) -> Iterator[Any]:
+    """Yields a server stream's messages, raising ragfleet.errors.* and cancelling the call on exit."""
     try:
         yield from call
     except grpc.RpcError as err:
