@@ -98,28 +98,16 @@ RUN_RECORD_KEYS = (
     "retrieval_only",
 )
 
-_MRR = f"mrr@{ir.MRR_CUTOFF}"
-_PYTREC_FAMILY = {"ndcg": "ndcg_cut", "map": "map_cut"}
 _CUTOFF = re.compile(r"^(?P<family>[A-Za-z_]+)@(?P<k>\d+)$")
 
 
 # --- configuration -----------------------------------------------------------------------------
 
 
-def _pytrec_name(metric: str) -> str:
-    """The pytrec_eval output name of a readable IR metric name (`ndcg@10` -> `ndcg_cut_10`)."""
-    if metric == _MRR:
-        return "recip_rank"
-    match = _CUTOFF.match(metric)
-    if match:
-        return f"{_PYTREC_FAMILY.get(match['family'], match['family'])}_{match['k']}"
-    return metric
-
-
 def _check_ir_metric(metric: str) -> None:
     """Raises ValueError unless `ir.evaluate_run` reports `metric` under exactly this name."""
     try:
-        reported = ir.evaluate_run({}, {"q": {"d": 1}}, [_pytrec_name(metric)])[0]
+        reported = ir.evaluate_run({}, {"q": {"d": 1}}, [ir.pytrec_measure(metric)])[0]
     except ValueError:
         raise ValueError(
             f"unknown metric {metric!r}; use names such as 'ndcg@10', 'recall@100', "
@@ -634,7 +622,9 @@ def _execute(
     aggregate = {m: float(np.mean([per_query[qid][m] for qid in exp.query_ids])) for m in qa_metrics}
     qrels = {qid: dataset.qrels[qid] for qid in exp.query_ids if qid in dataset.qrels}
     if ir_metrics and qrels:
-        ir_aggregate, ir_per_query = ir.evaluate_run(doc_run, qrels, [_pytrec_name(m) for m in ir_metrics])
+        ir_aggregate, ir_per_query = ir.evaluate_run(
+            doc_run, qrels, [ir.pytrec_measure(m) for m in ir_metrics]
+        )
         aggregate.update(ir_aggregate)
         for qid, values in ir_per_query.items():
             per_query[qid].update(values)

@@ -135,3 +135,11 @@ def test_passages_to_docs_reads_the_document_from_the_id_when_doc_id_is_empty():
         "x#y": 1.0,
         "plain": 0.5,
     }
+
+
+@pytest.mark.parametrize("measure", ["ndcg_cut_10", "recall_100", "recip_rank", "P_5", "map", "map_cut_20"])
+def test_pytrec_measure_inverts_the_reported_keys(measure: str) -> None:
+    from services.evaluator.metrics.ir import pytrec_measure
+
+    (key,) = evaluate_run({"q": {"d": 1.0}}, {"q": {"d": 1}}, [measure])[0]
+    assert pytrec_measure(key) == measure

@@ -65,6 +65,18 @@ def _parse_measure(measure: str) -> tuple[str, str]:
     )
 
 
+def pytrec_measure(key: str) -> str:
+    """The pytrec_eval measure name of an output key: the inverse of the keys `evaluate_run` reports
+    (`ndcg@10` -> `ndcg_cut_10`, `mrr@10` -> `recip_rank`, `P@5` -> `P_5`, `map` -> `map`)."""
+    if key == f"mrr@{MRR_CUTOFF}":
+        return "recip_rank"
+    family, at, k = key.partition("@")
+    if not at:
+        return key
+    pytrec_family = next((p for p, readable in _READABLE_FAMILY.items() if readable == family), family)
+    return f"{pytrec_family}_{k}"
+
+
 def _trec_order(ranking: Mapping[str, float]) -> list[str]:
     """Doc ids in the order trec_eval ranks them: score descending, then doc id descending."""
     return sorted(ranking, key=lambda doc: (ranking[doc], doc), reverse=True)
