@@ -1,0 +1,89 @@
+"""`ragfleet eval qa` and `ragfleet eval report` as a user runs them (typer's runner, real files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_report_build import make_record
+from typer.testing import CliRunner
+
+from services.cli import app
+
+runner = CliRunner()
+
+
+def squad_v2(tmp_path: Path) -> Path:
+    paragraph = {
+        "context": "The keeper lit the amber lamp in 1858.",
+        "qas": [
+            {"id": "when", "question": "When?", "answers": [{"text": "1858", "answer_start": 34}]},
+            {"id": "who", "question": "Who built it?", "answers": [], "is_impossible": True},
+        ],
+    }
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "T", "paragraphs": [paragraph]}]}))
+    return path
+
+
+def test_eval_qa_prints_and_writes_the_official_v2_scores(tmp_path: Path) -> None:
+    predictions = tmp_path / "pred.json"
+    predictions.write_text(json.dumps({"when": "in 1858", "who": ""}))
+    out = tmp_path / "scores.json"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "qa",
+            "--squad",
+            str(squad_v2(tmp_path)),
+            "--predictions",
+            str(predictions),
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text())
+    assert scores["total"] == 2 and scores["NoAns_exact"] == 100.0 and scores["HasAns_exact"] == 0.0
+    assert scores["HasAns_f1"] == pytest.approx(100.0 * 2 / 3)
+    assert json.loads(result.output.strip().splitlines()[-1]) == scores
+
+
+def test_eval_qa_names_a_malformed_file(tmp_path: Path) -> None:
+    predictions = tmp_path / "pred.json"
+    predictions.write_text("{not json")
+    result = runner.invoke(
+        app, ["eval", "qa", "--squad", str(squad_v2(tmp_path)), "--predictions", str(predictions)]
+    )
+    assert result.exit_code == 1 and "pred.json" in result.output
+
+
+def test_eval_report_builds_from_run_ids(tmp_path: Path, monkeypatch) -> None:
+    runs = tmp_path / "home" / "runs"
+    runs.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for run_id, shift in (("r1", 0.0), ("r2", 0.2)):
+        record = make_record(
+            run_id,
+            vector_store="faiss",
+            chunk_tokens=128 + int(shift * 640),
+            ndcg=rng.uniform(0, 0.5, 30) + shift,
+            latency={"retrieve": 4.0},
+        )
+        (runs / f"{run_id}.json").write_text(json.dumps(record))
+    monkeypatch.setenv("RAGFLEET_HOME", str(tmp_path / "home"))
+    from services.runtime.settings import get_settings
+
+    get_settings.cache_clear()
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["eval", "report", "r1", "r2", "--out", str(out)])
+    get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    markdown = (out / "report.md").read_text()
+    assert "r1" in markdown and "r2" in markdown and "significantly better" in markdown
+    assert len(list(out.glob("*.png"))) >= 2
+    missing = runner.invoke(app, ["eval", "report", "nope", "--out", str(out)])
+    assert missing.exit_code == 1 and "nope" in missing.output
