@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -65,27 +66,43 @@ def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+@dataclass(frozen=True)
+class _Remotes:
+    """The services the gateway calls, connected once."""
+
+    retrievers: dict[str, _Remote]
+    reranker: _Remote | None
+    generator: _Remote | None
+
+
 class PipelineService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.limits = settings.limits
-        self._remotes: dict[str, _Remote] | None = None
-        self._reranker: _Remote | None = None
-        self._generator: _Remote | None = None
+        self._connected: _Remotes | None = None
 
     # Channels are made on first use: a grpc.aio channel belongs to the event loop that serves calls.
-    def _retrievers(self) -> dict[str, _Remote]:
-        if self._remotes is None:
+    def _remotes(self) -> _Remotes:
+        if self._connected is None:
             gateway = self.settings.gateway
-            self._remotes = {
-                name: _Remote(ep, retriever_pb2_grpc.RetrieverStub, retriever=name)
-                for name, ep in gateway.retrievers.items()
-            }
-            if gateway.reranker:
-                self._reranker = _Remote(gateway.reranker, reranker_pb2_grpc.RerankerStub)
-            if gateway.generator:
-                self._generator = _Remote(gateway.generator, generator_pb2_grpc.GeneratorStub)
-        return self._remotes
+            self._connected = _Remotes(
+                retrievers={
+                    name: _Remote(ep, retriever_pb2_grpc.RetrieverStub, retriever=name)
+                    for name, ep in gateway.retrievers.items()
+                },
+                reranker=_Remote(gateway.reranker, reranker_pb2_grpc.RerankerStub)
+                if gateway.reranker
+                else None,
+                generator=(
+                    _Remote(gateway.generator, generator_pb2_grpc.GeneratorStub)
+                    if gateway.generator
+                    else None
+                ),
+            )
+        return self._connected
+
+    def _retrievers(self) -> dict[str, _Remote]:
+        return self._remotes().retrievers
 
     def _choose(self, names: Any, field: str) -> dict[str, _Remote]:
         remotes = self._retrievers()
@@ -353,14 +370,16 @@ class PipelineService:
         notes: list[str] = []
         model_ids = sorted({v.model_id for v in found.versions if v.model_id})
 
-        if request.rerank and self._reranker is None:
+        remotes = self._remotes()
+        reranker, generator = remotes.reranker, remotes.generator
+        if request.rerank and reranker is None:
             notes.append("no reranker is configured, so passages are in retrieval order")
         elif request.rerank and passages:
             stage = time.perf_counter()
             try:
-                reranked = await self._reranker.stub.Rerank(
+                reranked = await reranker.stub.Rerank(
                     reranker_pb2.RerankRequest(query=request.question, candidates=passages, top_k=top_k),
-                    metadata=self._reranker.metadata(ctx),
+                    metadata=reranker.metadata(ctx),
                     timeout=self._timeout(ctx),
                 )
             except grpc.aio.AioRpcError as err:
@@ -372,16 +391,17 @@ class PipelineService:
                 reranked=pipeline_pb2.PassageList(passages=passages, timings=timings[-1:])
             )
 
-        if request.generate and self._generator is not None and passages:
-            async for event in self._generate(request, passages, found, timings, model_ids, ctx):
+        if request.generate and generator is not None and passages:
+            async for event in self._generate(generator, request, passages, found, timings, model_ids, ctx):
                 yield event
             return
-        if request.generate and self._generator is None:
+        if request.generate and generator is None:
             notes.append("no generator is configured")
         yield pipeline_pb2.AskEvent(answer=_retrieval_only_answer(passages, notes, timings, found, model_ids))
 
     async def _generate(
         self,
+        generator: _Remote,
         request: pipeline_pb2.AskRequest,
         passages: list[common_pb2.ScoredPassage],
         found: pipeline_pb2.PipelineSearchResponse,
@@ -389,7 +409,6 @@ class PipelineService:
         model_ids: list[str],
         ctx: CallContext,
     ) -> AsyncIterator[pipeline_pb2.AskEvent]:
-        generator = self._generator
         start = time.perf_counter()
         call = generator.stub.GenerateStream(
             generator_pb2.GenerateRequest(
@@ -488,8 +507,8 @@ class PipelineService:
             version=ragfleet.__version__,
             services=endpoints,
             retrievers=list(remotes),
-            reranker=self._reranker is not None,
-            generator=self._generator is not None,
+            reranker=self.settings.gateway.reranker is not None,
+            generator=self.settings.gateway.generator is not None,
         )
 
 

@@ -49,7 +49,7 @@ class ScoredPassageLike(Protocol):
     score: float
 
 
-def _parse_measure(measure: str) -> tuple[str, str]:
+def parse_measure(measure: str) -> tuple[str, str]:
     """Returns (the pytrec_eval request string, the readable output key) of an output-style name."""
     if measure == "recip_rank":
         return "recip_rank", f"mrr@{MRR_CUTOFF}"
@@ -123,7 +123,7 @@ def evaluate_run(
     full: dict[str, str] = {}
     top_k: dict[str, str] = {}
     for measure in measures:
-        request, key = _parse_measure(measure)
+        request, key = parse_measure(measure)
         (top_k if measure == "recip_rank" else full)[key] = request
     aggregate, per_query = _evaluate(qrels, run, full)
     mrr_aggregate, mrr_per_query = _evaluate(qrels, truncate_run(run, MRR_CUTOFF), top_k)
