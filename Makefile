@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv protos demo test test-unit bench lint clean
+.PHONY: venv protos demo test test-unit bench bench-gpu lint clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,12 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.search_latency
+	$(BIN)/python -m bench.retro_decode
+
+# Kernel benchmarks against torch baselines in the same run; they need a CUDA GPU and say so without one.
+bench-gpu: $(STAMP)
+	$(BIN)/python -m bench.attention
+	$(BIN)/python -m bench.maxsim
 
 lint: $(STAMP)
 	$(BIN)/ruff check services kernels clients/python/ragfleet bench tests

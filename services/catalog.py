@@ -1,8 +1,8 @@
 """The services ragfleet can run, by the name used on the command line, in compose and in Ray Serve.
 
 A name maps to its proto service and a factory for the object that implements it. Retriever services
-are one per backend (`retriever-dense`, `retriever-bm25`) so each scales and fails on its own; plain
-`retriever` serves every backend in settings from one process.
+are one per backend (`retriever-dense`, `retriever-bm25`, `retriever-colbert`) so each scales and fails
+on its own; plain `retriever` serves every backend in settings from one process.
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ def _pipeline(settings: Settings) -> Any:
     from services.gateway.service import PipelineService
 
     return PipelineService(settings)
+
+
+def _generator(settings: Settings) -> Any:
+    from services.generator.service import GeneratorService
+
+    return GeneratorService(settings)
 
 
 def _evaluator(settings: Settings) -> Any:
@@ -57,6 +63,15 @@ SERVICES: dict[str, ServiceSpec] = {
     ),
     "retriever-bm25": ServiceSpec(
         "retriever-bm25", "ragfleet.v1.Retriever", _retriever(["bm25"]), _RETRIEVER_FN
+    ),
+    "retriever-colbert": ServiceSpec(
+        "retriever-colbert", "ragfleet.v1.Retriever", _retriever(["colbert"]), _RETRIEVER_FN
+    ),
+    "generator": ServiceSpec(
+        "generator",
+        "ragfleet.v1.Generator",
+        _generator,
+        "ragfleet.v1.generator_pb2_grpc.add_GeneratorServicer_to_server",
     ),
     "evaluator": ServiceSpec(
         "evaluator",

@@ -4,10 +4,10 @@
     ragfleet serve SERVICE --port N        one service on plain grpc.aio (what each compose container runs)
     ragfleet ingest PATH --index NAME      a JSONL file or BEIR folder, through the Pipeline
     ragfleet search | ask                  query an index; `ask` streams the answer events
-    ragfleet indexes | delete              list and delete indexes
+    ragfleet indexes | delete | rebuild    list, delete and rebuild indexes (rebuild: colbert's PLAID)
     ragfleet eval retrieval --beir DIR     nDCG@10 / Recall@100 / MRR@10 through the running services
     ragfleet eval qa | run | report        SQuAD EM/F1, experiment sweeps, reports with plots
-    ragfleet demo                          up, ingest the sample corpus, ask, print, down
+    ragfleet demo                          up, ingest the sample corpus, train Retro, ask, print, down
 
 Commands that talk to the fleet use --address (default RAGFLEET_ADDRESS, else Serve's proxy at
 127.0.0.1:9000) and send the Serve application "pipeline", which a plain server ignores.
@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -36,6 +37,8 @@ from services.runtime.settings import DEFAULT_PORTS, get_settings
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 eval_app = typer.Typer(help="Evaluate the running fleet.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+train_app = typer.Typer(help="Train the models that have no pretrained weights here.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 console = Console()
 
 AddressOpt = Annotated[str | None, typer.Option(help="Pipeline address host:port.")]
@@ -192,6 +195,9 @@ def _spec(
     sentence_aware: bool,
     whole_documents: bool,
     retrievers: str | None,
+    colbert_model: str | None = None,
+    nbits: int | None = None,
+    doc_maxlen: int | None = None,
 ) -> dict[str, Any]:
     chunking: dict[str, Any] = {"sentence_aware": sentence_aware, "whole_documents": whole_documents}
     if chunk_tokens is not None:
@@ -199,7 +205,14 @@ def _spec(
     if overlap_tokens is not None:
         chunking["overlap_tokens"] = overlap_tokens
     spec: dict[str, Any] = {"chunking": chunking}
-    for key, value in (("vector_store", vector_store), ("faiss_index", faiss_index), ("model", model)):
+    for key, value in (
+        ("vector_store", vector_store),
+        ("faiss_index", faiss_index),
+        ("model", model),
+        ("colbert_model", colbert_model),
+        ("nbits", nbits),
+        ("doc_maxlen", doc_maxlen),
+    ):
         if value:
             spec[key] = value
     if retrievers:
@@ -224,7 +237,14 @@ def ingest(
     ] = None,
     sentence_aware: Annotated[bool, typer.Option(help="Cut passages at sentence boundaries.")] = False,
     whole_documents: Annotated[bool, typer.Option(help="One passage per document.")] = False,
-    retrievers: Annotated[str | None, typer.Option(help="Comma-separated retrievers (default: all).")] = None,
+    retrievers: Annotated[
+        str | None, typer.Option(help="Comma-separated retrievers (default: the gateway's defaults).")
+    ] = None,
+    colbert_model: Annotated[
+        str | None, typer.Option(help="ColBERT checkpoint path or id (e.g. from `ragfleet train colbert`).")
+    ] = None,
+    nbits: Annotated[int | None, typer.Option(help="ColBERT residual bits: 1, 2 or 4.")] = None,
+    doc_maxlen: Annotated[int | None, typer.Option(help="ColBERT document length in tokens.")] = None,
     upsert: Annotated[bool, typer.Option(help="Replace documents whose ids exist.")] = False,
 ) -> None:
     """Chunk and index documents through the Pipeline."""
@@ -239,6 +259,9 @@ def ingest(
         sentence_aware,
         whole_documents,
         retrievers,
+        colbert_model=colbert_model,
+        nbits=nbits,
+        doc_maxlen=doc_maxlen,
     )
     with _client(address, token, timeout=3600.0) as client, _progress() as bar:
         task = bar.add_task(f"ingesting into {index}", total=None)
@@ -273,12 +296,24 @@ def search(
     top_k: Annotated[int, typer.Option(help="Results to return.")] = 10,
     retrievers: Annotated[str | None, typer.Option(help="Comma-separated retrievers (default: all).")] = None,
     fusion: Annotated[str, typer.Option(help="rrf or weighted.")] = "rrf",
+    exhaustive: Annotated[bool, typer.Option(help="ColBERT: exact MaxSim over every passage.")] = False,
+    ncells: Annotated[int, typer.Option(help="ColBERT/PLAID: centroids per query token (0: by k).")] = 0,
+    ndocs: Annotated[int, typer.Option(help="ColBERT/PLAID: candidates kept (0: by k).")] = 0,
+    threshold: Annotated[
+        float, typer.Option(help="ColBERT/PLAID: centroid score threshold (0: by k).")
+    ] = 0.0,
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Retrieve and fuse, without generation."""
     import ragfleet
 
+    options = {
+        "exhaustive": exhaustive,
+        "ncells": ncells,
+        "ndocs": ndocs,
+        "centroid_score_threshold": threshold,
+    }
     with _client(address, token) as client:
         try:
             found = client.search(
@@ -287,6 +322,7 @@ def search(
                 top_k=top_k,
                 fusion=fusion,
                 retrievers=_names(retrievers) if retrievers else None,
+                options=options,
             )
         except ragfleet.errors.RagfleetError as err:
             _fail(err)
@@ -300,12 +336,22 @@ def ask(
     top_k: Annotated[int, typer.Option(help="Passages to retrieve.")] = 5,
     retrievers: Annotated[str | None, typer.Option(help="Comma-separated retrievers (default: all).")] = None,
     rerank: Annotated[bool, typer.Option(help="Rerank when a reranker is configured.")] = False,
+    generate: Annotated[bool, typer.Option(help="Generate an answer when a generator is configured.")] = True,
+    max_tokens: Annotated[int | None, typer.Option(help="Most tokens to generate.")] = None,
+    temperature: Annotated[float, typer.Option(help="0 decodes greedily.")] = 0.0,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (0 < p <= 1).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Ask a question; prints the streamed events as they come."""
+    """Ask a question; prints the streamed events (passages, answer tokens, answer) as they come."""
     import ragfleet
 
+    params: dict[str, Any] = {"temperature": temperature, "stop": stop or []}
+    for key, value in (("max_tokens", max_tokens), ("top_p", top_p), ("seed", seed)):
+        if value is not None:
+            params[key] = value
     with _client(address, token) as client:
         try:
             for event in client.ask(
@@ -314,6 +360,8 @@ def ask(
                 top_k=top_k,
                 rerank=rerank,
                 retrievers=_names(retrievers) if retrievers else None,
+                generate=generate,
+                params=params,
             ):
                 _print_event(event)
         except ragfleet.errors.RagfleetError as err:
@@ -325,11 +373,12 @@ def _print_event(event: Any) -> None:
     if kind in ("retrieved", "reranked"):
         _print_results(getattr(event, kind).passages, kind)
     elif kind == "token":
-        console.print(event.token, end="")
+        # Raw text as it comes: no markup, highlighting or wrapping; the console flushes every write.
+        console.out(event.token, end="", highlight=False)
     elif kind == "answer":
         answer = event.answer
-        console.print(f"\n[bold]answer[/bold]: {answer.text}")
-        console.print("citations: " + ", ".join(c.passage_id for c in answer.citations))
+        console.print(f"\n[bold]answer[/bold]: {escape(answer.text)}")
+        console.print("citations: " + ", ".join(f"{c.passage_id} ({c.weight:.3f})" for c in answer.citations))
         console.print("timings: " + ", ".join(f"{t.stage} {t.millis:.1f} ms" for t in answer.timings))
 
 
@@ -372,17 +421,41 @@ def delete(
         console.print(f"{r.version.retriever}: deleted {r.deleted}, now version {r.version.version}")
 
 
+@app.command()
+def rebuild(
+    index: IndexOpt,
+    retrievers: Annotated[
+        str | None, typer.Option(help="Comma-separated retrievers (default: all that hold the index).")
+    ] = None,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Rebuild an index's approximate search structure (colbert: new centroids and codes)."""
+    import ragfleet
+
+    with _client(address, token, timeout=3600.0) as client:
+        try:
+            done = client.rebuild(index, retrievers=_names(retrievers) if retrievers else None)
+        except ragfleet.errors.RagfleetError as err:
+            _fail(err)
+    for r in done.retrievers:
+        console.print(f"{r.version.retriever}: version {r.version.version}")
+
+
 @eval_app.command("retrieval")
 def eval_retrieval(
     beir: Annotated[Path, typer.Option(help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")],
     split: Annotated[str, typer.Option(help="qrels split.")] = "test",
     retrievers: Annotated[
-        str, typer.Option(help="Comma-separated: dense, bm25, hybrid.")
+        str, typer.Option(help="Comma-separated: dense, bm25, colbert, hybrid (dense + bm25).")
     ] = "dense,bm25,hybrid",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the markdown table here.")] = None,
     index: Annotated[str | None, typer.Option(help="Index name (default: from the folder name).")] = None,
     vector_store: Annotated[str | None, typer.Option(help="faiss or chroma.")] = None,
+    colbert_model: Annotated[
+        str | None, typer.Option(help="ColBERT checkpoint path or id (e.g. from `ragfleet train colbert`).")
+    ] = None,
     chunk_tokens: Annotated[
         int | None, typer.Option(help="Chunk documents (default: whole documents).")
     ] = None,
@@ -399,6 +472,8 @@ def eval_retrieval(
         spec["chunking"]["chunk_tokens"] = chunk_tokens
     if vector_store:
         spec["vector_store"] = vector_store
+    if colbert_model:
+        spec["colbert_model"] = colbert_model
     with _client(address, token, timeout=3600.0) as client:
         try:
             results = run_retrieval_eval(
@@ -502,12 +577,140 @@ def eval_report(
     )
 
 
+@train_app.command("colbert")
+def train_colbert_command(
+    beir: Annotated[Path | None, typer.Option(help="BEIR folder: its split's queries and qrels.")] = None,
+    split: Annotated[str, typer.Option(help="qrels split of --beir.")] = "train",
+    corpus: Annotated[
+        Path | None, typer.Option(help="JSONL corpus without queries: trains on pseudo-queries.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: RAGFLEET_HOME/models/colbert-minilm).")
+    ] = None,
+    base: Annotated[str, typer.Option(help="Student: MiniLM or a ColBERT checkpoint.")] = "all-MiniLM-L6-v2",
+    teacher: Annotated[str, typer.Option(help="'dense' or 'cross-encoder:PATH'.")] = "dense",
+    steps: Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Queries per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the data order (and of pseudo-queries).")] = 0,
+    candidates: Annotated[int, typer.Option(help="Candidates per query the teacher scores.")] = 32,
+    max_queries: Annotated[int | None, typer.Option(help="Train on at most this many queries.")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
+    resume: Annotated[bool, typer.Option(help="Continue from the last one in OUT/checkpoints.")] = False,
+    device: Annotated[str, typer.Option(help="Device of the transformer (cpu, cuda).")] = "cpu",
+) -> None:
+    """Train the ColBERT projection by distillation from a teacher (transformer frozen)."""
+    import json
+
+    import ragfleet
+    from services.retriever.colbert.train import train_colbert
+    from services.runtime.errors import ServiceError
+
+    out = out or get_settings().home / "models" / "colbert-minilm"
+    try:
+        metrics = train_colbert(
+            out=out,
+            beir=beir,
+            split=split,
+            corpus=corpus,
+            base=base,
+            teacher=teacher,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            candidates=candidates,
+            max_queries=max_queries,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            device=device,
+        )
+    except (ValueError, FileNotFoundError, ServiceError, ragfleet.errors.RagfleetError) as err:
+        _fail(err)
+    print(json.dumps(metrics))
+    console.print(f"ColBERT checkpoint written to {out}")
+
+
+@train_app.command("retro")
+def train_retro_command(
+    index: Annotated[str, typer.Option(help="The Retro database: an index of ~64-token passages.")],
+    corpus: Annotated[
+        Path, typer.Option(help="Training documents (JSONL or BEIR folder); ingested into --index if new.")
+    ],
+    qa: Annotated[
+        Path | None, typer.Option(help="Question/answer set (QA JSONL or SQuAD) to train answering on.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: HOME/models/retro).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (a multiple of the chunk size).")] = 512,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
+    warmup: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
+    decay_fraction: Annotated[float, typer.Option(help="Last fraction of steps: rate decays.")] = 0.2,
+    eval_fraction: Annotated[float, typer.Option(help="Documents held out for perplexity.")] = 0.05,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
+    config: Annotated[
+        list[str] | None, typer.Option("--config", help="Model setting FIELD=VALUE, e.g. d_model=128.")
+    ] = None,
+    retrievers: Annotated[str, typer.Option(help="Retrievers that find neighbours (a,b).")] = "dense",
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer name or path.")] = "all-MiniLM-L6-v2",
+    resume: Annotated[bool, typer.Option(help="Continue from the last one in OUT/checkpoints.")] = False,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Train Retro with neighbours retrieved through the running fleet; reports held-out perplexity."""
+    import json
+
+    import ragfleet
+    from services.generator.retro.train import TrainProgress, TrainSettings, train_from_fleet
+
+    out = out or get_settings().home / "models" / "retro"
+    with _client(address, token, timeout=3600.0) as client, _progress() as bar:
+        task = bar.add_task("starting", total=None)
+
+        def show(p: TrainProgress) -> None:
+            loss = f" (loss {p.loss:.3f})" if p.loss is not None else ""
+            bar.update(task, completed=p.done, total=p.total, description=f"{p.stage}{loss}")
+
+        try:
+            settings = TrainSettings(
+                steps=steps,
+                batch_size=batch_size,
+                seq_len=seq_len,
+                lr=lr,
+                warmup=warmup,
+                decay_fraction=decay_fraction,
+                eval_fraction=eval_fraction,
+                checkpoint_every=checkpoint_every,
+                seed=seed,
+            )
+            record = train_from_fleet(
+                client,
+                index=index,
+                corpus=corpus,
+                out=out,
+                qa=qa,
+                retrievers=_names(retrievers),
+                config_overrides=config or [],
+                settings=settings,
+                tokenizer=tokenizer,
+                resume=resume,
+                progress=show,
+            )
+        except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError) as err:
+            _fail(err)
+    print(json.dumps({"out": str(out), "eval": record["eval"], "data": record["data"]}))
+    console.print(f"Retro model written to {out}")
+
+
 @app.command()
 def demo(
     keep: Annotated[bool, typer.Option(help="Leave the fleet running afterwards.")] = False,
     address: AddressOpt = None,
 ) -> None:
-    """Start the fleet, ingest the sample corpus, ask its questions, print the answers, stop."""
+    """Start the fleet, ingest the sample corpus, train (once) the demo's Retro model into RAGFLEET_HOME,
+    ask the demo questions, print the streamed answers and how many are right, stop."""
     from services.demo.run import run_demo
 
     started = address is None
@@ -515,7 +718,7 @@ def demo(
         up(address=None, num_cpus=None, wait=300.0)
     try:
         with _client(address, None, timeout=600.0) as client:
-            run_demo(client, console)
+            run_demo(client, console, home=get_settings().home)
     finally:
         if started and not keep:
             down(address=None)

@@ -13,6 +13,7 @@ matching) while sharing enough words with their document for BM25 and dense retr
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ARCHIPELAGO = "the Serrow Isles"
@@ -275,22 +276,61 @@ def demo_documents() -> list[dict]:
     return [document for island in _islands() for document in _documents(island)]
 
 
+# A question template gives, for one island: the topic of the document that answers, the question, the answer.
+_Template = Callable[[_Island], tuple[str, str, str]]
+
+DEMO_ISLANDS = (2, 5, 9, 13, 17, 22, 28, 33)
+_DEMO_TEMPLATES: tuple[_Template, ...] = (
+    lambda i: ("lighthouse", f"Who currently keeps the lighthouse guarding {i.name}?", i.keeper),
+    lambda i: ("history", f"In which year did people first settle on {i.name}?", f"{i.founded}"),
+    lambda i: ("overview", f"What is the chief town of {i.name}?", i.capital),
+    lambda i: ("economy", f"Which goods does {i.name} mostly ship abroad?", i.export),
+    lambda i: ("overview", f"How many people live in the capital of {i.name}?", f"{i.population:,}"),
+    lambda i: ("overview", f"How tall is the highest peak on {i.name}?", f"{i.height} metres"),
+    lambda i: ("history", f"Who led the first settlers to {i.name}?", i.founder),
+    lambda i: ("economy", f"On which weekday do farmers come to market on {i.name}?", i.market_day),
+)
+# Further questions about the other facts, asked only in training (`training_questions`).
+_MORE_TEMPLATES: tuple[_Template, ...] = (
+    lambda i: ("overview", f"Which part of {ARCHIPELAGO} is {i.name} in?", i.region),
+    lambda i: ("overview", f"How large is {i.name}?", f"{i.area} square kilometres"),
+    lambda i: ("overview", f"What is the name of the highest mountain on {i.name}?", i.mountain),
+    lambda i: ("economy", f"What do farmers sell at the market on {i.name}?", i.produce),
+    lambda i: ("history", f"Which festival do the people of {i.name} celebrate?", i.festival),
+    lambda i: ("history", f"In which month is the crossing to {i.name} remembered?", i.festival_month),
+    lambda i: ("history", f"What was the trade of the founder of {i.name}?", i.profession),
+    lambda i: ("history", f"From which island did the founder of {i.name} sail?", i.origin),
+    lambda i: ("lighthouse", f"On which cape does the lighthouse of {i.name} stand?", i.cape),
+    lambda i: ("lighthouse", f"When was the lighthouse of {i.name} built?", f"{i.lighthouse_built}"),
+    lambda i: ("lighthouse", f"What colour does the lighthouse of {i.name} flash?", i.colour),
+    lambda i: (
+        "lighthouse",
+        f"How many seconds pass between flashes on {i.name}?",
+        f"{i.flash_seconds} seconds",
+    ),
+)
+
+
+def _question(island: _Island, template: _Template) -> dict:
+    topic, question, answer = template(island)
+    return {"question": question, "answer": answer, "doc_id": f"{island.slug}-{topic}"}
+
+
 def demo_questions() -> list[dict]:
     """Questions with their expected answer and the id of the document that holds it."""
     islands = _islands()
-    a, b, c, d, e, f, g, h = (islands[i] for i in (2, 5, 9, 13, 17, 22, 28, 33))
-    # (island, topic of the document that answers, question, answer)
-    rows = [
-        (a, "lighthouse", f"Who currently keeps the lighthouse guarding {a.name}?", a.keeper),
-        (b, "history", f"In which year did people first settle on {b.name}?", f"{b.founded}"),
-        (c, "overview", f"What is the chief town of {c.name}?", c.capital),
-        (d, "economy", f"Which goods does {d.name} mostly ship abroad?", d.export),
-        (e, "overview", f"How many people live in the capital of {e.name}?", f"{e.population:,}"),
-        (f, "overview", f"How tall is the highest peak on {f.name}?", f"{f.height} metres"),
-        (g, "history", f"Who led the first settlers to {g.name}?", g.founder),
-        (h, "economy", f"On which weekday do farmers come to market on {h.name}?", h.market_day),
-    ]
     return [
-        {"question": question, "answer": answer, "doc_id": f"{island.slug}-{topic}"}
-        for island, topic, question, answer in rows
+        _question(islands[i], template) for i, template in zip(DEMO_ISLANDS, _DEMO_TEMPLATES, strict=True)
+    ]
+
+
+def training_questions() -> list[dict]:
+    """Questions like `demo_questions()` (its templates and more) about every island the demo does not
+    ask about, for training a generator without ever showing it the demo's own questions."""
+    islands = _islands()
+    return [
+        _question(island, template)
+        for n, island in enumerate(islands)
+        if n not in DEMO_ISLANDS
+        for template in _DEMO_TEMPLATES + _MORE_TEMPLATES
     ]

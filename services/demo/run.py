@@ -1,25 +1,41 @@
-"""The demo path: ingest the project's own sample corpus through the SDK, ask its questions, print.
+"""The demo path: ingest the project's own sample corpus through the SDK, train (or reuse) the demo's
+Retro model, ask its questions with generation, print the streamed answers and their citations.
 
-It reports how many questions found the document that holds the known answer (top-1 and top-5),
-so the demo shows measured retrieval quality, not just output.
+It reports how many questions found the document that holds the known answer (top-1 and top-5), and
+how many generated answers contain the expected answer (both SQuAD-normalised: lowercase, no
+punctuation or articles), so the demo shows measured retrieval and answer quality, not just output.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from services.demo.corpus import demo_documents, demo_questions
+from services.evaluator.metrics.qa import normalize_answer
 
 DEMO_INDEX = "demo"
 
 
-def run_demo(client: Any, console: Console, *, index: str = DEMO_INDEX, top_k: int = 5) -> dict[str, float]:
-    """Ingests the demo corpus into `index` (replacing it), asks every demo question; returns hit rates."""
+def contains_answer(generated: str, expected: str) -> bool:
+    """Whether the normalised expected answer appears, as whole words, in the normalised generated text."""
+    gold = normalize_answer(expected)
+    return bool(gold) and f" {gold} " in f" {normalize_answer(generated)} "
+
+
+def run_demo(
+    client: Any, console: Console, *, home: Path, index: str = DEMO_INDEX, top_k: int = 5
+) -> dict[str, float]:
+    """Ingests the demo corpus into `index` (replacing it), makes sure the demo's Retro checkpoint is at
+    `<home>/models/retro` (the generator's default; `home` is the fleet's RAGFLEET_HOME), asks every demo
+    question; returns the retrieval hit rates and the share of generated answers that are right."""
     import ragfleet
+    from services.demo.retro import MAX_ANSWER_TOKENS, ensure_demo_model
 
     documents = demo_documents()
     questions = demo_questions()
@@ -42,34 +58,67 @@ def run_demo(client: Any, console: Console, *, index: str = DEMO_INDEX, top_k: i
         f"ingested {report.documents} documents as {report.passages} passages into "
         + ", ".join(f"{r.version.retriever} (v{r.version.version})" for r in report.retrievers)
     )
+    ensure_demo_model(client, home, console, index=index)
 
-    top1 = top5 = 0
+    top1 = top5 = generated = correct = 0
     for q in questions:
         answer = None
         passages = []
-        for event in client.ask(q["question"], index=index, top_k=top_k):
+        console.print(f"\n[bold]Q: {escape(q['question'])}[/bold]  (expected: {escape(q['answer'])})")
+        streaming = False
+        for event in client.ask(
+            q["question"], index=index, top_k=top_k, params={"max_tokens": MAX_ANSWER_TOKENS}
+        ):
             kind = event.WhichOneof("event")
             if kind in ("retrieved", "reranked"):
                 passages = list(getattr(event, kind).passages)
+                console.print(_passage_table(passages, kind))
+            elif kind == "token":
+                if not streaming:
+                    console.print("[bold]answer[/bold]: ", end="")
+                    streaming = True
+                console.out(event.token, end="", highlight=False)
             elif kind == "answer":
                 answer = event.answer
-        table = Table(title=f"Q: {q['question']}  (expected: {q['answer']})", title_justify="left")
-        for column in ("rank", "score", "retriever", "citation", "passage"):
-            table.add_column(column, overflow="fold")
-        for p in passages:
-            text = p.passage.text if len(p.passage.text) <= 120 else p.passage.text[:117] + "..."
-            table.add_row(
-                str(p.rank), f"{p.score:.4f}", p.retriever, f"[{p.passage.title}] {p.passage.id}", text
-            )
-        console.print(table)
         if answer is not None:
-            console.print(f"[bold]answer[/bold]: {answer.text[:300]}")
+            if answer.retrieval_only:
+                console.print(f"[bold]answer[/bold]: {escape(answer.text[:300])}")
+            else:
+                generated += 1
+                right = contains_answer(answer.text, q["answer"])
+                correct += right
+                verdict = "[green]right[/green]" if right else "[red]wrong[/red]"
+                console.print(f"{'' if streaming else '[bold]answer[/bold]: (empty)'}  {verdict}")
+            console.print(
+                "citations: "
+                + ", ".join(f"{escape(c.passage_id)} ({c.weight:.3f})" for c in answer.citations[:top_k])
+            )
         doc_ids = [p.passage.doc_id for p in passages]
         top1 += bool(doc_ids[:1] == [q["doc_id"]])
         top5 += q["doc_id"] in doc_ids[:5]
     n = len(questions)
     console.print(
-        f"[bold]{top1}/{n}[/bold] questions have the answering document first, "
+        f"\n[bold]{top1}/{n}[/bold] questions have the answering document first, "
         f"[bold]{top5}/{n}[/bold] within the top {min(top_k, 5)} (fused dense + BM25)."
     )
-    return {"hit@1": top1 / n, "hit@5": top5 / n}
+    console.print(
+        f"[bold]{correct}/{n}[/bold] generated answers contain the expected answer "
+        f"({generated}/{n} questions were answered by the generator)."
+    )
+    return {"hit@1": top1 / n, "hit@5": top5 / n, "answers_right": correct / n}
+
+
+def _passage_table(passages: list[Any], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("rank", "score", "retriever", "citation", "passage"):
+        table.add_column(column, overflow="fold")
+    for p in passages:
+        text = p.passage.text if len(p.passage.text) <= 120 else p.passage.text[:117] + "..."
+        table.add_row(
+            str(p.rank),
+            f"{p.score:.4f}",
+            p.retriever,
+            escape(f"[{p.passage.title}] {p.passage.id}"),
+            escape(text),
+        )
+    return table

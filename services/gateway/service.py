@@ -1,7 +1,8 @@
 """Pipeline service (the gateway): what users talk to.
 
-Ingest chunks each document once and streams the passages to every chosen retriever, each on its own
-client-streaming call, so every retriever commits one new index version or none. Search fans out to
+Ingest chunks each document once and streams the passages to every chosen retriever (those the spec
+names, else `gateway.default_retrievers`, else all), each on its own client-streaming call, so every
+retriever commits one new index version or none. Search fans out to
 the chosen retrievers concurrently and fuses their lists; Ask adds reranking and generation when those
 services are configured, and otherwise answers plainly that it is retrieval-only. Other services are
 reached only through the generated `ragfleet` stubs.
@@ -30,36 +31,12 @@ from ragfleet.v1 import (
 )
 from services.gateway.chunking import ChunkSettings, chunk_document
 from services.gateway.fusion import fuse
-from services.runtime.context import RETRIEVER_KEY, CallContext
-from services.runtime.errors import ServiceError, invalid_argument
-from services.runtime.settings import Endpoint, Settings
+from services.runtime.context import CallContext
+from services.runtime.errors import ServiceError, failed_precondition, invalid_argument
+from services.runtime.remote import Remote, relay
+from services.runtime.settings import Settings
 
 T = TypeVar("T")
-
-
-class _Remote:
-    """A channel to one service plus the metadata its endpoint needs (the Serve application)."""
-
-    def __init__(self, endpoint: Endpoint, stub_cls: type, retriever: str | None = None) -> None:
-        self.endpoint = endpoint
-        self.retriever = retriever
-        self.stub = stub_cls(ragfleet.make_channel(endpoint.address, aio=True))
-
-    def metadata(self, ctx: CallContext) -> list[tuple[str, str]]:
-        md = ctx.outgoing_metadata()
-        if self.retriever:
-            md.append((RETRIEVER_KEY, self.retriever))
-        if self.endpoint.application:
-            md.append(("application", self.endpoint.application))
-        return md
-
-
-def _relay(err: grpc.aio.AioRpcError, who: str) -> ServiceError:
-    """A downstream failure keeps its status code; the message says which service answered."""
-    code = err.code()
-    if code == grpc.StatusCode.UNKNOWN:
-        code = grpc.StatusCode.INTERNAL
-    return ServiceError(code, f"{who}: {err.details()}")
 
 
 def _ms(start: float) -> float:
@@ -70,9 +47,9 @@ def _ms(start: float) -> float:
 class _Remotes:
     """The services the gateway calls, connected once."""
 
-    retrievers: dict[str, _Remote]
-    reranker: _Remote | None
-    generator: _Remote | None
+    retrievers: dict[str, Remote]
+    reranker: Remote | None
+    generator: Remote | None
 
 
 class PipelineService:
@@ -87,24 +64,22 @@ class PipelineService:
             gateway = self.settings.gateway
             self._connected = _Remotes(
                 retrievers={
-                    name: _Remote(ep, retriever_pb2_grpc.RetrieverStub, retriever=name)
+                    name: Remote(ep, retriever_pb2_grpc.RetrieverStub, retriever=name)
                     for name, ep in gateway.retrievers.items()
                 },
-                reranker=_Remote(gateway.reranker, reranker_pb2_grpc.RerankerStub)
+                reranker=Remote(gateway.reranker, reranker_pb2_grpc.RerankerStub)
                 if gateway.reranker
                 else None,
                 generator=(
-                    _Remote(gateway.generator, generator_pb2_grpc.GeneratorStub)
-                    if gateway.generator
-                    else None
+                    Remote(gateway.generator, generator_pb2_grpc.GeneratorStub) if gateway.generator else None
                 ),
             )
         return self._connected
 
-    def _retrievers(self) -> dict[str, _Remote]:
+    def _retrievers(self) -> dict[str, Remote]:
         return self._remotes().retrievers
 
-    def _choose(self, names: Any, field: str) -> dict[str, _Remote]:
+    def _choose(self, names: Any, field: str) -> dict[str, Remote]:
         remotes = self._retrievers()
         if not names:
             return remotes
@@ -112,6 +87,19 @@ class PipelineService:
         if unknown:
             raise invalid_argument(field, f"unknown retriever {unknown[0]!r}; configured: {sorted(remotes)}")
         return {n: remotes[n] for n in dict.fromkeys(names)}
+
+    def _ingest_targets(self, names: Any) -> dict[str, Remote]:
+        """The retrievers an ingest goes to: those its spec names, else the configured default ones."""
+        defaults = self.settings.gateway.default_retrievers
+        if names or not defaults:
+            return self._choose(names, "spec.retrievers")
+        remotes = self._retrievers()
+        unknown = [n for n in defaults if n not in remotes]
+        if unknown:
+            raise failed_precondition(
+                f"gateway.default_retrievers names {unknown[0]!r}, which is not configured: {sorted(remotes)}"
+            )
+        return {n: remotes[n] for n in dict.fromkeys(defaults)}
 
     def _timeout(self, ctx: CallContext) -> float:
         return ctx.timeout(self.settings.gateway.default_timeout)
@@ -142,7 +130,7 @@ class PipelineService:
         return min(max(candidates or 100, top_k), self.limits.max_top_k)
 
     async def _fan_out(
-        self, remotes: dict[str, _Remote], call: Callable[[str, _Remote], Awaitable[T]]
+        self, remotes: dict[str, Remote], call: Callable[[str, Remote], Awaitable[T]]
     ) -> dict[str, T]:
         """Calls every remote at once. NOT_FOUND from some is fine while another has the index."""
         names = list(remotes)
@@ -151,7 +139,7 @@ class PipelineService:
         missing: list[ServiceError] = []
         for name, outcome in zip(names, outcomes):
             if isinstance(outcome, grpc.aio.AioRpcError):
-                outcome = _relay(outcome, f"retriever {name}")
+                outcome = relay(outcome, f"retriever {name}")
             if isinstance(outcome, ServiceError) and outcome.code == grpc.StatusCode.NOT_FOUND:
                 missing.append(outcome)
             elif isinstance(outcome, BaseException):
@@ -174,7 +162,7 @@ class PipelineService:
             raise invalid_argument("documents", "the ingest stream was empty")
         self._check_index(first.index)
         chunking = ChunkSettings.from_spec(first.spec.chunking, self.settings.gateway)
-        remotes = self._choose(first.spec.retrievers, "spec.retrievers")
+        remotes = self._ingest_targets(first.spec.retrievers)
 
         queues = {name: asyncio.Queue(maxsize=4) for name in remotes}
 
@@ -276,7 +264,7 @@ class PipelineService:
         depth = self._candidates(request.top_k, request.candidates, len(remotes))
         start = time.perf_counter()
 
-        async def search(name: str, remote: _Remote) -> retriever_pb2.SearchResponse:
+        async def search(name: str, remote: Remote) -> retriever_pb2.SearchResponse:
             return await remote.stub.Search(
                 retriever_pb2.SearchRequest(
                     query=request.query,
@@ -284,6 +272,7 @@ class PipelineService:
                     top_k=depth,
                     filters=request.filters,
                     with_continuation=request.with_continuation,
+                    options=request.options,
                 ),
                 metadata=remote.metadata(ctx),
                 timeout=self._timeout(ctx),
@@ -314,10 +303,14 @@ class PipelineService:
         remotes = self._choose(request.retrievers, "retrievers")
         depth = self._candidates(request.top_k, request.candidates, len(remotes))
 
-        async def search(name: str, remote: _Remote) -> retriever_pb2.SearchBatchResponse:
+        async def search(name: str, remote: Remote) -> retriever_pb2.SearchBatchResponse:
             return await remote.stub.SearchBatch(
                 retriever_pb2.SearchBatchRequest(
-                    queries=request.queries, index=request.index, top_k=depth, filters=request.filters
+                    queries=request.queries,
+                    index=request.index,
+                    top_k=depth,
+                    filters=request.filters,
+                    options=request.options,
                 ),
                 metadata=remote.metadata(ctx),
                 timeout=self._timeout(ctx),
@@ -361,6 +354,8 @@ class PipelineService:
                 retrievers=request.retrievers,
                 fusion=request.fusion,
                 filters=request.filters,
+                # Retro's neighbours are a passage followed by its continuation.
+                with_continuation=request.generate,
             ),
             ctx,
         )
@@ -383,7 +378,7 @@ class PipelineService:
                     timeout=self._timeout(ctx),
                 )
             except grpc.aio.AioRpcError as err:
-                raise _relay(err, "reranker") from err
+                raise relay(err, "reranker") from err
             passages = list(reranked.results)
             model_ids.append(reranked.model_id)
             timings.append(common_pb2.Timing(stage="rerank", millis=_ms(stage)))
@@ -401,7 +396,7 @@ class PipelineService:
 
     async def _generate(
         self,
-        generator: _Remote,
+        generator: Remote,
         request: pipeline_pb2.AskRequest,
         passages: list[common_pb2.ScoredPassage],
         found: pipeline_pb2.PipelineSearchResponse,
@@ -435,7 +430,7 @@ class PipelineService:
                 )
                 return
         except grpc.aio.AioRpcError as err:
-            raise _relay(err, "generator") from err
+            raise relay(err, "generator") from err
         raise ServiceError(grpc.StatusCode.UNAVAILABLE, "generator: the stream ended without an answer")
 
     # --- Index management -------------------------------------------------------------------------
@@ -447,7 +442,7 @@ class PipelineService:
         if not (request.ids or request.doc_ids or request.drop_index):
             raise invalid_argument("ids", "give ids, doc_ids or drop_index")
 
-        async def delete(name: str, remote: _Remote) -> retriever_pb2.DeleteResponse:
+        async def delete(name: str, remote: Remote) -> retriever_pb2.DeleteResponse:
             return await remote.stub.Delete(
                 request, metadata=remote.metadata(ctx), timeout=self._timeout(ctx)
             )
@@ -455,12 +450,28 @@ class PipelineService:
         done = await self._fan_out(self._retrievers(), delete)
         return pipeline_pb2.PipelineDeleteResponse(retrievers=list(done.values()))
 
+    async def Rebuild(
+        self, request: pipeline_pb2.PipelineRebuildRequest, ctx: CallContext
+    ) -> pipeline_pb2.PipelineRebuildResponse:
+        self._check_index(request.index)
+        remotes = self._choose(request.retrievers, "retrievers")
+
+        async def rebuild(name: str, remote: Remote) -> retriever_pb2.RebuildResponse:
+            return await remote.stub.Rebuild(
+                retriever_pb2.RebuildRequest(index=request.index),
+                metadata=remote.metadata(ctx),
+                timeout=self._timeout(ctx),
+            )
+
+        done = await self._fan_out(remotes, rebuild)
+        return pipeline_pb2.PipelineRebuildResponse(retrievers=list(done.values()))
+
     async def DescribeIndex(
         self, request: retriever_pb2.DescribeIndexRequest, ctx: CallContext
     ) -> pipeline_pb2.PipelineIndexDescription:
         self._check_index(request.index)
 
-        async def describe(name: str, remote: _Remote) -> retriever_pb2.IndexDescription:
+        async def describe(name: str, remote: Remote) -> retriever_pb2.IndexDescription:
             return await remote.stub.DescribeIndex(
                 request, metadata=remote.metadata(ctx), timeout=self._timeout(ctx)
             )
@@ -471,7 +482,7 @@ class PipelineService:
     async def ListIndexes(
         self, request: retriever_pb2.ListIndexesRequest, ctx: CallContext
     ) -> pipeline_pb2.PipelineListIndexesResponse:
-        async def list_indexes(name: str, remote: _Remote) -> retriever_pb2.ListIndexesResponse:
+        async def list_indexes(name: str, remote: Remote) -> retriever_pb2.ListIndexesResponse:
             return await remote.stub.ListIndexes(
                 request, metadata=remote.metadata(ctx), timeout=self._timeout(ctx)
             )
@@ -489,7 +500,7 @@ class PipelineService:
     ) -> pipeline_pb2.DescribeResponse:
         remotes = self._retrievers()
 
-        async def probe(name: str, remote: _Remote) -> pipeline_pb2.ServiceEndpoint:
+        async def probe(name: str, remote: Remote) -> pipeline_pb2.ServiceEndpoint:
             endpoint = pipeline_pb2.ServiceEndpoint(name=f"retriever {name}", address=remote.endpoint.address)
             try:
                 await remote.stub.ListIndexes(
@@ -519,7 +530,7 @@ async def _put(queue: asyncio.Queue, message: Any, call: grpc.aio.StreamUnaryCal
             try:
                 await call
             except grpc.aio.AioRpcError as err:
-                raise _relay(err, f"retriever {name}") from err
+                raise relay(err, f"retriever {name}") from err
             raise ServiceError(grpc.StatusCode.INTERNAL, f"retriever {name} ended the ingest early")
         try:
             await asyncio.wait_for(queue.put(message), timeout=0.5)

@@ -8,6 +8,10 @@ nothing of passage ids, versions or metadata.
 
 Backends are imported lazily (`backend_class`), so a bm25-only process never imports torch, and a
 backend never imports another backend.
+
+Search options (`SearchOptions`) tune approximate backends. A backend names the options it uses in
+`SEARCH_OPTIONS`; the service rejects any other option that is set, so backends never see one they
+ignore.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from services.retriever.passages import Passage
 from services.runtime.settings import Settings
@@ -25,13 +30,31 @@ from services.runtime.settings import Settings
 BACKENDS: dict[str, str] = {
     "dense": "services.retriever.dense:DenseBackend",
     "bm25": "services.retriever.bm25:BM25Backend",
+    "colbert": "services.retriever.colbert.backend:ColbertBackend",
 }
 
 Hits = list[tuple[int, float]]
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    """SearchOptions of retriever.proto; zero values mean the backend's default for the top_k."""
+
+    exhaustive: bool = False
+    ncells: int = 0
+    centroid_score_threshold: float = 0.0
+    ndocs: int = 0
+
+    def set_fields(self) -> list[str]:
+        """Names of the options that differ from their defaults."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != f.default]
+
+
 class Backend(ABC):
     """One backend index at one version."""
+
+    # The SearchOptions fields this backend uses.
+    SEARCH_OPTIONS: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     @abstractmethod
@@ -67,8 +90,22 @@ class Backend(ABC):
     def remove(self, rowids: Sequence[int]) -> None: ...
 
     @abstractmethod
-    def search(self, queries: Sequence[str], k: int, allowed_rowids: set[int] | None = None) -> list[Hits]:
-        """Top-k (rowid, score) per query, best first; only rowids in `allowed_rowids` when given."""
+    def search(
+        self,
+        queries: Sequence[str],
+        k: int,
+        allowed_rowids: set[int] | None = None,
+        options: SearchOptions | None = None,
+    ) -> list[Hits]:
+        """Top-k (rowid, score) per query, best first; only rowids in `allowed_rowids` when given.
+
+        `options` sets only fields named in SEARCH_OPTIONS (the service checks that).
+        """
+
+    def rebuild(self) -> bool:
+        """Rebuilds the search structure from the vectors the index holds, as a fresh build would make
+        it; returns False when that would change nothing, as for exact backends (this default)."""
+        return False
 
     @abstractmethod
     def save(self, version_dir: Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import bm25s
 import numpy as np
 import Stemmer
 
-from services.retriever.backend import Backend, Hits, passage_text
+from services.retriever.backend import Backend, Hits, SearchOptions, passage_text
 from services.retriever.passages import Passage
 from services.runtime.settings import Settings
 
@@ -46,7 +46,8 @@ class BM25Backend(Backend):
     @classmethod
     def resolve_spec(cls, spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
         # One IndexSpec serves every retriever of an index: its dense-only fields (vector_store,
-        # faiss_index, model) are not for bm25 and are ignored here.
+        # faiss_index, model) and colbert-only ones (colbert_model, nbits, doc_maxlen) are not for
+        # bm25 and are ignored here.
         return {
             "k1": K1,
             "b": B,
@@ -117,7 +118,13 @@ class BM25Backend(Backend):
         bm25.index((corpus, vocab), create_empty_token=False, show_progress=False)
         self._bm25 = bm25
 
-    def search(self, queries: Sequence[str], k: int, allowed_rowids: set[int] | None = None) -> list[Hits]:
+    def search(
+        self,
+        queries: Sequence[str],
+        k: int,
+        allowed_rowids: set[int] | None = None,
+        options: SearchOptions | None = None,
+    ) -> list[Hits]:
         if self._bm25 is None:
             return [[] for _ in queries]
         mask = None

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from services.retriever.backend import Backend, Hits, passage_text
+from services.retriever.backend import Backend, Hits, SearchOptions, passage_text
 from services.retriever.passages import Passage
 from services.runtime.errors import failed_precondition, invalid_argument
 from services.runtime.models import load_sentence_transformer, model_id
@@ -298,6 +298,8 @@ class DenseBackend(Backend):
 
     @classmethod
     def resolve_spec(cls, spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+        # The colbert-only fields of the shared IndexSpec (colbert_model, nbits, doc_maxlen) are not
+        # read here, so they are ignored.
         store = spec.get("vector_store") or settings.retriever.vector_store
         if store not in VECTOR_STORES:
             raise invalid_argument("spec.vector_store", f"{store!r} is not one of {', '.join(VECTOR_STORES)}")
@@ -344,7 +346,13 @@ class DenseBackend(Backend):
         if rowids:
             self.store.remove(np.asarray(list(rowids), dtype=np.int64))
 
-    def search(self, queries: Sequence[str], k: int, allowed_rowids: set[int] | None = None) -> list[Hits]:
+    def search(
+        self,
+        queries: Sequence[str],
+        k: int,
+        allowed_rowids: set[int] | None = None,
+        options: SearchOptions | None = None,
+    ) -> list[Hits]:
         return self.store.search(self.encode(queries), k, allowed_rowids)
 
     def save(self, version_dir: Path) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 Layout: `<home>/indexes/<tenant>/<index>/<backend>/` holds `manifest.json`, `passages.sqlite3`
 (the passage store) and one folder per version (`v000003/`) with the backend's files.
 
-Versions and recovery. Every change (an Ingest stream, a Delete) is one transaction that moves the
-index from version V to V+1:
+Versions and recovery. Every change (an Ingest stream, a Delete, a Rebuild that changes something) is
+one transaction that moves the index from version V to V+1:
 1. the passage store stages the new rows and the deletions under version V+1 (readers at V do not
    see them);
 2. a fresh backend instance is opened from the V folder (copy-on-write), changed, and saved into
@@ -19,12 +19,16 @@ version, so they never see a half-applied change; writers of one index are seria
 
 Backend choice. The retriever.proto requests do not name a backend. A service serving one backend
 uses it; one serving several reads the `x-ragfleet-retriever` call metadata.
+
+Search options. Set SearchOptions fields must be ones the backend uses (`Backend.SEARCH_OPTIONS`);
+others are INVALID_ARGUMENT naming `options.<field>`, as are negative counts and a non-finite threshold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import shutil
 import time
@@ -34,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ragfleet.v1 import common_pb2, retriever_pb2
-from services.retriever.backend import BACKENDS, Backend, backend_class
+from services.retriever.backend import BACKENDS, Backend, SearchOptions, backend_class
 from services.retriever.passages import Passage, PassageStore
 from services.runtime.context import RETRIEVER_KEY, CallContext
 from services.runtime.errors import (
@@ -91,7 +95,14 @@ def _timing(stage: str, start: float) -> common_pb2.Timing:
 
 
 def _spec_dict(spec: common_pb2.IndexSpec) -> dict[str, Any]:
-    return {"vector_store": spec.vector_store, "faiss_index": spec.faiss_index, "model": spec.model}
+    return {
+        "vector_store": spec.vector_store,
+        "faiss_index": spec.faiss_index,
+        "model": spec.model,
+        "colbert_model": spec.colbert_model,
+        "nbits": spec.nbits,
+        "doc_maxlen": spec.doc_maxlen,
+    }
 
 
 def _passage_pb(p: Passage) -> common_pb2.Passage:
@@ -149,6 +160,34 @@ class RetrieverService:
             raise invalid_argument("top_k", f"must be between 1 and {self.limits.max_top_k}, got {top_k}")
         return top_k
 
+    @staticmethod
+    def _options(backend_name: str, proto: common_pb2.SearchOptions) -> SearchOptions | None:
+        """The request's search options, checked against what the backend uses; None when none is set."""
+        options = SearchOptions(
+            exhaustive=proto.exhaustive,
+            ncells=proto.ncells,
+            centroid_score_threshold=proto.centroid_score_threshold,
+            ndocs=proto.ndocs,
+        )
+        for name in ("ncells", "ndocs"):
+            if getattr(options, name) < 0:
+                raise invalid_argument(
+                    f"options.{name}", f"must not be negative, got {getattr(options, name)}"
+                )
+        if not math.isfinite(options.centroid_score_threshold):
+            raise invalid_argument("options.centroid_score_threshold", "must be a finite number")
+        set_fields = options.set_fields()
+        usable = backend_class(backend_name).SEARCH_OPTIONS
+        for name in set_fields:
+            if name not in usable:
+                raise invalid_argument(
+                    f"options.{name}", f"not used by the {backend_name} retriever (applies to colbert only)"
+                )
+        if options.exhaustive and len(set_fields) > 1:
+            tuned = next(name for name in set_fields if name != "exhaustive")
+            raise invalid_argument(f"options.{tuned}", "tunes the approximate search that exhaustive skips")
+        return options if set_fields else None
+
     def _passage(self, i: int, p: common_pb2.Passage) -> Passage:
         name = f"passages[{i}]"
         if not p.id:
@@ -205,9 +244,19 @@ class RetrieverService:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _commit(
-        self, handle: IndexHandle, spec: dict[str, Any], add: list[Passage], delete: list[int]
+        self,
+        handle: IndexHandle,
+        spec: dict[str, Any],
+        add: list[Passage],
+        delete: list[int],
+        *,
+        rebuild: bool = False,
     ) -> None:
-        """Moves the index to its next version (see the module docstring); runs in a worker thread."""
+        """Moves the index to its next version (see the module docstring); runs in a worker thread.
+
+        With `rebuild`, the backend rebuilds its search structure first, and when that changes nothing
+        (`Backend.rebuild` is False) nothing is committed.
+        """
         old = handle.snapshot
         version = old.manifest.version if old else 0
         new_version = version + 1
@@ -222,6 +271,8 @@ class RetrieverService:
         try:
             shutil.rmtree(new_dir, ignore_errors=True)
             backend = backend_class(handle.backend_name).open(directory, spec, self.settings, old_dir)
+            if rebuild and not backend.rebuild():
+                return
             rows = handle.store.stage(new_version, add, delete)
             backend.remove(delete)
             backend.add(rows)
@@ -319,10 +370,11 @@ class RetrieverService:
         index = self._name("index", request.index)
         query = self._query("query", request.query)
         top_k = self._top_k(request.top_k)
+        options = self._options(backend_name, request.options)
         handle = await self._handle(ctx, index, backend_name)
         start = time.perf_counter()
         snapshot, results = await asyncio.to_thread(
-            self._search, handle, [query], top_k, request.filters, request.with_continuation
+            self._search, handle, [query], top_k, request.filters, request.with_continuation, options
         )
         return retriever_pb2.SearchResponse(
             results=results[0], version=self._version(handle, snapshot), timings=[_timing("search", start)]
@@ -339,10 +391,11 @@ class RetrieverService:
             raise invalid_argument("queries", f"more than {self.limits.max_batch_queries} queries")
         queries = [self._query(f"queries[{i}]", q) for i, q in enumerate(request.queries)]
         top_k = self._top_k(request.top_k)
+        options = self._options(backend_name, request.options)
         handle = await self._handle(ctx, index, backend_name)
         start = time.perf_counter()
         snapshot, results = await asyncio.to_thread(
-            self._search, handle, queries, top_k, request.filters, request.with_continuation
+            self._search, handle, queries, top_k, request.filters, request.with_continuation, options
         )
         version = self._version(handle, snapshot)
         timing = _timing("search", start)
@@ -369,6 +422,7 @@ class RetrieverService:
         top_k: int,
         filters: Mapping[str, str],
         with_continuation: bool,
+        options: SearchOptions | None,
     ) -> tuple[Snapshot, list[list[common_pb2.ScoredPassage]]]:
         snapshot = handle.snapshot
         assert snapshot is not None and handle.store is not None
@@ -376,7 +430,7 @@ class RetrieverService:
         if handle.store.count(version) == 0:
             raise failed_precondition(f"index {handle.index!r} is empty")
         allowed = handle.store.rowids_matching(version, filters) if filters else None
-        hits = snapshot.backend.search(queries, top_k, allowed)
+        hits = snapshot.backend.search(queries, top_k, allowed, options)
         passages = handle.store.by_rowids(version, sorted({r for h in hits for r, _ in h}))
         results = []
         for query_hits in hits:
@@ -425,6 +479,21 @@ class RetrieverService:
                 )
             return retriever_pb2.DeleteResponse(deleted=len(rowids), version=handle.version())
 
+    async def Rebuild(
+        self, request: retriever_pb2.RebuildRequest, ctx: CallContext
+    ) -> retriever_pb2.RebuildResponse:
+        backend_name = self._backend(ctx)
+        index = self._name("index", request.index)
+        handle = await self._handle(ctx, index, backend_name)
+        start = time.perf_counter()
+        async with handle.lock:
+            if handle.snapshot is None:  # dropped while this call waited for the lock
+                raise not_found(f"index {index!r} does not exist for retriever {backend_name!r}")
+            await asyncio.to_thread(self._commit, handle, handle.snapshot.manifest.spec, [], [], rebuild=True)
+            return retriever_pb2.RebuildResponse(
+                version=handle.version(), timings=[_timing("rebuild", start)]
+            )
+
     def _drop(self, handle: IndexHandle) -> None:
         assert handle.snapshot is not None and handle.store is not None
         handle.snapshot.backend.collect_garbage(None)
@@ -460,6 +529,9 @@ class RetrieverService:
                 faiss_index=spec.get("faiss_index", ""),
                 model=spec.get("model", ""),
                 retrievers=[handle.backend_name],
+                colbert_model=spec.get("colbert_model", ""),
+                nbits=spec.get("nbits", 0),
+                doc_maxlen=spec.get("doc_maxlen", 0),
             ),
             dimension=snapshot.backend.dimension,
             bytes_on_disk=size,

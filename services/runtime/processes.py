@@ -116,7 +116,8 @@ def start_local_fleet(
     **env_overrides: str,
 ) -> LocalFleet:
     """Starts the named services at once and waits until each is healthy; `env_overrides` are extra
-    environment variables (settings) for all of them."""
+    environment variables (settings) for all of them. The gateway finds the retrievers and the generator,
+    and the generator the dense retriever, on their loopback ports."""
     fleet = LocalFleet(home=home)
     ports = {name: free_port() for name in names}
     retrievers = {
@@ -128,6 +129,12 @@ def start_local_fleet(
     if "pipeline" in ports:
         pipeline = json.dumps({"address": f"127.0.0.1:{ports['pipeline']}"})
         env.setdefault("RAGFLEET_EVALUATOR__PIPELINE", pipeline)
+    if "generator" in ports:
+        generator = json.dumps({"address": f"127.0.0.1:{ports['generator']}"})
+        env.setdefault("RAGFLEET_GATEWAY__GENERATOR", generator)
+        if "retriever-dense" in ports:
+            dense = json.dumps({"address": f"127.0.0.1:{ports['retriever-dense']}"})
+            env.setdefault("RAGFLEET_GENERATOR__RETRIEVER", dense)
     for name in names:
         fleet.services[name] = Service(name, ports[name], env)
         fleet.services[name].start()

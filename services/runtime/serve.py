@@ -27,8 +27,11 @@ from services.runtime.settings import Endpoint, Settings
 
 log = logging.getLogger("ragfleet.serve")
 
-# The applications `ragfleet up` deploys, in start order (retrievers before the gateway).
-FLEET = ("retriever-dense", "retriever-bm25", "pipeline", "evaluator")
+# The applications `ragfleet up` deploys, in start order (retrievers and generator before the gateway).
+FLEET = ("retriever-dense", "retriever-bm25", "retriever-colbert", "generator", "pipeline", "evaluator")
+# Where an ingest that names no retrievers goes in the fleet: colbert (the slowest to encode) is
+# deployed but indexes only what is sent to it by name (`--retrievers colbert`).
+DEFAULT_INGEST_RETRIEVERS = ["dense", "bm25"]
 
 
 def _method(method: RpcMethod) -> Any:
@@ -79,8 +82,8 @@ def deployment_class(spec: ServiceSpec) -> type:
 
 
 def fleet_settings(settings: Settings) -> Settings:
-    """Settings as the deployments see them: an absolute home, and the gateway reaching the
-    retrievers through Serve's gRPC proxy."""
+    """Settings as the deployments see them: an absolute home, the gateway reaching the retrievers
+    and the generator, and the generator reaching the dense retriever, through Serve's gRPC proxy."""
     proxy = f"127.0.0.1:{settings.ray.grpc_port}"
     gateway = settings.gateway.model_copy(
         update={
@@ -88,14 +91,24 @@ def fleet_settings(settings: Settings) -> Settings:
                 name.removeprefix("retriever-"): Endpoint(address=proxy, application=name)
                 for name in FLEET
                 if name.startswith("retriever-")
-            }
+            },
+            "generator": Endpoint(address=proxy, application="generator"),
+            "default_retrievers": settings.gateway.default_retrievers or DEFAULT_INGEST_RETRIEVERS,
         }
+    )
+    generator = settings.generator.model_copy(
+        update={"retriever": Endpoint(address=proxy, application="retriever-dense")}
     )
     evaluator = settings.evaluator.model_copy(
         update={"pipeline": Endpoint(address=proxy, application="pipeline")}
     )
     return settings.model_copy(
-        update={"home": settings.home.resolve(), "gateway": gateway, "evaluator": evaluator}
+        update={
+            "home": settings.home.resolve(),
+            "gateway": gateway,
+            "generator": generator,
+            "evaluator": evaluator,
+        }
     )
 
 
@@ -148,6 +161,14 @@ def retriever_dense_app(args: dict[str, str] | None = None) -> serve.Application
 
 def retriever_bm25_app(args: dict[str, str] | None = None) -> serve.Application:
     return _app("retriever-bm25")
+
+
+def retriever_colbert_app(args: dict[str, str] | None = None) -> serve.Application:
+    return _app("retriever-colbert")
+
+
+def generator_app(args: dict[str, str] | None = None) -> serve.Application:
+    return _app("generator")
 
 
 def evaluator_app(args: dict[str, str] | None = None) -> serve.Application:

@@ -24,6 +24,7 @@ DEFAULT_PORTS: dict[str, int] = {
     "pipeline": 50051,
     "retriever-dense": 50061,
     "retriever-bm25": 50062,
+    "retriever-colbert": 50063,
     "reranker": 50071,
     "generator": 50081,
     "evaluator": 50091,
@@ -69,6 +70,12 @@ class RetrieverSettings(BaseModel):
     device: str = "cpu"
     batch_size: int = 64
     bm25_stopwords: str = "en"
+    # ColBERT checkpoint of new colbert indexes: "all-MiniLM-L6-v2" (MiniLM with an untrained
+    # projection, a baseline), or the folder `ragfleet train colbert` writes / any HF ColBERT checkpoint.
+    colbert_model: str = "all-MiniLM-L6-v2"
+    # Bits per residual dimension (1, 2 or 4) and document length in tokens of new colbert indexes.
+    colbert_nbits: int = 2
+    colbert_doc_maxlen: int = 220
 
 
 class GatewaySettings(BaseModel):
@@ -78,6 +85,8 @@ class GatewaySettings(BaseModel):
             "bm25": Endpoint(address=f"127.0.0.1:{DEFAULT_PORTS['retriever-bm25']}"),
         }
     )
+    # Retrievers an ingest goes to when its spec names none; None means every configured retriever.
+    default_retrievers: list[str] | None = None
     reranker: Endpoint | None = None
     generator: Endpoint | None = None
     chunk_tokens: int = 200
@@ -88,6 +97,20 @@ class GatewaySettings(BaseModel):
     default_timeout: float = 60.0
     # Documents per Ingest message sent on to each retriever.
     ingest_batch: int = 256
+
+
+class GeneratorSettings(BaseModel):
+    # Retro checkpoint folder; None means <home>/models/retro (what `ragfleet train retro` writes).
+    model: str | None = None
+    # Tokenizer the checkpoint was trained with: "all-MiniLM-L6-v2", a local path or a hub id.
+    tokenizer: str = "all-MiniLM-L6-v2"
+    # The Retriever that fresh neighbours come from as each generated chunk completes.
+    retriever: Endpoint = Endpoint(address=f"127.0.0.1:{DEFAULT_PORTS['retriever-dense']}")
+    # Named in the call metadata when that Retriever process serves several backends.
+    retriever_backend: str = "dense"
+    device: str = "cpu"
+    max_tokens_limit: int = 512
+    default_max_tokens: int = 64
 
 
 class EvaluatorSettings(BaseModel):
@@ -124,6 +147,7 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     retriever: RetrieverSettings = RetrieverSettings()
     gateway: GatewaySettings = GatewaySettings()
+    generator: GeneratorSettings = GeneratorSettings()
     evaluator: EvaluatorSettings = EvaluatorSettings()
     auth: AuthSettings = AuthSettings()
     tls: TlsSettings = TlsSettings()

@@ -1,6 +1,7 @@
 """The demo path end to end: `ragfleet demo` starts the fleet on an embedded Ray (Serve's gRPC proxy),
-ingests the sample corpus, asks its questions through the SDK and prints ranked, cited passages.
-With --keep the fleet stays up, so the same Serve deployment is then checked for the error model."""
+ingests the sample corpus, trains the demo's Retro model, asks its questions through the SDK and prints
+ranked passages, streamed answers with citations, and how many answers are right. With --keep the fleet
+stays up, so the same Serve deployment is then checked for generation and the error model."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from services.runtime.processes import RAGFLEET, free_port
 pytestmark = pytest.mark.e2e
 
 
+# The demo trains its Retro model (a few minutes on two cores) between starting Ray and asking.
+@pytest.mark.timeout(2400)
 def test_demo_runs_through_ray_serve(tmp_path: Path) -> None:
     grpc_port = free_port()
     env = dict(os.environ)
@@ -31,7 +34,7 @@ def test_demo_runs_through_ray_serve(tmp_path: Path) -> None:
     )
     try:
         run = subprocess.run(
-            [RAGFLEET, "demo", "--keep"], env=env, capture_output=True, text=True, timeout=900
+            [RAGFLEET, "demo", "--keep"], env=env, capture_output=True, text=True, timeout=1800
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         out = run.stdout
@@ -40,12 +43,30 @@ def test_demo_runs_through_ray_serve(tmp_path: Path) -> None:
         top1, total, top5 = map(int, summary.groups())
         assert total == len(demo_questions())
         assert top5 >= total - 1 and top1 >= total // 2, out[-3000:]
-        assert "fused" in out and "Retrieval only" in out
+        assert "fused" in out and "Retrieval only" not in out
+        answers = re.search(
+            r"(\d+)/(\d+) generated answers contain the expected answer \((\d+)/\d+ questions were answered",
+            out,
+        )
+        assert answers, out[-3000:]
+        right, asked, generated = map(int, answers.groups())
+        assert asked == total and generated == total and 0 <= right <= total
+        assert out.count("citations: ") == total
 
         with ragfleet.Client(f"127.0.0.1:{grpc_port}", application="pipeline", timeout=60) as client:
             q = demo_questions()[0]
             found = client.search(q["question"], index="demo", top_k=3)
             assert q["doc_id"] in [r.passage.doc_id for r in found.results]
+            events = list(client.ask(q["question"], index="demo", top_k=3, params={"max_tokens": 16}))
+            kinds = [e.WhichOneof("event") for e in events]
+            assert kinds[0] == "retrieved" and kinds[-1] == "answer" and set(kinds[1:-1]) == {"token"}
+            answer = events[-1].answer
+            assert not answer.retrieval_only and answer.citations
+            assert "".join(e.token for e in events[1:-1]) == answer.text
+            assert any(m.startswith("retro:") for m in answer.model_ids)
+            with pytest.raises(ragfleet.errors.InvalidArgument) as err:
+                list(client.ask(q["question"], index="demo", params={"max_tokens": 100_000}))
+            assert "params.max_tokens" in err.value.details
             with pytest.raises(ragfleet.errors.NotFound):
                 client.search("q", index="missing-index")
             with pytest.raises(ragfleet.errors.InvalidArgument) as err:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ragfleet.v1 import common_pb2
-from services.demo.corpus import demo_documents, demo_questions
+from services.demo.corpus import demo_documents, demo_questions, training_questions
 from services.gateway.chunking import ChunkSettings, chunk_document
 
 
@@ -69,3 +69,20 @@ def test_the_corpus_chunks_into_passages() -> None:
     for document in demo_documents():
         passages = chunk_document(common_pb2.Document(**document), spec)
         assert [p.id for p in passages] == [f"{document['id']}#0"]
+
+
+def test_training_questions_avoid_the_demo_islands_and_are_answered_by_their_document() -> None:
+    texts = {d["id"]: d["text"] for d in demo_documents()}
+    island_of = {d["id"]: d["metadata"]["island"] for d in demo_documents()}
+    demo_islands = {island_of[q["doc_id"]] for q in demo_questions()}
+    questions = training_questions()
+    assert questions == training_questions()
+    assert len({island_of[q["doc_id"]] for q in questions}) == 40 - len(demo_islands)
+    assert not {island_of[q["doc_id"]] for q in questions} & demo_islands
+    for question in questions:
+        assert question["answer"] in texts[question["doc_id"]]
+        assert island_of[question["doc_id"]] in question["question"]
+    # Every demo question's wording is trained on, about other islands.
+    for demo in demo_questions():
+        template = demo["question"].replace(island_of[demo["doc_id"]], "{}")
+        assert any(template.format(island_of[q["doc_id"]]) == q["question"] for q in questions)

@@ -24,7 +24,14 @@ DOCKERFILE_GPU = ROOT / "deploy/docker/Dockerfile.gpu"
 SERVE = ROOT / "deploy/ray/serve.yaml"
 CLUSTER = ROOT / "deploy/ray/cluster.yaml"
 RAYSERVICE = ROOT / "deploy/k8s/rayservice.yaml"
-APPLICATIONS = {"pipeline", "retriever-dense", "retriever-bm25", "evaluator"}
+APPLICATIONS = {
+    "pipeline",
+    "retriever-dense",
+    "retriever-bm25",
+    "retriever-colbert",
+    "generator",
+    "evaluator",
+}
 
 
 def compose_services() -> dict[str, dict]:
@@ -95,12 +102,55 @@ def test_pipeline_finds_the_retrievers_by_service_name() -> None:
     services = compose_services()
     raw = services["pipeline"]["environment"]["RAGFLEET_GATEWAY__RETRIEVERS"]
     gateway = GatewaySettings(retrievers=json.loads(raw))
-    assert set(gateway.retrievers) == {"dense", "bm25"}
+    assert set(gateway.retrievers) == {"dense", "bm25", "colbert"}
     for endpoint in gateway.retrievers.values():
         host, port = endpoint.address.rsplit(":", 1)
         assert host in services
         assert int(port) == DEFAULT_PORTS[host]
         assert services["pipeline"]["depends_on"][host] == {"condition": "service_healthy"}
+
+
+def test_pipeline_finds_the_generator_and_the_generator_the_dense_retriever() -> None:
+    services = compose_services()
+    pipeline = services["pipeline"]
+    generator = GatewaySettings(
+        generator=json.loads(pipeline["environment"]["RAGFLEET_GATEWAY__GENERATOR"])
+    ).generator
+    assert generator is not None and generator.address == f"generator:{DEFAULT_PORTS['generator']}"
+    assert pipeline["depends_on"]["generator"] == {"condition": "service_healthy"}
+    retriever = services["generator"]["environment"]["RAGFLEET_GENERATOR__RETRIEVER__ADDRESS"]
+    assert retriever == f"retriever-dense:{DEFAULT_PORTS['retriever-dense']}"
+    assert services["generator"]["depends_on"]["retriever-dense"] == {"condition": "service_healthy"}
+
+
+def test_fleet_settings_route_generation_through_the_serve_proxy() -> None:
+    from services.runtime.serve import fleet_settings
+    from services.runtime.settings import Settings
+
+    deployed = fleet_settings(Settings())
+    proxy = f"127.0.0.1:{deployed.ray.grpc_port}"
+    assert deployed.gateway.generator is not None
+    assert (deployed.gateway.generator.address, deployed.gateway.generator.application) == (
+        proxy,
+        "generator",
+    )
+    assert (deployed.generator.retriever.address, deployed.generator.retriever.application) == (
+        proxy,
+        "retriever-dense",
+    )
+
+
+def test_ingest_skips_colbert_unless_asked_in_compose_and_in_the_fleet() -> None:
+    from services.runtime.serve import fleet_settings
+    from services.runtime.settings import Settings
+
+    env = compose_services()["pipeline"]["environment"]
+    compose = GatewaySettings(default_retrievers=json.loads(env["RAGFLEET_GATEWAY__DEFAULT_RETRIEVERS"]))
+    deployed = fleet_settings(Settings())
+    for gateway in (compose, deployed.gateway):
+        assert gateway.default_retrievers == ["dense", "bm25"]
+    assert set(deployed.gateway.retrievers) == {"dense", "bm25", "colbert"}
+    assert deployed.gateway.retrievers["colbert"].application == "retriever-colbert"
 
 
 def test_dense_retriever_uses_the_chroma_service() -> None:

@@ -97,6 +97,13 @@ class FakePipeline(pipeline_pb2_grpc.PipelineServicer):
         deleted = len(request.ids) + len(request.doc_ids)
         return pipeline_pb2.PipelineDeleteResponse(retrievers=[retriever_pb2.DeleteResponse(deleted=deleted)])
 
+    def Rebuild(self, request, context):
+        self._enter("Rebuild", request, context)
+        version = common_pb2.IndexVersion(index=request.index, retriever="colbert", version=2)
+        return pipeline_pb2.PipelineRebuildResponse(
+            retrievers=[retriever_pb2.RebuildResponse(version=version)]
+        )
+
     def DescribeIndex(self, request, context):
         self._enter("DescribeIndex", request, context)
         if request.index == "missing":
@@ -266,6 +273,26 @@ def test_search_sends_every_argument(client: ragfleet.Client, fake: FakePipeline
     assert (request.index, request.top_k, request.candidates) == ("docs", 3, 40)
     assert list(request.retrievers) == ["dense", "bm25"] and request.fusion.method == "weighted"
     assert dict(request.filters) == {"lang": "en"} and request.with_continuation
+
+
+def test_search_options_and_rebuild(client: ragfleet.Client, fake: FakePipeline) -> None:
+    client.search("q", index="docs", retrievers="colbert", options={"exhaustive": True})
+    client.search_batch(["a"], index="docs", options=ragfleet.SearchOptions(ncells=4, ndocs=512))
+    client.search("q", index="docs")
+    search, plain = fake.calls("Search")
+    assert search.request.options.exhaustive and not plain.request.HasField("options")
+    batch = fake.calls("SearchBatch")[0].request.options
+    assert (batch.ncells, batch.ndocs, batch.exhaustive) == (4, 512, False)
+    with pytest.raises(errors.InvalidArgument, match="options: .*nprobe"):
+        client.search("q", index="docs", options={"nprobe": 3})
+    done = client.rebuild("docs", retrievers="colbert")
+    assert done.retrievers[0].version.version == 2
+    fake.fail("Rebuild", UNAVAILABLE)
+    with pytest.raises(errors.Unavailable):
+        client.rebuild("docs")
+    first, second = fake.calls("Rebuild")
+    assert (first.request.index, list(first.request.retrievers)) == ("docs", ["colbert"])
+    assert list(second.request.retrievers) == []
 
 
 def test_search_retries_unavailable_with_one_request_id(client: ragfleet.Client, fake: FakePipeline) -> None:
@@ -490,6 +517,18 @@ async def test_async_errors_and_other_methods(aclient: ragfleet.AsyncClient) -> 
     assert len((await aclient.search_batch(["x", "y"], index="docs")).responses) == 2
     assert (await aclient.ask_once("q", index="docs")).answer.text == "42"
     assert (await aclient.delete(index="docs", ids=["a#0"])).retrievers[0].deleted == 1
+
+
+async def test_async_search_options_and_rebuild(aclient: ragfleet.AsyncClient, fake: FakePipeline) -> None:
+    await aclient.search("q", index="docs", options={"centroid_score_threshold": 0.3})
+    await aclient.search_batch(["a", "b"], index="docs", options={"exhaustive": True})
+    assert fake.calls("Search")[0].request.options.centroid_score_threshold == pytest.approx(0.3)
+    assert fake.calls("SearchBatch")[0].request.options.exhaustive
+    assert (await aclient.rebuild(index="docs")).retrievers[0].version.index == "docs"
+    fake.fail("Rebuild", UNAVAILABLE)
+    with pytest.raises(errors.Unavailable):
+        await aclient.rebuild("docs", retrievers=["colbert", "dense"])
+    assert list(fake.calls("Rebuild")[1].request.retrievers) == ["colbert", "dense"]
 
 
 async def test_async_ask_streams_events(aclient: ragfleet.AsyncClient, fake: FakePipeline) -> None:

@@ -157,6 +157,39 @@ def test_index_spec_nested_dict_and_bad_field() -> None:
         _common.to_index_spec({"chunking": {"chunk_token": 64}})
 
 
+def test_index_spec_colbert_fields_and_search_options() -> None:
+    spec = _common.to_index_spec({"colbert_model": "/models/colbert", "nbits": 4, "doc_maxlen": 180})
+    assert spec is not None and (spec.colbert_model, spec.nbits, spec.doc_maxlen) == (
+        "/models/colbert",
+        4,
+        180,
+    )
+    request = _common.search_batch_request(
+        ["q"],
+        index="idx",
+        top_k=5,
+        retrievers=None,
+        fusion=None,
+        filters=None,
+        candidates=0,
+        options={"ncells": 2, "centroid_score_threshold": 0.4, "ndocs": 64},
+    )
+    assert (request.options.ncells, request.options.ndocs) == (2, 64)
+    with pytest.raises(InvalidArgument, match="options: .*exhaustiv"):
+        _common.search_batch_request(
+            ["q"],
+            index="i",
+            top_k=1,
+            retrievers=None,
+            fusion=None,
+            filters=None,
+            candidates=0,
+            options={"exhaustiv": True},
+        )
+    rebuild = _common.rebuild_request(index="idx", retrievers="colbert")
+    assert (rebuild.index, list(rebuild.retrievers)) == ("idx", ["colbert"])
+
+
 def test_ingest_stream_batches_and_header() -> None:
     sent: list[int] = []
     stream = _common.IngestStream(

@@ -17,7 +17,7 @@ from ragfleet.aio import AsyncClient
 from ragfleet.client import Client
 from ragfleet.errors import RagfleetError
 from ragfleet.evaluator import EvaluatorClient
-from ragfleet.v1.common_pb2 import ChunkingSpec, Document, GenerationParams, IndexSpec
+from ragfleet.v1.common_pb2 import ChunkingSpec, Document, GenerationParams, IndexSpec, SearchOptions
 from ragfleet.v1.pipeline_pb2 import Fusion
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "GenerationParams",
     "IndexSpec",
     "RagfleetError",
+    "SearchOptions",
     "call_metadata",
     "errors",
     "make_channel",

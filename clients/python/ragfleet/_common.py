@@ -62,6 +62,8 @@ DocumentSource = str | os.PathLike[str] | Iterable[DocumentLike]
 SpecLike = common_pb2.IndexSpec | Mapping[str, Any] | None
 FusionLike = pipeline_pb2.Fusion | Mapping[str, Any] | str | None
 ParamsLike = common_pb2.GenerationParams | Mapping[str, Any] | None
+# {"exhaustive", "ncells", "centroid_score_threshold", "ndocs"}: tuning of approximate retrievers (colbert).
+OptionsLike = common_pb2.SearchOptions | Mapping[str, Any] | None
 Filters = Mapping[str, Any] | None
 Names = str | Sequence[str] | None
 ChannelOptions = Sequence[tuple[str, Any]] | None
@@ -245,6 +247,7 @@ def search_request(
     filters: Filters,
     with_continuation: bool,
     candidates: int,
+    options: OptionsLike = None,
 ) -> pipeline_pb2.PipelineSearchRequest:
     return pipeline_pb2.PipelineSearchRequest(
         query=query,
@@ -255,6 +258,7 @@ def search_request(
         filters=to_filters(filters),
         with_continuation=with_continuation,
         candidates=candidates,
+        options=_message(common_pb2.SearchOptions, options, "options"),
     )
 
 
@@ -267,6 +271,7 @@ def search_batch_request(
     fusion: FusionLike,
     filters: Filters,
     candidates: int,
+    options: OptionsLike = None,
 ) -> pipeline_pb2.PipelineSearchBatchRequest:
     return pipeline_pb2.PipelineSearchBatchRequest(
         queries=_names(queries),
@@ -276,6 +281,7 @@ def search_batch_request(
         fusion=to_fusion(fusion),
         filters=to_filters(filters),
         candidates=candidates,
+        options=_message(common_pb2.SearchOptions, options, "options"),
     )
 
 
@@ -310,6 +316,10 @@ def delete_request(
     return retriever_pb2.DeleteRequest(
         index=index, ids=_names(ids), doc_ids=_names(doc_ids), drop_index=drop_index
     )
+
+
+def rebuild_request(*, index: str, retrievers: Names) -> pipeline_pb2.PipelineRebuildRequest:
+    return pipeline_pb2.PipelineRebuildRequest(index=index, retrievers=_names(retrievers))
 
 
 def to_fusion(fusion: FusionLike) -> pipeline_pb2.Fusion | None:

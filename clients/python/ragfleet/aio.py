@@ -28,11 +28,13 @@ from ragfleet._common import (
     FusionLike,
     IngestStream,
     Names,
+    OptionsLike,
     ParamsLike,
     SpecLike,
     ask_request,
     delete_request,
     iter_documents,
+    rebuild_request,
     search_batch_request,
     search_request,
 )
@@ -88,8 +90,11 @@ class AsyncClient(BaseClient):
         filters: Filters = None,
         with_continuation: bool = False,
         candidates: int = 0,
+        options: OptionsLike = None,
         timeout: float | None = None,
     ) -> pipeline_pb2.PipelineSearchResponse:
+        """Retrieves and fuses. `options` tunes approximate retrievers (colbert): a dict of
+        SearchOptions' fields, e.g. {"exhaustive": True} or {"ncells": 4, "ndocs": 4096}."""
         request = search_request(
             query,
             index=index,
@@ -99,6 +104,7 @@ class AsyncClient(BaseClient):
             filters=filters,
             with_continuation=with_continuation,
             candidates=candidates,
+            options=options,
         )
         return await self._unary(self._stub.Search, request, timeout, idempotent=True)
 
@@ -112,6 +118,7 @@ class AsyncClient(BaseClient):
         fusion: FusionLike = None,
         filters: Filters = None,
         candidates: int = 0,
+        options: OptionsLike = None,
         timeout: float | None = None,
     ) -> pipeline_pb2.PipelineSearchBatchResponse:
         request = search_batch_request(
@@ -122,6 +129,7 @@ class AsyncClient(BaseClient):
             fusion=fusion,
             filters=filters,
             candidates=candidates,
+            options=options,
         )
         return await self._unary(self._stub.SearchBatch, request, timeout, idempotent=True)
 
@@ -196,6 +204,14 @@ class AsyncClient(BaseClient):
     ) -> pipeline_pb2.PipelineDeleteResponse:
         request = delete_request(index=index, ids=ids, doc_ids=doc_ids, drop_index=drop_index)
         return await self._unary(self._stub.Delete, request, timeout, idempotent=False)
+
+    async def rebuild(
+        self, index: str, *, retrievers: Names = None, timeout: float | None = None
+    ) -> pipeline_pb2.PipelineRebuildResponse:
+        """Rebuilds the index's search structures (colbert: centroids and codes) in `retrievers`
+        (default: every retriever holding the index); exact retrievers report their version unchanged."""
+        request = rebuild_request(index=index, retrievers=retrievers)
+        return await self._unary(self._stub.Rebuild, request, timeout, idempotent=False)
 
     async def describe_index(
         self, index: str, *, timeout: float | None = None

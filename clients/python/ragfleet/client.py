@@ -27,11 +27,13 @@ from ragfleet._common import (
     FusionLike,
     IngestStream,
     Names,
+    OptionsLike,
     ParamsLike,
     SpecLike,
     ask_request,
     delete_request,
     iter_documents,
+    rebuild_request,
     search_batch_request,
     search_request,
 )
@@ -121,8 +123,11 @@ class Client(SyncClientBase):
         filters: Filters = None,
         with_continuation: bool = False,
         candidates: int = 0,
+        options: OptionsLike = None,
         timeout: float | None = None,
     ) -> pipeline_pb2.PipelineSearchResponse:
+        """Retrieves and fuses. `options` tunes approximate retrievers (colbert): a dict of
+        SearchOptions' fields, e.g. {"exhaustive": True} or {"ncells": 4, "ndocs": 4096}."""
         request = search_request(
             query,
             index=index,
@@ -132,6 +137,7 @@ class Client(SyncClientBase):
             filters=filters,
             with_continuation=with_continuation,
             candidates=candidates,
+            options=options,
         )
         return self._unary(self._stub.Search, request, timeout, idempotent=True)
 
@@ -145,6 +151,7 @@ class Client(SyncClientBase):
         fusion: FusionLike = None,
         filters: Filters = None,
         candidates: int = 0,
+        options: OptionsLike = None,
         timeout: float | None = None,
     ) -> pipeline_pb2.PipelineSearchBatchResponse:
         request = search_batch_request(
@@ -155,6 +162,7 @@ class Client(SyncClientBase):
             fusion=fusion,
             filters=filters,
             candidates=candidates,
+            options=options,
         )
         return self._unary(self._stub.SearchBatch, request, timeout, idempotent=True)
 
@@ -230,6 +238,14 @@ class Client(SyncClientBase):
         """Deletes passages by id, whole documents by id, or (drop_index=True) the index."""
         request = delete_request(index=index, ids=ids, doc_ids=doc_ids, drop_index=drop_index)
         return self._unary(self._stub.Delete, request, timeout, idempotent=False)
+
+    def rebuild(
+        self, index: str, *, retrievers: Names = None, timeout: float | None = None
+    ) -> pipeline_pb2.PipelineRebuildResponse:
+        """Rebuilds the index's search structures (colbert: centroids and codes) in `retrievers`
+        (default: every retriever holding the index); exact retrievers report their version unchanged."""
+        request = rebuild_request(index=index, retrievers=retrievers)
+        return self._unary(self._stub.Rebuild, request, timeout, idempotent=False)
 
     def describe_index(
         self, index: str, *, timeout: float | None = None

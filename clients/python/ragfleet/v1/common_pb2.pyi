@@ -109,15 +109,33 @@ class ChunkingSpec(_message.Message):
     def __init__(self, chunk_tokens: _Optional[int] = ..., overlap_tokens: _Optional[int] = ..., sentence_aware: _Optional[bool] = ..., whole_documents: _Optional[bool] = ...) -> None: ...
 
 class IndexSpec(_message.Message):
-    __slots__ = ("vector_store", "faiss_index", "model", "chunking", "retrievers")
+    __slots__ = ("vector_store", "faiss_index", "model", "chunking", "retrievers", "colbert_model", "nbits", "doc_maxlen")
     VECTOR_STORE_FIELD_NUMBER: _ClassVar[int]
     FAISS_INDEX_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHUNKING_FIELD_NUMBER: _ClassVar[int]
     RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
+    COLBERT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NBITS_FIELD_NUMBER: _ClassVar[int]
+    DOC_MAXLEN_FIELD_NUMBER: _ClassVar[int]
     vector_store: str
     faiss_index: str
     model: str
     chunking: ChunkingSpec
     retrievers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, vector_store: _Optional[str] = ..., faiss_index: _Optional[str] = ..., model: _Optional[str] = ..., chunking: _Optional[_Union[ChunkingSpec, _Mapping]] = ..., retrievers: _Optional[_Iterable[str]] = ...) -> None: ...
+    colbert_model: str
+    nbits: int
+    doc_maxlen: int
+    def __init__(self, vector_store: _Optional[str] = ..., faiss_index: _Optional[str] = ..., model: _Optional[str] = ..., chunking: _Optional[_Union[ChunkingSpec, _Mapping]] = ..., retrievers: _Optional[_Iterable[str]] = ..., colbert_model: _Optional[str] = ..., nbits: _Optional[int] = ..., doc_maxlen: _Optional[int] = ...) -> None: ...
+
+class SearchOptions(_message.Message):
+    __slots__ = ("exhaustive", "ncells", "centroid_score_threshold", "ndocs")
+    EXHAUSTIVE_FIELD_NUMBER: _ClassVar[int]
+    NCELLS_FIELD_NUMBER: _ClassVar[int]
+    CENTROID_SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NDOCS_FIELD_NUMBER: _ClassVar[int]
+    exhaustive: bool
+    ncells: int
+    centroid_score_threshold: float
+    ndocs: int
+    def __init__(self, exhaustive: _Optional[bool] = ..., ncells: _Optional[int] = ..., centroid_score_threshold: _Optional[float] = ..., ndocs: _Optional[int] = ...) -> None: ...

@@ -53,7 +53,7 @@ class Fusion(_message.Message):
     def __init__(self, method: _Optional[str] = ..., rrf_k: _Optional[int] = ..., weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PipelineSearchRequest(_message.Message):
-    __slots__ = ("query", "index", "top_k", "retrievers", "fusion", "filters", "with_continuation", "candidates")
+    __slots__ = ("query", "index", "top_k", "retrievers", "fusion", "filters", "with_continuation", "candidates", "options")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class PipelineSearchRequest(_message.Message):
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     WITH_CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     query: str
     index: str
     top_k: int
@@ -77,7 +78,8 @@ class PipelineSearchRequest(_message.Message):
     filters: _containers.ScalarMap[str, str]
     with_continuation: bool
     candidates: int
-    def __init__(self, query: _Optional[str] = ..., index: _Optional[str] = ..., top_k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_continuation: _Optional[bool] = ..., candidates: _Optional[int] = ...) -> None: ...
+    options: _common_pb2.SearchOptions
+    def __init__(self, query: _Optional[str] = ..., index: _Optional[str] = ..., top_k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_continuation: _Optional[bool] = ..., candidates: _Optional[int] = ..., options: _Optional[_Union[_common_pb2.SearchOptions, _Mapping]] = ...) -> None: ...
 
 class PipelineSearchResponse(_message.Message):
     __slots__ = ("results", "versions", "timings")
@@ -90,7 +92,7 @@ class PipelineSearchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.ScoredPassage, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[_common_pb2.IndexVersion, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ...) -> None: ...
 
 class PipelineSearchBatchRequest(_message.Message):
-    __slots__ = ("queries", "index", "top_k", "retrievers", "fusion", "filters", "candidates")
+    __slots__ = ("queries", "index", "top_k", "retrievers", "fusion", "filters", "candidates", "options")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +107,7 @@ class PipelineSearchBatchRequest(_message.Message):
     FUSION_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedScalarFieldContainer[str]
     index: str
     top_k: int
@@ -112,7 +115,8 @@ class PipelineSearchBatchRequest(_message.Message):
     fusion: Fusion
     filters: _containers.ScalarMap[str, str]
     candidates: int
-    def __init__(self, queries: _Optional[_Iterable[str]] = ..., index: _Optional[str] = ..., top_k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., filters: _Optional[_Mapping[str, str]] = ..., candidates: _Optional[int] = ...) -> None: ...
+    options: _common_pb2.SearchOptions
+    def __init__(self, queries: _Optional[_Iterable[str]] = ..., index: _Optional[str] = ..., top_k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., filters: _Optional[_Mapping[str, str]] = ..., candidates: _Optional[int] = ..., options: _Optional[_Union[_common_pb2.SearchOptions, _Mapping]] = ...) -> None: ...
 
 class PipelineSearchBatchResponse(_message.Message):
     __slots__ = ("responses", "versions")
@@ -200,6 +204,20 @@ class PipelineDeleteResponse(_message.Message):
     RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
     retrievers: _containers.RepeatedCompositeFieldContainer[_retriever_pb2.DeleteResponse]
     def __init__(self, retrievers: _Optional[_Iterable[_Union[_retriever_pb2.DeleteResponse, _Mapping]]] = ...) -> None: ...
+
+class PipelineRebuildRequest(_message.Message):
+    __slots__ = ("index", "retrievers")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    retrievers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, index: _Optional[str] = ..., retrievers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PipelineRebuildResponse(_message.Message):
+    __slots__ = ("retrievers",)
+    RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
+    retrievers: _containers.RepeatedCompositeFieldContainer[_retriever_pb2.RebuildResponse]
+    def __init__(self, retrievers: _Optional[_Iterable[_Union[_retriever_pb2.RebuildResponse, _Mapping]]] = ...) -> None: ...
 
 class PipelineIndexDescription(_message.Message):
     __slots__ = ("index", "retrievers")

@@ -65,6 +65,11 @@ class PipelineStub:
                 request_serializer=ragfleet_dot_v1_dot_retriever__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=ragfleet_dot_v1_dot_pipeline__pb2.PipelineDeleteResponse.FromString,
                 _registered_method=True)
+        self.Rebuild = channel.unary_unary(
+                '/ragfleet.v1.Pipeline/Rebuild',
+                request_serializer=ragfleet_dot_v1_dot_pipeline__pb2.PipelineRebuildRequest.SerializeToString,
+                response_deserializer=ragfleet_dot_v1_dot_pipeline__pb2.PipelineRebuildResponse.FromString,
+                _registered_method=True)
         self.DescribeIndex = channel.unary_unary(
                 '/ragfleet.v1.Pipeline/DescribeIndex',
                 request_serializer=ragfleet_dot_v1_dot_retriever__pb2.DescribeIndexRequest.SerializeToString,
@@ -123,6 +128,13 @@ class PipelineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rebuild(self, request, context):
+        """Rebuilds the index in the chosen retrievers (see Retriever.Rebuild).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DescribeIndex(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -173,6 +185,11 @@ def add_PipelineServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=ragfleet_dot_v1_dot_retriever__pb2.DeleteRequest.FromString,
                     response_serializer=ragfleet_dot_v1_dot_pipeline__pb2.PipelineDeleteResponse.SerializeToString,
+            ),
+            'Rebuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebuild,
+                    request_deserializer=ragfleet_dot_v1_dot_pipeline__pb2.PipelineRebuildRequest.FromString,
+                    response_serializer=ragfleet_dot_v1_dot_pipeline__pb2.PipelineRebuildResponse.SerializeToString,
             ),
             'DescribeIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeIndex,
@@ -352,6 +369,33 @@ class Pipeline:
             '/ragfleet.v1.Pipeline/Delete',
             ragfleet_dot_v1_dot_retriever__pb2.DeleteRequest.SerializeToString,
             ragfleet_dot_v1_dot_pipeline__pb2.PipelineDeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ragfleet.v1.Pipeline/Rebuild',
+            ragfleet_dot_v1_dot_pipeline__pb2.PipelineRebuildRequest.SerializeToString,
+            ragfleet_dot_v1_dot_pipeline__pb2.PipelineRebuildResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ragfleet.v1 import common_pb2 as ragfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bragfleet/v1/retriever.proto\x12\x0bragfleet.v1\x1a\x18ragfleet/v1/common.proto\"\x8a\x01\n\rIngestRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.ragfleet.v1.IndexSpec\x12&\n\x08passages\x18\x03 \x03(\x0b\x32\x14.ragfleet.v1.Passage\x12\x0e\n\x06upsert\x18\x04 \x01(\x08\x12\x0c\n\x04last\x18\x05 \x01(\x08\"\x99\x01\n\x0cIngestReport\x12*\n\x07version\x18\x01 \x01(\x0b\x32\x19.ragfleet.v1.IndexVersion\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x03\x12\x10\n\x08replaced\x18\x03 \x01(\x03\x12\x16\n\x0etotal_passages\x18\x04 \x01(\x03\x12$\n\x07timings\x18\x05 \x03(\x0b\x32\x13.ragfleet.v1.Timing\"\xc1\x01\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x38\n\x07\x66ilters\x18\x04 \x03(\x0b\x32\'.ragfleet.v1.SearchRequest.FiltersEntry\x12\x19\n\x11with_continuation\x18\x05 \x01(\x08\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x0eSearchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12*\n\x07version\x18\x02 \x01(\x0b\x32\x19.ragfleet.v1.IndexVersion\x12$\n\x07timings\x18\x03 \x03(\x0b\x32\x13.ragfleet.v1.Timing\"\xcd\x01\n\x12SearchBatchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12=\n\x07\x66ilters\x18\x04 \x03(\x0b\x32,.ragfleet.v1.SearchBatchRequest.FiltersEntry\x12\x19\n\x11with_continuation\x18\x05 \x01(\x08\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"q\n\x13SearchBatchResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.ragfleet.v1.SearchResponse\x12*\n\x07version\x18\x02 \x01(\x0b\x32\x19.ragfleet.v1.IndexVersion\"P\n\rDeleteRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x0f\n\x07\x64oc_ids\x18\x03 \x03(\t\x12\x12\n\ndrop_index\x18\x04 \x01(\x08\"M\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x12*\n\x07version\x18\x02 \x01(\x0b\x32\x19.ragfleet.v1.IndexVersion\"%\n\x14\x44\x65scribeIndexRequest\x12\r\n\x05index\x18\x01 \x01(\t\"\xdb\x01\n\x10IndexDescription\x12*\n\x07version\x18\x01 \x01(\x0b\x32\x19.ragfleet.v1.IndexVersion\x12\x10\n\x08passages\x18\x02 \x01(\x03\x12\x11\n\tdocuments\x18\x03 \x01(\x03\x12$\n\x04spec\x18\x04 \x01(\x0b\x32\x16.ragfleet.v1.IndexSpec\x12\x11\n\tdimension\x18\x05 \x01(\x05\x12\x15\n\rbytes_on_disk\x18\x06 \x01(\x03\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\x12\n\nupdated_at\x18\x08 \x01(\t\"\x14\n\x12ListIndexesRequest\"E\n\x13ListIndexesResponse\x12.\n\x07indexes\x18\x01 \x03(\x0b\x32\x1d.ragfleet.v1.IndexDescription2\xcb\x03\n\tRetriever\x12\x41\n\x06Ingest\x12\x1a.ragfleet.v1.IngestRequest\x1a\x19.ragfleet.v1.IngestReport(\x01\x12\x41\n\x06Search\x12\x1a.ragfleet.v1.SearchRequest\x1a\x1b.ragfleet.v1.SearchResponse\x12P\n\x0bSearchBatch\x12\x1f.ragfleet.v1.SearchBatchRequest\x1a .ragfleet.v1.SearchBatchResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.ragfleet.v1.DeleteRequest\x1a\x1b.ragfleet.v1.DeleteResponse\x12Q\n\rDescribeIndex\x12!.ragfleet.v1.DescribeIndexRequest\x1a\x1d.ragfleet.v1.IndexDescription\x12P\n\x0bListIndexes\x12\x1f.ragfleet.v1.ListIndexesRequest\x1a .ragfleet.v1.ListIndexesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bragfleet/v1/retriever.proto\x12\x0bragfleet.v1\x1a\x18ragfleet/v1/common.proto\"\x8a\x01\n\rIngestRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.ragfleet.v1.IndexSpec\x12&\n\x08passages\x18\x03 \x03(\x0b\x32\x14.ragfleet.v1.Passage\x12\x0e\n\x06upsert\x18\x04 \x01(\x08\x12\x0c\n\x04last\x18\x05 \x01(\x08\"\x99\x01\n\x0cIngestReport\x12*\n\x07version\x18\x01 \x01(\x0b\x32\x19.ragfleet.v1.IndexVersion\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x03\x12\x10\n\x08replaced\x18\x03 \x01(\x03\x12\x16\n\x0etotal_passages\x18\x04 \x01(\x03\x12$\n\x07timings\x18\x05 \x03(\x0b\x32\x13.ragfleet.v1.Timing\"\xee\x01\n\rSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x38\n\x07\x66ilters\x18\x04 \x03(\x0b\x32\'.ragfleet.v1.SearchRequest.FiltersEntry\x12\x19\n\x11with_continuation\x18\x05 \x01(\x08\x12+\n\x07options\x18\x06 \x01(\x0b\x32\x1a.ragfleet.v1.SearchOptions\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x0eSearchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12*\n\x07version\x18\x02 \x01(\x0b\x32\x19.ragfleet.v1.IndexVersion\x12$\n\x07timings\x18\x03 \x03(\x0b\x32\x13.ragfleet.v1.Timing\"\xfa\x01\n\x12SearchBatchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12=\n\x07\x66ilters\x18\x04 \x03(\x0b\x32,.ragfleet.v1.SearchBatchRequest.FiltersEntry\x12\x19\n\x11with_continuation\x18\x05 \x01(\x08\x12+\n\x07options\x18\x06 \x01(\x0b\x32\x1a.ragfleet.v1.SearchOptions\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"q\n\x13SearchBatchResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.ragfleet.v1.SearchResponse\x12*\n\x07version\x18\x02 \x01(\x0b\x32\x19.ragfleet.v1.IndexVersion\"P\n\rDeleteRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x0f\n\x07\x64oc_ids\x18\x03 \x03(\t\x12\x12\n\ndrop_index\x18\x04 \x01(\x08\"M\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x12*\n\x07version\x18\x02 \x01(\x0b\x32\x19.ragfleet.v1.IndexVersion\"%\n\x14\x44\x65scribeIndexRequest\x12\r\n\x05index\x18\x01 \x01(\t\"\xdb\x01\n\x10IndexDescription\x12*\n\x07version\x18\x01 \x01(\x0b\x32\x19.ragfleet.v1.IndexVersion\x12\x10\n\x08passages\x18\x02 \x01(\x03\x12\x11\n\tdocuments\x18\x03 \x01(\x03\x12$\n\x04spec\x18\x04 \x01(\x0b\x32\x16.ragfleet.v1.IndexSpec\x12\x11\n\tdimension\x18\x05 \x01(\x05\x12\x15\n\rbytes_on_disk\x18\x06 \x01(\x03\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\x12\n\nupdated_at\x18\x08 \x01(\t\"\x1f\n\x0eRebuildRequest\x12\r\n\x05index\x18\x01 \x01(\t\"c\n\x0fRebuildResponse\x12*\n\x07version\x18\x01 \x01(\x0b\x32\x19.ragfleet.v1.IndexVersion\x12$\n\x07timings\x18\x02 \x03(\x0b\x32\x13.ragfleet.v1.Timing\"\x14\n\x12ListIndexesRequest\"E\n\x13ListIndexesResponse\x12.\n\x07indexes\x18\x01 \x03(\x0b\x32\x1d.ragfleet.v1.IndexDescription2\x91\x04\n\tRetriever\x12\x41\n\x06Ingest\x12\x1a.ragfleet.v1.IngestRequest\x1a\x19.ragfleet.v1.IngestReport(\x01\x12\x41\n\x06Search\x12\x1a.ragfleet.v1.SearchRequest\x1a\x1b.ragfleet.v1.SearchResponse\x12P\n\x0bSearchBatch\x12\x1f.ragfleet.v1.SearchBatchRequest\x1a .ragfleet.v1.SearchBatchResponse\x12\x41\n\x06\x44\x65lete\x12\x1a.ragfleet.v1.DeleteRequest\x1a\x1b.ragfleet.v1.DeleteResponse\x12Q\n\rDescribeIndex\x12!.ragfleet.v1.DescribeIndexRequest\x1a\x1d.ragfleet.v1.IndexDescription\x12P\n\x0bListIndexes\x12\x1f.ragfleet.v1.ListIndexesRequest\x1a .ragfleet.v1.ListIndexesResponse\x12\x44\n\x07Rebuild\x12\x1b.ragfleet.v1.RebuildRequest\x1a\x1c.ragfleet.v1.RebuildResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,29 +41,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTREPORT']._serialized_start=212
   _globals['_INGESTREPORT']._serialized_end=365
   _globals['_SEARCHREQUEST']._serialized_start=368
-  _globals['_SEARCHREQUEST']._serialized_end=561
-  _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_start=515
-  _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_end=561
-  _globals['_SEARCHRESPONSE']._serialized_start=564
-  _globals['_SEARCHRESPONSE']._serialized_end=707
-  _globals['_SEARCHBATCHREQUEST']._serialized_start=710
-  _globals['_SEARCHBATCHREQUEST']._serialized_end=915
-  _globals['_SEARCHBATCHREQUEST_FILTERSENTRY']._serialized_start=515
-  _globals['_SEARCHBATCHREQUEST_FILTERSENTRY']._serialized_end=561
-  _globals['_SEARCHBATCHRESPONSE']._serialized_start=917
-  _globals['_SEARCHBATCHRESPONSE']._serialized_end=1030
-  _globals['_DELETEREQUEST']._serialized_start=1032
-  _globals['_DELETEREQUEST']._serialized_end=1112
-  _globals['_DELETERESPONSE']._serialized_start=1114
-  _globals['_DELETERESPONSE']._serialized_end=1191
-  _globals['_DESCRIBEINDEXREQUEST']._serialized_start=1193
-  _globals['_DESCRIBEINDEXREQUEST']._serialized_end=1230
-  _globals['_INDEXDESCRIPTION']._serialized_start=1233
-  _globals['_INDEXDESCRIPTION']._serialized_end=1452
-  _globals['_LISTINDEXESREQUEST']._serialized_start=1454
-  _globals['_LISTINDEXESREQUEST']._serialized_end=1474
-  _globals['_LISTINDEXESRESPONSE']._serialized_start=1476
-  _globals['_LISTINDEXESRESPONSE']._serialized_end=1545
-  _globals['_RETRIEVER']._serialized_start=1548
-  _globals['_RETRIEVER']._serialized_end=2007
+  _globals['_SEARCHREQUEST']._serialized_end=606
+  _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_start=560
+  _globals['_SEARCHREQUEST_FILTERSENTRY']._serialized_end=606
+  _globals['_SEARCHRESPONSE']._serialized_start=609
+  _globals['_SEARCHRESPONSE']._serialized_end=752
+  _globals['_SEARCHBATCHREQUEST']._serialized_start=755
+  _globals['_SEARCHBATCHREQUEST']._serialized_end=1005
+  _globals['_SEARCHBATCHREQUEST_FILTERSENTRY']._serialized_start=560
+  _globals['_SEARCHBATCHREQUEST_FILTERSENTRY']._serialized_end=606
+  _globals['_SEARCHBATCHRESPONSE']._serialized_start=1007
+  _globals['_SEARCHBATCHRESPONSE']._serialized_end=1120
+  _globals['_DELETEREQUEST']._serialized_start=1122
+  _globals['_DELETEREQUEST']._serialized_end=1202
+  _globals['_DELETERESPONSE']._serialized_start=1204
+  _globals['_DELETERESPONSE']._serialized_end=1281
+  _globals['_DESCRIBEINDEXREQUEST']._serialized_start=1283
+  _globals['_DESCRIBEINDEXREQUEST']._serialized_end=1320
+  _globals['_INDEXDESCRIPTION']._serialized_start=1323
+  _globals['_INDEXDESCRIPTION']._serialized_end=1542
+  _globals['_REBUILDREQUEST']._serialized_start=1544
+  _globals['_REBUILDREQUEST']._serialized_end=1575
+  _globals['_REBUILDRESPONSE']._serialized_start=1577
+  _globals['_REBUILDRESPONSE']._serialized_end=1676
+  _globals['_LISTINDEXESREQUEST']._serialized_start=1678
+  _globals['_LISTINDEXESREQUEST']._serialized_end=1698
+  _globals['_LISTINDEXESRESPONSE']._serialized_start=1700
+  _globals['_LISTINDEXESRESPONSE']._serialized_end=1769
+  _globals['_RETRIEVER']._serialized_start=1772
+  _globals['_RETRIEVER']._serialized_end=2301
 # @@protoc_insertion_point(module_scope)

@@ -36,7 +36,7 @@ class IngestReport(_message.Message):
     def __init__(self, version: _Optional[_Union[_common_pb2.IndexVersion, _Mapping]] = ..., added: _Optional[int] = ..., replaced: _Optional[int] = ..., total_passages: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "index", "top_k", "filters", "with_continuation")
+    __slots__ = ("query", "index", "top_k", "filters", "with_continuation", "options")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,12 +49,14 @@ class SearchRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     WITH_CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     query: str
     index: str
     top_k: int
     filters: _containers.ScalarMap[str, str]
     with_continuation: bool
-    def __init__(self, query: _Optional[str] = ..., index: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_continuation: _Optional[bool] = ...) -> None: ...
+    options: _common_pb2.SearchOptions
+    def __init__(self, query: _Optional[str] = ..., index: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_continuation: _Optional[bool] = ..., options: _Optional[_Union[_common_pb2.SearchOptions, _Mapping]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("results", "version", "timings")
@@ -67,7 +69,7 @@ class SearchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.ScoredPassage, _Mapping]]] = ..., version: _Optional[_Union[_common_pb2.IndexVersion, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ...) -> None: ...
 
 class SearchBatchRequest(_message.Message):
-    __slots__ = ("queries", "index", "top_k", "filters", "with_continuation")
+    __slots__ = ("queries", "index", "top_k", "filters", "with_continuation", "options")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,12 +82,14 @@ class SearchBatchRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     WITH_CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedScalarFieldContainer[str]
     index: str
     top_k: int
     filters: _containers.ScalarMap[str, str]
     with_continuation: bool
-    def __init__(self, queries: _Optional[_Iterable[str]] = ..., index: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_continuation: _Optional[bool] = ...) -> None: ...
+    options: _common_pb2.SearchOptions
+    def __init__(self, queries: _Optional[_Iterable[str]] = ..., index: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_continuation: _Optional[bool] = ..., options: _Optional[_Union[_common_pb2.SearchOptions, _Mapping]] = ...) -> None: ...
 
 class SearchBatchResponse(_message.Message):
     __slots__ = ("responses", "version")
@@ -140,6 +144,20 @@ class IndexDescription(_message.Message):
     created_at: str
     updated_at: str
     def __init__(self, version: _Optional[_Union[_common_pb2.IndexVersion, _Mapping]] = ..., passages: _Optional[int] = ..., documents: _Optional[int] = ..., spec: _Optional[_Union[_common_pb2.IndexSpec, _Mapping]] = ..., dimension: _Optional[int] = ..., bytes_on_disk: _Optional[int] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ...) -> None: ...
+
+class RebuildRequest(_message.Message):
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    def __init__(self, index: _Optional[str] = ...) -> None: ...
+
+class RebuildResponse(_message.Message):
+    __slots__ = ("version", "timings")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    version: _common_pb2.IndexVersion
+    timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Timing]
+    def __init__(self, version: _Optional[_Union[_common_pb2.IndexVersion, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ...) -> None: ...
 
 class ListIndexesRequest(_message.Message):
     __slots__ = ()

@@ -64,6 +64,11 @@ class RetrieverStub:
                 request_serializer=ragfleet_dot_v1_dot_retriever__pb2.ListIndexesRequest.SerializeToString,
                 response_deserializer=ragfleet_dot_v1_dot_retriever__pb2.ListIndexesResponse.FromString,
                 _registered_method=True)
+        self.Rebuild = channel.unary_unary(
+                '/ragfleet.v1.Retriever/Rebuild',
+                request_serializer=ragfleet_dot_v1_dot_retriever__pb2.RebuildRequest.SerializeToString,
+                response_deserializer=ragfleet_dot_v1_dot_retriever__pb2.RebuildResponse.FromString,
+                _registered_method=True)
 
 
 class RetrieverServicer:
@@ -107,6 +112,15 @@ class RetrieverServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rebuild(self, request, context):
+        """Rebuilds an approximate index's search structure from what it holds (colbert: new centroids and
+        codes) as one transaction V -> V+1. Dense and bm25 have nothing to rebuild and answer with their
+        current version, unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrieverServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +153,11 @@ def add_RetrieverServicer_to_server(servicer, server):
                     servicer.ListIndexes,
                     request_deserializer=ragfleet_dot_v1_dot_retriever__pb2.ListIndexesRequest.FromString,
                     response_serializer=ragfleet_dot_v1_dot_retriever__pb2.ListIndexesResponse.SerializeToString,
+            ),
+            'Rebuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebuild,
+                    request_deserializer=ragfleet_dot_v1_dot_retriever__pb2.RebuildRequest.FromString,
+                    response_serializer=ragfleet_dot_v1_dot_retriever__pb2.RebuildResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +322,33 @@ class Retriever:
             '/ragfleet.v1.Retriever/ListIndexes',
             ragfleet_dot_v1_dot_retriever__pb2.ListIndexesRequest.SerializeToString,
             ragfleet_dot_v1_dot_retriever__pb2.ListIndexesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ragfleet.v1.Retriever/Rebuild',
+            ragfleet_dot_v1_dot_retriever__pb2.RebuildRequest.SerializeToString,
+            ragfleet_dot_v1_dot_retriever__pb2.RebuildResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,5 @@
+"""Triton kernels, each beside a plain PyTorch reference and one dispatcher (`backend="auto"`).
+
+On a CUDA device the dispatchers run the Triton kernel; elsewhere they run the reference. Tests run the
+Triton code itself on the CPU under `TRITON_INTERPRET=1` (small shapes, fp32/fp16).
+"""

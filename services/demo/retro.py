@@ -1,0 +1,187 @@
+"""The demo's Retro checkpoint: trained on the demo corpus the first time the demo runs, then reused.
+
+`ensure_demo_model` keeps `<home>/models/retro` (the Generator's default checkpoint) holding a model
+trained for the current demo corpus; train.json's `demo_fingerprint` says which corpus, questions and
+settings it was made with, and a mismatch (or no model) trains a new one, replacing what is there.
+
+The model learns two things from the running fleet, with neighbours retrieved exactly as they are when
+served: (a) language modelling on the corpus, each chunk's neighbours retrieved from the demo index.
+Unlike RETRO, a chunk's own document is not excluded: its passage then holds the tokens to predict, and
+that dense copying signal is what teaches a small model, within minutes, to take answers from its
+neighbours (held-out documents still exclude it, so their perplexity stays honest); (b) answering `corpus.training_questions()`, questions in
+the demo's style about the 32 islands the demo does not ask about, laid out as the Generator's prompts
+with the question's top passages (all of the index's retrievers, fused, as the Pipeline's Ask does) as
+neighbours. The demo's own 8 questions are never trained on: answering them needs the retrieved passage.
+
+Afterwards the 8 demo questions are answered in-process (greedy `retro.decode.generate` with the passages
+the Pipeline retrieves) and the number of answers that contain the expected one is printed and stored in
+train.json. The sizes below keep training within about three minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from services.demo.corpus import demo_documents, demo_questions, training_questions
+from services.generator.retro.data import load_tokenizer, prompt_ids
+from services.generator.retro.decode import DecodeParams, DecodeResult, Neighbour, generate
+from services.generator.retro.model import RetroConfig, RetroModel
+from services.generator.retro.train import (
+    TRAIN_FILE,
+    PipelineRetrieval,
+    TrainProgress,
+    TrainSettings,
+    train_retro,
+)
+from services.runtime.storage import atomic_write_json
+
+TOKENIZER = "all-MiniLM-L6-v2"
+# Demo passages are whole documents of 42–65 tokens, and prompts fit in 32 tokens: chunks of 32 and
+# neighbours of 64 tokens cover them with a quarter of the compute of RETRO's 64 / 128.
+MODEL = {
+    "d_model": 128,
+    "n_layers": 4,
+    "n_heads": 4,
+    "d_ff": 512,
+    "chunk_size": 32,
+    "num_neighbours": 2,
+    "neighbour_len": 64,
+    "cca_start": 1,
+    "cca_every": 1,
+    "encoder_layers": 2,
+    "max_seq_len": 128,
+}
+SETTINGS = TrainSettings(
+    steps=600,
+    batch_size=16,
+    seq_len=64,
+    lr=2e-3,
+    warmup=50,
+    decay_fraction=0.3,
+    eval_fraction=0.1,
+    checkpoint_every=600,
+    exclude_own_document=False,
+)
+MAX_ANSWER_TOKENS = 24
+
+
+def model_dir(home: Path) -> Path:
+    """Where the Generator looks for its checkpoint by default."""
+    return Path(home) / "models" / "retro"
+
+
+def demo_fingerprint() -> str:
+    """Changes whenever the corpus, the training questions or the training recipe does."""
+    recipe = {
+        "documents": demo_documents(),
+        "questions": training_questions(),
+        "model": MODEL,
+        "settings": SETTINGS.__dict__,
+        "tokenizer": TOKENIZER,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_demo_model(client: Any, home: Path, console: Console, index: str = "demo") -> Path:
+    """The demo's checkpoint folder, training it first (through `client`, on `index`) unless it is current."""
+    path = model_dir(home)
+    record = path / TRAIN_FILE
+    fingerprint = demo_fingerprint()
+    if record.is_file() and json.loads(record.read_text()).get("demo_fingerprint") == fingerprint:
+        console.print(f"using the demo's Retro model at {path}")
+        return path
+    train_demo_model(client, path, console, index=index, extra={"demo_fingerprint": fingerprint})
+    return path
+
+
+def train_demo_model(
+    client: Any,
+    out: Path,
+    console: Console,
+    *,
+    index: str = "demo",
+    model: dict[str, Any] = MODEL,
+    settings: TrainSettings = SETTINGS,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Trains the demo model into `out` (starting afresh), answers the demo questions with it, and returns
+    train.json's content, which then includes `demo` (the answers and how many are right)."""
+    tokenizer = load_tokenizer(TOKENIZER)
+    config = RetroConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **model)
+    for stale in ("checkpoints", "neighbours"):
+        shutil.rmtree(Path(out) / stale, ignore_errors=True)
+    retrieval = PipelineRetrieval(client, index, retrievers=None)
+    pairs = [(q["question"], q["answer"]) for q in training_questions()]
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("training the demo's Retro model", total=None)
+
+        def show(p: TrainProgress) -> None:
+            loss = f", loss {p.loss:.3f}" if p.loss is not None else ""
+            bar.update(task, completed=p.done, total=p.total, description=f"Retro: {p.stage}{loss}")
+
+        record = train_retro(
+            retrieval,
+            demo_documents(),
+            Path(out),
+            config=config,
+            settings=settings,
+            qa=pairs,
+            tokenizer=TOKENIZER,
+            extra=extra,
+            progress=show,
+        )
+    answers = answer_demo_questions(RetroModel.load(Path(out)).eval(), client, index)
+    right = sum(a["right"] for a in answers)
+    record["demo"] = {"right": right, "questions": len(answers), "answers": answers}
+    atomic_write_json(Path(out) / TRAIN_FILE, record)
+    console.print(
+        f"trained the demo's Retro model in {record['seconds']:.0f} s: held-out perplexity "
+        f"{_ppl(record['eval']['ppl_retrieval'])} with retrieval, {_ppl(record['eval']['ppl_no_retrieval'])} "
+        f"without; {right}/{len(answers)} demo answers right in-process"
+    )
+    return record
+
+
+def _ppl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def answer_demo_questions(model: RetroModel, client: Any, index: str) -> list[dict[str, Any]]:
+    """Greedy answers to the demo questions, conditioned on the passages the Pipeline retrieves for them."""
+    from services.demo.run import contains_answer
+
+    tokenizer = load_tokenizer(TOKENIZER)
+    answers = []
+    for q in demo_questions():
+        found = client.search(q["question"], index=index, top_k=model.config.num_neighbours)
+        passages = [
+            Neighbour(r.passage.id, r.passage.doc_id, r.passage.title, r.passage.text, r.continuation.text)
+            for r in found.results
+        ]
+        prompt = prompt_ids(tokenizer, q["question"], model.config.chunk_size)
+        *_, result = generate(
+            model, tokenizer, prompt, passages, None, DecodeParams(max_tokens=MAX_ANSWER_TOKENS)
+        )
+        assert isinstance(result, DecodeResult)
+        answers.append(
+            {
+                "question": q["question"],
+                "expected": q["answer"],
+                "answer": result.text,
+                "right": contains_answer(result.text, q["answer"]),
+            }
+        )
+    return answers

@@ -1,0 +1,464 @@
+"""`ragfleet train colbert`: trains the projection of a ColBERT encoder by distillation from a teacher.
+
+No ColBERT weights ship offline here, so the default student is MiniLM's transformer with an untrained
+projection (`ColbertEncoder.load("all-MiniLM-L6-v2")`). The transformer stays frozen and only the
+projection (hidden -> 128) is trained: each text's transformer outputs are computed once up front, and a
+step is a matrix product, a MaxSim and a loss, so a useful run takes minutes on a CPU.
+
+Data, one example per query with its candidate passages:
+- `beir`: a BEIR folder's queries judged in `split` (default "train"; report on "test"), their relevant
+  documents (relevance > 0) as positives, passage text = title + text as the retrievers index it.
+- `corpus` (JSONL, read as `ragfleet ingest` reads it): no queries exist, so each passage with at least
+  two sentences yields a pseudo-query, the inverse cloze task of Lee et al. (2019): one of its sentences
+  (picked by the seed) is the query and the rest of the passage is the positive. The source passage
+  itself is never a candidate (it contains the query verbatim).
+
+Candidates: the dense bi-encoder (`dense_model`, MiniLM by default) ranks the whole corpus exactly (faiss
+flat inner product); a query's candidates are its positives then the top-ranked others, `candidates` in
+all. Teacher scores: `teacher="dense"` uses that bi-encoder's cosine similarities (softmax temperature
+0.05, as cosines differ by tenths); `teacher="cross-encoder:PATH"` rescoring the same candidates with a
+sentence-transformers CrossEncoder (raw logits, temperature 1) is the stronger choice where such a model
+exists — none ships offline here.
+
+Loss, per query over its candidates, with student scores s = MaxSim(query, candidate) (unscaled, as in
+ColBERTv2): KL(softmax(teacher / T) || softmax(s)) + ce_weight * (-log of the softmax mass on the
+positives). AdamW on the projection; batches follow a fixed per-epoch permutation of the examples drawn
+from (seed, epoch), so a run is deterministic.
+
+Checkpoints go to `out/checkpoints/step-NNNNNNNN/` (projection and AdamW state as safetensors, step and
+run settings as JSON) every `checkpoint_every` steps and at the end; `resume=True` continues from the
+last one and ends with the same weights as an uninterrupted run. The result is a full ColBERT
+checkpoint at `out` in the Hugging Face layout `ColbertEncoder.load` reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from kernels.maxsim import maxsim_reference
+from services.evaluator.beir import load_beir
+from services.retriever.backend import passage_text
+from services.retriever.colbert.encoder import TRAINING_STATE_DIR, ColbertEncoder, project_tokens
+from services.retriever.passages import Passage
+from services.runtime.errors import invalid_argument
+from services.runtime.storage import atomic_write_json, fsync_dir, fsync_tree
+
+DEFAULT_BASE = "all-MiniLM-L6-v2"
+DEFAULT_DENSE_MODEL = "all-MiniLM-L6-v2"
+CROSS_ENCODER_PREFIX = "cross-encoder:"
+DENSE_TEMPERATURE = 0.05
+CROSS_ENCODER_TEMPERATURE = 1.0
+MIN_QUERY_WORDS = 4
+# Documents whose transformer outputs are computed per progress-bar update.
+ENCODE_CHUNK = 256
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_CHECKPOINT = re.compile(r"step-(\d{8})")
+
+
+@dataclass
+class TrainingSet:
+    """Queries, the texts their candidates point into, and the teacher's view of each candidate list."""
+
+    queries: list[str]
+    texts: list[str]
+    candidates: np.ndarray  # (n_queries, n_candidates) int64 indices into `texts`
+    positives: np.ndarray  # (n_queries, n_candidates) bool
+    teacher: np.ndarray  # (n_queries, n_candidates) float32 teacher scores
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for text in (*self.queries, *(self.texts[i] for i in np.unique(self.candidates))):
+            digest.update(text.encode("utf-8") + b"\0")
+        for array in (self.candidates, self.positives, self.teacher):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+
+@dataclass
+class Pairs:
+    """Queries and passages before candidate mining: positives[i] index `texts`, only the first
+    `searchable` texts are ranked, and exclude[i] (a text index or -1) is never a candidate of query i."""
+
+    queries: list[str]
+    texts: list[str]
+    positives: list[list[int]]
+    searchable: int
+    exclude: list[int]
+
+
+def beir_pairs(folder: Path, split: str = "train", max_queries: int | None = None, seed: int = 0) -> Pairs:
+    """The split's judged queries with their relevant documents as positives."""
+    data = load_beir(folder, split)
+    doc_ids = list(data.corpus)
+    row = {doc_id: i for i, doc_id in enumerate(doc_ids)}
+    texts = [passage_text(Passage(d, d, 0, data.corpus[d]["title"], data.corpus[d]["text"])) for d in doc_ids]
+    queries, positives = [], []
+    for qid, text in data.queries.items():
+        relevant = [row[d] for d, rel in data.qrels[qid].items() if rel > 0 and d in row]
+        if relevant:
+            queries.append(text)
+            positives.append(sorted(relevant))
+    keep = _sample(len(queries), max_queries, seed)
+    queries, positives = [queries[i] for i in keep], [positives[i] for i in keep]
+    return Pairs(queries, texts, positives, searchable=len(texts), exclude=[-1] * len(queries))
+
+
+def pseudo_query_pairs(path: Path, max_queries: int | None = None, seed: int = 0) -> Pairs:
+    """Inverse-cloze pairs from a JSONL corpus: a sentence as the query, the rest of its passage as the
+    positive (appended to the texts after the searchable corpus), the passage itself excluded."""
+    from ragfleet._common import iter_documents
+
+    texts = [passage_text(Passage(d.id, d.id, 0, d.title, d.text)) for d in iter_documents(path)]
+    rng = np.random.default_rng(seed)
+    found: list[tuple[int, str, str]] = []
+    for source, text in enumerate(texts):
+        sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+        usable = [i for i, s in enumerate(sentences) if len(s.split()) >= MIN_QUERY_WORDS]
+        if len(sentences) < 2 or not usable:
+            continue
+        pick = usable[int(rng.integers(len(usable)))]
+        rest = " ".join(sentences[:pick] + sentences[pick + 1 :])
+        found.append((source, sentences[pick], rest))
+    found = [found[i] for i in _sample(len(found), max_queries, seed)]
+    searchable = len(texts)
+    return Pairs(
+        queries=[query for _, query, _ in found],
+        texts=texts + [rest for _, _, rest in found],
+        positives=[[searchable + i] for i in range(len(found))],
+        searchable=searchable,
+        exclude=[source for source, _, _ in found],
+    )
+
+
+def _sample(n: int, limit: int | None, seed: int) -> list[int]:
+    if limit is None or n <= limit:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, size=limit, replace=False).tolist())
+
+
+def build_training_set(
+    pairs: Pairs,
+    *,
+    dense_model: str = DEFAULT_DENSE_MODEL,
+    teacher: str = "dense",
+    candidates: int = 32,
+    progress: bool = True,
+) -> TrainingSet:
+    """Mines each query's candidates with the dense bi-encoder and scores them with the teacher."""
+    import faiss
+
+    from services.runtime.models import load_sentence_transformer
+
+    _check_teacher(teacher)
+    if not pairs.queries:
+        raise invalid_argument(
+            "data",
+            "no training queries (no judged query with a relevant document in the "
+            "corpus, or no passage with two sentences)",
+        )
+    dense = load_sentence_transformer(dense_model)
+    text_vectors = dense.encode(
+        pairs.texts, batch_size=64, normalize_embeddings=True, show_progress_bar=progress
+    )
+    query_vectors = dense.encode(pairs.queries, batch_size=64, normalize_embeddings=True)
+    index = faiss.IndexFlatIP(text_vectors.shape[1])
+    index.add(np.ascontiguousarray(text_vectors[: pairs.searchable], dtype=np.float32))
+    depth = min(pairs.searchable, candidates + max(map(len, pairs.positives)) + 1)
+    _, ranked = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), depth)
+
+    lists = []
+    for positives, exclude, row in zip(pairs.positives, pairs.exclude, ranked, strict=True):
+        positives = positives[: max(1, candidates // 2)]
+        others = [int(i) for i in row if i >= 0 and i != exclude and i not in positives]
+        lists.append(positives + others[: candidates - len(positives)])
+    width = min(map(len, lists))
+    if width < 2:
+        raise invalid_argument("data", "the corpus is too small: every query needs at least 2 candidates")
+    chosen = np.array([c[:width] for c in lists], dtype=np.int64)
+    is_positive = np.array([np.isin(c, p) for p, c in zip(pairs.positives, chosen, strict=True)])
+
+    if teacher == "dense":
+        scores = np.einsum("qe,qce->qc", query_vectors, text_vectors[chosen])
+    else:
+        scores = _cross_encoder_scores(teacher.removeprefix(CROSS_ENCODER_PREFIX), pairs, chosen, progress)
+    return TrainingSet(pairs.queries, pairs.texts, chosen, is_positive, scores.astype(np.float32))
+
+
+def _check_teacher(teacher: str) -> None:
+    if not (teacher == "dense" or teacher.startswith(CROSS_ENCODER_PREFIX)):
+        raise invalid_argument("teacher", f"expected 'dense' or 'cross-encoder:PATH', got {teacher!r}")
+
+
+def _cross_encoder_scores(path: str, pairs: Pairs, chosen: np.ndarray, progress: bool) -> np.ndarray:
+    from sentence_transformers import CrossEncoder
+
+    from services.runtime.models import resolve_model
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    model = CrossEncoder(resolve_model(path), local_files_only=offline or Path(path).exists())
+    inputs = [(pairs.queries[q], pairs.texts[t]) for q in range(len(chosen)) for t in chosen[q]]
+    logits = model.predict(
+        inputs, batch_size=32, activation_fn=torch.nn.Identity(), show_progress_bar=progress
+    )
+    return np.asarray(logits, dtype=np.float32).reshape(chosen.shape)
+
+
+class StudentInputs:
+    """The frozen transformer's outputs for every training text: queries (n, Lq, hidden) and the kept
+    document tokens of each candidate text, packed into one (tokens, hidden) float16 tensor."""
+
+    def __init__(self, encoder: ColbertEncoder, data: TrainingSet, progress: bool) -> None:
+        self.queries = encoder.query_hidden_states(data.queries)
+        used = np.unique(data.candidates)
+        self.slot = np.full(len(data.texts), -1, dtype=np.int64)
+        self.slot[used] = np.arange(len(used))
+        parts: list[torch.Tensor] = []
+        bar = tqdm(total=len(used), desc="transformer outputs", unit="doc", disable=not progress)
+        for start in range(0, len(used), ENCODE_CHUNK):
+            chunk = [data.texts[i] for i in used[start : start + ENCODE_CHUNK]]
+            parts.extend(encoder.document_hidden_states(chunk, dtype=torch.float16))
+            bar.update(len(chunk))
+        bar.close()
+        self.lengths = torch.tensor([len(p) for p in parts], dtype=torch.int64)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), self.lengths.cumsum(0)])
+        self.tokens = torch.cat(parts)
+
+    def documents(self, texts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded (len(texts), max tokens, hidden) float32 outputs and the token counts."""
+        slots = self.slot[texts]
+        lengths = self.lengths[slots]
+        out = torch.zeros(len(slots), int(lengths.max()), self.tokens.shape[1])
+        for row, slot in enumerate(slots):
+            out[row, : lengths[row]] = self.tokens[self.offsets[slot] : self.offsets[slot + 1]]
+        return out, lengths
+
+
+def distillation_loss(
+    weight: torch.Tensor,
+    inputs: StudentInputs,
+    data: TrainingSet,
+    batch: np.ndarray,
+    temperature: float,
+    ce_weight: float,
+) -> torch.Tensor:
+    """KL(teacher || student) over each query's candidates, plus ce_weight times the positives' NLL."""
+    queries = project_tokens(inputs.queries[torch.from_numpy(batch)], weight)  # (B, Lq, dim)
+    query_lengths = torch.full((1,), queries.shape[1], dtype=torch.int64)
+    hidden, lengths = inputs.documents(data.candidates[batch].reshape(-1))
+    docs = project_tokens(hidden, weight).view(len(batch), data.candidates.shape[1], hidden.shape[1], -1)
+    lengths = lengths.view(len(batch), -1)
+    student = torch.stack(
+        [
+            maxsim_reference(queries[b : b + 1], query_lengths, docs[b], lengths[b])[0]
+            for b in range(len(batch))
+        ]
+    )
+    target = torch.log_softmax(torch.from_numpy(data.teacher[batch]) / temperature, dim=1)
+    log_probs = torch.log_softmax(student, dim=1)
+    kl = torch.nn.functional.kl_div(log_probs, target, log_target=True, reduction="batchmean")
+    positives = torch.from_numpy(data.positives[batch])
+    nll = -torch.logsumexp(log_probs.masked_fill(~positives, float("-inf")), dim=1).mean()
+    return kl + ce_weight * nll
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """Examples of `step` (0-based): positions [step*B, (step+1)*B) of the epochs' permutations laid end to
+    end, epoch e being the permutation drawn from (seed, e); so any step's batch is known without state."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, within = np.divmod(positions, n)
+    orders = {e: np.random.default_rng([seed, e]).permutation(n) for e in set(epochs.tolist())}
+    return np.array([orders[e][j] for e, j in zip(epochs.tolist(), within.tolist(), strict=True)])
+
+
+def train_colbert(
+    *,
+    out: Path,
+    beir: Path | None = None,
+    split: str = "train",
+    corpus: Path | None = None,
+    base: str = DEFAULT_BASE,
+    dense_model: str = DEFAULT_DENSE_MODEL,
+    teacher: str = "dense",
+    steps: int = 300,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    candidates: int = 32,
+    temperature: float | None = None,
+    ce_weight: float = 1.0,
+    max_queries: int | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains the projection of `base` (see the module docstring); returns the run's metrics."""
+    started = time.perf_counter()
+    if (beir is None) == (corpus is None):
+        raise invalid_argument(
+            "beir", "give exactly one of a BEIR folder (--beir) or a JSONL corpus (--corpus)"
+        )
+    for field, value, low in (
+        ("steps", steps, 1),
+        ("batch_size", batch_size, 1),
+        ("candidates", candidates, 2),
+        ("checkpoint_every", checkpoint_every, 1),
+    ):
+        if value < low:
+            raise invalid_argument(field, f"must be at least {low}, got {value}")
+    for field, value in (("lr", lr), ("temperature", temperature)):
+        if value is not None and value <= 0:
+            raise invalid_argument(field, f"must be positive, got {value}")
+    if ce_weight < 0:
+        raise invalid_argument("ce_weight", f"must not be negative, got {ce_weight}")
+    _check_teacher(teacher)
+    out = Path(out)
+    checkpoints = out / TRAINING_STATE_DIR
+    latest = _latest_checkpoint(checkpoints)
+    if latest is not None and not resume:
+        raise invalid_argument(
+            "resume", f"{checkpoints} holds a run; resume it or choose another output folder"
+        )
+
+    pairs = (
+        beir_pairs(beir, split, max_queries, seed) if beir else pseudo_query_pairs(corpus, max_queries, seed)
+    )
+    data = build_training_set(
+        pairs, dense_model=dense_model, teacher=teacher, candidates=candidates, progress=progress
+    )
+    if temperature is None:
+        temperature = DENSE_TEMPERATURE if teacher == "dense" else CROSS_ENCODER_TEMPERATURE
+    run = {
+        "base": base,
+        "dense_model": dense_model,
+        "teacher": teacher,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "temperature": temperature,
+        "ce_weight": ce_weight,
+        "data": data.fingerprint(),
+    }
+
+    encoder = ColbertEncoder.load(base, device=device)
+    weight = torch.nn.Parameter(encoder.projection.detach().cpu().clone())
+    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=0.0)
+    step, losses = 0, []
+    if latest is not None:
+        step, losses = _load_checkpoint(latest, run, weight, optimizer)
+    start_step = step
+    inputs = StudentInputs(encoder, data, progress)
+
+    n = len(data.queries)
+    bar = tqdm(total=steps, initial=min(step, steps), desc="train colbert", unit="step", disable=not progress)
+    while step < steps:
+        loss = distillation_loss(
+            weight, inputs, data, batch_indices(step, batch_size, n, seed), temperature, ce_weight
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if step % checkpoint_every == 0 or step == steps:
+            _save_checkpoint(checkpoints, step, run, weight, optimizer, losses)
+    bar.close()
+
+    metrics = {
+        "steps": step,
+        "start_step": start_step,
+        "examples": n,
+        "candidates": int(data.candidates.shape[1]),
+        "initial_loss": float(np.mean(losses[:10])) if losses else None,
+        "final_loss": float(np.mean(losses[-10:])) if losses else None,
+        "loss_curve": _curve(losses),
+        "seconds": round(time.perf_counter() - started, 1),
+        "out": str(out),
+    }
+    encoder.projection = weight.detach().to(device).clone()
+    encoder.metadata["ragfleet_training"] = {
+        **run,
+        "steps": step,
+        "final_loss": metrics["final_loss"],
+        "data_source": str(beir or corpus),
+        "split": split if beir else None,
+    }
+    encoder.save(out)
+    return metrics
+
+
+def _curve(losses: list[float], points: int = 20) -> list[list[float]]:
+    """[step, mean loss of the steps since the previous point] at up to `points` evenly spaced steps."""
+    if not losses:
+        return []
+    ends = sorted({max(1, round(len(losses) * (i + 1) / points)) for i in range(points)})
+    starts = [0, *ends[:-1]]
+    return [[end, round(float(np.mean(losses[s:end])), 5)] for s, end in zip(starts, ends, strict=True)]
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    found = (
+        sorted(p for p in folder.glob("step-*") if _CHECKPOINT.fullmatch(p.name)) if folder.is_dir() else []
+    )
+    return found[-1] if found else None
+
+
+def _save_checkpoint(
+    folder: Path,
+    step: int,
+    run: dict[str, Any],
+    weight: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    losses: list[float],
+) -> None:
+    """step-NNNNNNNN/ written in a temporary folder and renamed; older checkpoints are then removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    (state,) = optimizer.state_dict()["state"].values()
+    save_file({"weight": weight.detach().contiguous()}, tmp / "projection.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "optimizer.safetensors")
+    atomic_write_json(tmp / "state.json", {"step": step, "run": run, "losses": losses})
+    fsync_tree(tmp)
+    final = folder / f"step-{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(folder)
+    for old in folder.iterdir():
+        if old != final and (_CHECKPOINT.fullmatch(old.name) or old.name.startswith(".tmp-")):
+            shutil.rmtree(old)
+
+
+def _load_checkpoint(
+    folder: Path, run: dict[str, Any], weight: torch.Tensor, optimizer: torch.optim.Optimizer
+) -> tuple[int, list[float]]:
+    state = json.loads((folder / "state.json").read_text())
+    changed = sorted(k for k in run if state["run"].get(k) != run[k])
+    if changed:
+        raise invalid_argument(
+            "resume",
+            f"{folder} was trained with other settings or data ({', '.join(changed)}); "
+            "a resumed run must use the same ones",
+        )
+    with torch.no_grad():
+        weight.copy_(load_file(folder / "projection.safetensors")["weight"])
+    adam = load_file(folder / "optimizer.safetensors")
+    optimizer.load_state_dict({"state": {0: adam}, "param_groups": optimizer.state_dict()["param_groups"]})
+    return int(state["step"]), [float(x) for x in state["losses"]]

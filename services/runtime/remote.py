@@ -1,0 +1,44 @@
+"""Calling another ragfleet service from inside one: a channel, the metadata its endpoint needs, and
+how its failures are reported to our own caller.
+
+Services reach each other only through the generated `ragfleet` stubs. Behind Ray Serve's gRPC proxy
+the `application` metadata picks the service; the caller's request id, deadline and bearer token are
+forwarded on every hop.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+import ragfleet
+from services.runtime.context import RETRIEVER_KEY, CallContext
+from services.runtime.errors import ServiceError
+from services.runtime.settings import Endpoint
+
+
+class Remote:
+    """A channel to one service plus the metadata its endpoint needs (the Serve application).
+
+    Make it on the event loop that serves calls: a grpc.aio channel belongs to one loop.
+    """
+
+    def __init__(self, endpoint: Endpoint, stub_cls: type, retriever: str | None = None) -> None:
+        self.endpoint = endpoint
+        self.retriever = retriever
+        self.stub = stub_cls(ragfleet.make_channel(endpoint.address, aio=True))
+
+    def metadata(self, ctx: CallContext) -> list[tuple[str, str]]:
+        md = ctx.outgoing_metadata()
+        if self.retriever:
+            md.append((RETRIEVER_KEY, self.retriever))
+        if self.endpoint.application:
+            md.append(("application", self.endpoint.application))
+        return md
+
+
+def relay(err: grpc.aio.AioRpcError, who: str) -> ServiceError:
+    """A downstream failure keeps its status code; the message says which service answered."""
+    code = err.code()
+    if code == grpc.StatusCode.UNKNOWN:
+        code = grpc.StatusCode.INTERNAL
+    return ServiceError(code, f"{who}: {err.details()}")
