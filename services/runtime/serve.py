@@ -46,6 +46,9 @@ def _method(method: RpcMethod) -> Any:
             except ServiceError as err:
                 grpc_context.set_code(err.code)
                 grpc_context.set_details(err.message)
+                # Serve's proxy copies the context's status only along with a message, or when the
+                # method then raises: a stream that ends here would otherwise end OK.
+                raise
 
         handler = streaming
     else:

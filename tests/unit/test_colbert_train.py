@@ -16,9 +16,10 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from typer.testing import CliRunner
 
 from services.cli import app
+from services.retriever.colbert import train
 from services.retriever.colbert.encoder import ColbertEncoder
 from services.retriever.colbert.train import (
-    StudentInputs,
+    DistillationInputs,
     batch_indices,
     beir_pairs,
     build_training_set,
@@ -97,7 +98,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path, tin
     metrics = train_colbert(out=out, beir=beir_folder, base=tiny_base, steps=30, checkpoint_every=10, **TINY)
     assert metrics["steps"] == 30 and metrics["start_step"] == 0 and metrics["examples"] == len(TRAIN_QRELS)
     assert metrics["loss_curve"][-1][0] == 30 and metrics["final_loss"] < metrics["initial_loss"]
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000030"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["inputs.safetensors", "step-00000030"]
 
     base = ColbertEncoder.load(tiny_base)
     trained = ColbertEncoder.load(str(out))
@@ -105,16 +106,16 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path, tin
     assert json.loads((out / "artifact.metadata").read_text())["ragfleet_training"]["steps"] == 30
     # The loss over every example, before and after, with the same data the run used.
     data = build_training_set(beir_pairs(beir_folder, "train"), candidates=6, progress=False)
-    inputs = StudentInputs(base, data, progress=False)
+    inputs = DistillationInputs.compute(base, data, progress=False)
     everything = np.arange(len(data.queries))
     with torch.no_grad():
-        before = distillation_loss(base.projection, inputs, data, everything, 0.05, 1.0)
-        after = distillation_loss(trained.projection, inputs, data, everything, 0.05, 1.0)
+        before = distillation_loss(base.projection, inputs, everything, 0.05, 1.0)
+        after = distillation_loss(trained.projection, inputs, everything, 0.05, 1.0)
     assert after < 0.8 * before
 
 
 def test_resume_continues_at_the_last_checkpoint_and_ends_where_an_uninterrupted_run_does(
-    tmp_path, tiny_base, beir_folder
+    tmp_path, tiny_base, beir_folder, monkeypatch
 ):
     whole = train_colbert(
         out=tmp_path / "a", beir=beir_folder, base=tiny_base, steps=8, checkpoint_every=3, **TINY
@@ -122,7 +123,9 @@ def test_resume_continues_at_the_last_checkpoint_and_ends_where_an_uninterrupted
     first = train_colbert(
         out=tmp_path / "b", beir=beir_folder, base=tiny_base, steps=5, checkpoint_every=3, **TINY
     )
-    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-00000005"]
+    assert (tmp_path / "b" / "checkpoints" / "step-00000005").is_dir()
+    # The resumed run reads the saved inputs instead of running the teacher and the transformer again.
+    monkeypatch.setattr(train, "build_training_set", lambda *a, **kw: pytest.fail("inputs recomputed"))
     rest = train_colbert(
         out=tmp_path / "b", beir=beir_folder, base=tiny_base, steps=8, checkpoint_every=3, resume=True, **TINY
     )

@@ -33,9 +33,10 @@ Search (PLAID, Santhanam et al. 2022), for a query Q (Lq, dim):
   3. The same score over all of their tokens' centroids; keep the best ndocs/4 (at least k).
   4. Decompress those passages' tokens and score them with exact MaxSim (`kernels.maxsim`).
 Returned scores are MaxSim scores of the decompressed tokens, comparable with `search_exhaustive`'s
-(exact MaxSim of the uncompressed tokens). Ties go to the smaller rowid. With an `allowed` set of at most
-`ndocs` live passages, stage 1 is skipped and all of them are candidates, so a selective filter cannot
-starve the result.
+(exact MaxSim of the uncompressed tokens). `SearchParams.rerank_uncompressed` scores the stored
+uncompressed tokens in stage 4 instead, which takes the compression error out of the final ranking at the
+same cost. Ties go to the smaller rowid. With an `allowed` set of at most `ndocs` live passages, stage 1
+is skipped and all of them are candidates, so a selective filter cannot starve the result.
 
 Searches read inverted lists and codes of candidates only; nothing loads a whole segment. In memory per
 passage stay its live flag and its first token's offset.
@@ -71,11 +72,16 @@ _NO_PASSAGE = np.iinfo(np.int64).max
 
 @dataclass(frozen=True)
 class SearchParams:
-    """PLAID's knobs: centroids probed per query token, the pruning threshold, and the stage-2 pool."""
+    """PLAID's knobs: centroids probed per query token, the pruning threshold, and the stage-2 pool.
+
+    `rerank_uncompressed` makes stage 4 score the stored fp16 tokens instead of decompressing residuals
+    (PLAID's way): the same cost for the ndocs/4 passages scored, and scores equal to `search_exhaustive`'s.
+    """
 
     ncells: int
     centroid_score_threshold: float
     ndocs: int
+    rerank_uncompressed: bool = False
 
     def __post_init__(self) -> None:
         if self.ncells < 1:
@@ -282,12 +288,10 @@ class PlaidIndex:
         if meta.get("format") != FORMAT:
             raise failed_precondition(f"{directory / META_FILE}: unknown format {meta.get('format')!r}")
         codec = None
-        if meta["codec"] is not None:
-            arrays = {
-                k: np.array(v)
-                for k, v in _open(directory, _codec_prefix(meta["codec"]), CODEC_ARRAYS).items()
-            }
-            codec = ResidualCodec(arrays["centroids"], arrays["cutoffs"], arrays["weights"], meta["nbits"])
+        if meta["codec"] is not None:  # small, and read whole by every search: not memory-mapped
+            prefix = _codec_prefix(meta["codec"])
+            arrays = {name: np.load(directory / f"{prefix}.{name}.npy") for name in CODEC_ARRAYS}
+            codec = ResidualCodec(**arrays, nbits=meta["nbits"])
         dead = np.load(directory / TOMBSTONES_FILE)
         segments = []
         for segment_id in meta["segments"]:
@@ -305,8 +309,7 @@ class PlaidIndex:
         if any(directory.iterdir()):
             raise failed_precondition(f"{directory}: a PLAID index is saved into an empty folder")
         if self._codec is not None:
-            codec_arrays = {"centroids": self._codec.centroids, "cutoffs": self._codec.cutoffs}
-            codec_arrays["weights"] = self._codec.weights
+            codec_arrays = {name: getattr(self._codec, name) for name in CODEC_ARRAYS}
             _store(codec_arrays, _codec_prefix(self._codec_id), self._codec_source, directory)
         for segment in self._segments:
             _store(segment.arrays, _segment_prefix(segment.id), segment.source, directory)
@@ -378,16 +381,24 @@ class PlaidIndex:
                 raise invalid_argument(f"embeddings[{i}]", "expected finite floats")
         if len(np.unique(ids)) != len(ids):
             raise invalid_argument("rowids", "contain duplicates")
-        present = [
-            s.arrays["rowids"][s.live][np.isin(s.arrays["rowids"][s.live], ids)] for s in self._segments
-        ]
-        if any(len(p) for p in present):
-            raise invalid_argument("rowids", f"{int(np.concatenate(present)[0])} is already in the index")
+        for segment in self._segments:
+            held = segment.arrays["rowids"][segment.live]
+            clash = held[np.isin(held, ids)]
+            if len(clash):
+                raise invalid_argument("rowids", f"{int(clash[0])} is already in the index")
         vectors = np.concatenate([np.asarray(m, np.float16) for m in embeddings])
         doclens = np.array([len(m) for m in embeddings], np.int32)
         if self._codec is None:
-            self._set_codec(ResidualCodec.train(vectors, self.nbits))
-        self._segments.append(_Segment.build(self._new_id(), ids, vectors, doclens, self._codec))
+            codec, codec_id = ResidualCodec.train(vectors, self.nbits), self._next_id
+            segment_id = codec_id + 1
+        else:
+            codec, codec_id, segment_id = self._codec, self._codec_id, self._next_id
+        segment = _Segment.build(segment_id, ids, vectors, doclens, codec)
+        # Nothing below can fail: the index changes only now.
+        if codec is not self._codec:
+            self._codec, self._codec_id, self._codec_source = codec, codec_id, None
+        self._segments.append(segment)
+        self._next_id = segment_id + 1
 
     def remove(self, rowids: Sequence[int]) -> None:
         """Tombstones the passages `rowids` (rowids not in the index are ignored)."""
@@ -404,23 +415,19 @@ class PlaidIndex:
             rowids.append(segment.arrays["rowids"][local])
             doclens.append(segment.arrays["doclens"][local])
             vectors.append(segment.tokens("vectors", local))
-        self._segments = []
-        if not rowids or not sum(len(r) for r in rowids):
-            self._codec, self._codec_source = None, None
+        if not any(len(r) for r in rowids):
+            self._segments, self._codec, self._codec_source = [], None, None
             return
         all_vectors = np.concatenate(vectors)
-        self._set_codec(ResidualCodec.train(all_vectors, self.nbits))
+        codec_id, segment_id = self._next_id, self._next_id + 1
+        codec = ResidualCodec.train(all_vectors, self.nbits)
         segment = _Segment.build(
-            self._new_id(), np.concatenate(rowids), all_vectors, np.concatenate(doclens), self._codec
+            segment_id, np.concatenate(rowids), all_vectors, np.concatenate(doclens), codec
         )
+        # Nothing below can fail: the index changes only now.
+        self._codec, self._codec_id, self._codec_source = codec, codec_id, None
         self._segments = [segment]
-
-    def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id - 1
-
-    def _set_codec(self, codec: ResidualCodec) -> None:
-        self._codec, self._codec_id, self._codec_source = codec, self._new_id(), None
+        self._next_id = segment_id + 1
 
     # -- search ------------------------------------------------------------------------------------
 
@@ -452,10 +459,13 @@ class PlaidIndex:
         codes, lengths = self._tokens("codes", candidates)
         approximate = _centroid_interaction(scores, codes, lengths)
         candidates = np.sort(candidates[_best(approximate, candidates, max(k, params.ndocs // 4))])
-        # Stage 4: exact MaxSim of the decompressed tokens.
-        codes, lengths = self._tokens("codes", candidates)
-        residuals, _ = self._tokens("residuals", candidates)
-        tokens = self._codec.decompress(codes, residuals)
+        # Stage 4: exact MaxSim of the decompressed (or the stored uncompressed) tokens.
+        if params.rerank_uncompressed:
+            tokens, lengths = self._tokens("vectors", candidates)
+        else:
+            codes, lengths = self._tokens("codes", candidates)
+            residuals, _ = self._tokens("residuals", candidates)
+            tokens = self._codec.decompress(codes, residuals)
         exact = self._maxsim(q, _padded(tokens, _offsets(lengths), lengths), lengths)
         return self._results(exact, self._rowids(candidates), k)
 

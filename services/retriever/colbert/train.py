@@ -27,8 +27,11 @@ from (seed, epoch), so a run is deterministic.
 
 Checkpoints go to `out/checkpoints/step-NNNNNNNN/` (projection and AdamW state as safetensors, step and
 run settings as JSON) every `checkpoint_every` steps and at the end; `resume=True` continues from the
-last one and ends with the same weights as an uninterrupted run. The result is a full ColBERT
-checkpoint at `out` in the Hugging Face layout `ColbertEncoder.load` reads.
+last one and ends with the same weights as an uninterrupted run. The precomputed inputs (teacher scores,
+transformer outputs; ~0.8 GB for SciFact) are kept in `out/checkpoints/inputs.safetensors`, keyed by the
+data and the model names, so a resumed run skips both transformer passes; delete `out/checkpoints` to
+reclaim the space once no more training is planned. The result is a full ColBERT checkpoint at `out` in
+the Hugging Face layout `ColbertEncoder.load` reads.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -67,25 +71,8 @@ MIN_QUERY_WORDS = 4
 ENCODE_CHUNK = 256
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _CHECKPOINT = re.compile(r"step-(\d{8})")
-
-
-@dataclass
-class TrainingSet:
-    """Queries, the texts their candidates point into, and the teacher's view of each candidate list."""
-
-    queries: list[str]
-    texts: list[str]
-    candidates: np.ndarray  # (n_queries, n_candidates) int64 indices into `texts`
-    positives: np.ndarray  # (n_queries, n_candidates) bool
-    teacher: np.ndarray  # (n_queries, n_candidates) float32 teacher scores
-
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        for text in (*self.queries, *(self.texts[i] for i in np.unique(self.candidates))):
-            digest.update(text.encode("utf-8") + b"\0")
-        for array in (self.candidates, self.positives, self.teacher):
-            digest.update(np.ascontiguousarray(array).tobytes())
-        return digest.hexdigest()
+# The precomputed training inputs, beside the step checkpoints (large: the transformer outputs).
+INPUTS_FILE = "inputs.safetensors"
 
 
 @dataclass
@@ -98,6 +85,23 @@ class Pairs:
     positives: list[list[int]]
     searchable: int
     exclude: list[int]
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps([self.positives, self.searchable, self.exclude]).encode())
+        for text in (*self.queries, *self.texts):
+            digest.update(text.encode("utf-8") + b"\0")
+        return digest.hexdigest()
+
+
+@dataclass
+class TrainingSet:
+    """Queries, the texts their candidates point into, and the teacher's view of each candidate list."""
+
+    queries: list[str]
+    texts: list[str]
+    candidates: np.ndarray  # (n_queries, n_candidates) int64 indices into `texts`
+    positives: np.ndarray  # (n_queries, n_candidates) bool
+    teacher: np.ndarray  # (n_queries, n_candidates) float32 teacher scores
 
 
 def beir_pairs(folder: Path, split: str = "train", max_queries: int | None = None, seed: int = 0) -> Pairs:
@@ -217,15 +221,28 @@ def _cross_encoder_scores(path: str, pairs: Pairs, chosen: np.ndarray, progress:
     return np.asarray(logits, dtype=np.float32).reshape(chosen.shape)
 
 
-class StudentInputs:
-    """The frozen transformer's outputs for every training text: queries (n, Lq, hidden) and the kept
-    document tokens of each candidate text, packed into one (tokens, hidden) float16 tensor."""
+class DistillationInputs:
+    """Everything a training step reads, as tensors: the frozen transformer's outputs for the queries
+    (n, Lq, hidden) and for the kept tokens of every candidate text (packed into one (tokens + 1, hidden)
+    float16 tensor whose last row is zeros, for padding), each query's candidates as rows of that packing,
+    which of them are positives, and the teacher's scores. Saved to and loaded from one safetensors file,
+    so a resumed run skips the expensive transformer passes."""
 
-    def __init__(self, encoder: ColbertEncoder, data: TrainingSet, progress: bool) -> None:
-        self.queries = encoder.query_hidden_states(data.queries)
-        used = np.unique(data.candidates)
-        self.slot = np.full(len(data.texts), -1, dtype=np.int64)
-        self.slot[used] = np.arange(len(used))
+    FIELDS = ("queries", "tokens", "offsets", "lengths", "candidates", "positives", "teacher")
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.queries = tensors["queries"]  # (n, Lq, hidden) float32
+        self.tokens = tensors["tokens"]  # (tokens + 1, hidden) float16
+        self.offsets = tensors["offsets"]  # (texts,) first row of each text in `tokens`
+        self.lengths = tensors["lengths"]  # (texts,)
+        self.candidates = tensors["candidates"]  # (n, N) text numbers
+        self.positives = tensors["positives"]  # (n, N) bool
+        self.teacher = tensors["teacher"]  # (n, N) float32
+
+    @classmethod
+    def compute(cls, encoder: ColbertEncoder, data: TrainingSet, progress: bool) -> DistillationInputs:
+        used, slots = np.unique(data.candidates, return_inverse=True)
         parts: list[torch.Tensor] = []
         bar = tqdm(total=len(used), desc="transformer outputs", unit="doc", disable=not progress)
         for start in range(0, len(used), ENCODE_CHUNK):
@@ -233,44 +250,74 @@ class StudentInputs:
             parts.extend(encoder.document_hidden_states(chunk, dtype=torch.float16))
             bar.update(len(chunk))
         bar.close()
-        self.lengths = torch.tensor([len(p) for p in parts], dtype=torch.int64)
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), self.lengths.cumsum(0)])
-        self.tokens = torch.cat(parts)
+        lengths = torch.tensor([len(p) for p in parts], dtype=torch.int64)
+        parts.append(torch.zeros(1, encoder.hidden_size, dtype=torch.float16))
+        return cls(
+            {
+                "queries": encoder.query_hidden_states(data.queries),
+                "tokens": torch.cat(parts),
+                "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]]),
+                "lengths": lengths,
+                "candidates": torch.from_numpy(slots.reshape(data.candidates.shape).astype(np.int64)),
+                "positives": torch.from_numpy(data.positives),
+                "teacher": torch.from_numpy(data.teacher),
+            }
+        )
 
-    def documents(self, texts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded (len(texts), max tokens, hidden) float32 outputs and the token counts."""
-        slots = self.slot[texts]
-        lengths = self.lengths[slots]
-        out = torch.zeros(len(slots), int(lengths.max()), self.tokens.shape[1])
-        for row, slot in enumerate(slots):
-            out[row, : lengths[row]] = self.tokens[self.offsets[slot] : self.offsets[slot + 1]]
-        return out, lengths
+    def save(self, path: Path, key: str) -> None:
+        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata={"key": key})
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+
+    @classmethod
+    def load(cls, path: Path, key: str) -> DistillationInputs | None:
+        """The inputs saved at `path` for the same data and models (`key`), else None."""
+        if not path.is_file():
+            return None
+        with safe_open(path, framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key or set(f.keys()) != set(cls.FIELDS):
+                return None
+        return cls(load_file(path))
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def documents(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded (len(rows), max tokens, hidden) float32 outputs of the packed texts `rows`, and their
+        token counts."""
+        lengths = self.lengths[rows]
+        positions = torch.arange(int(lengths.max()))
+        index = self.offsets[rows, None] + positions
+        index = index.masked_fill(positions >= lengths[:, None], len(self.tokens) - 1)
+        return self.tokens[index].float(), lengths
 
 
 def distillation_loss(
     weight: torch.Tensor,
-    inputs: StudentInputs,
-    data: TrainingSet,
+    inputs: DistillationInputs,
     batch: np.ndarray,
     temperature: float,
     ce_weight: float,
 ) -> torch.Tensor:
     """KL(teacher || student) over each query's candidates, plus ce_weight times the positives' NLL."""
-    queries = project_tokens(inputs.queries[torch.from_numpy(batch)], weight)  # (B, Lq, dim)
+    batch = torch.from_numpy(batch)
+    candidates = inputs.candidates[batch]  # (B, N)
+    queries = project_tokens(inputs.queries[batch], weight)  # (B, Lq, dim)
+    hidden, lengths = inputs.documents(candidates.reshape(-1))
+    docs = project_tokens(hidden, weight).view(*candidates.shape, hidden.shape[1], -1)
     query_lengths = torch.full((1,), queries.shape[1], dtype=torch.int64)
-    hidden, lengths = inputs.documents(data.candidates[batch].reshape(-1))
-    docs = project_tokens(hidden, weight).view(len(batch), data.candidates.shape[1], hidden.shape[1], -1)
-    lengths = lengths.view(len(batch), -1)
+    # unbind, not docs[b]: indexing would make the backward pass add B full-size gradients.
     student = torch.stack(
         [
-            maxsim_reference(queries[b : b + 1], query_lengths, docs[b], lengths[b])[0]
-            for b in range(len(batch))
+            maxsim_reference(q[None], query_lengths, d, n)[0]
+            for q, d, n in zip(queries.unbind(), docs.unbind(), lengths.view(candidates.shape).unbind())
         ]
     )
-    target = torch.log_softmax(torch.from_numpy(data.teacher[batch]) / temperature, dim=1)
+    target = torch.log_softmax(inputs.teacher[batch] / temperature, dim=1)
     log_probs = torch.log_softmax(student, dim=1)
     kl = torch.nn.functional.kl_div(log_probs, target, log_target=True, reduction="batchmean")
-    positives = torch.from_numpy(data.positives[batch])
+    positives = inputs.positives[batch]
     nll = -torch.logsumexp(log_probs.masked_fill(~positives, float("-inf")), dim=1).mean()
     return kl + ce_weight * nll
 
@@ -337,22 +384,12 @@ def train_colbert(
     pairs = (
         beir_pairs(beir, split, max_queries, seed) if beir else pseudo_query_pairs(corpus, max_queries, seed)
     )
-    data = build_training_set(
-        pairs, dense_model=dense_model, teacher=teacher, candidates=candidates, progress=progress
-    )
     if temperature is None:
         temperature = DENSE_TEMPERATURE if teacher == "dense" else CROSS_ENCODER_TEMPERATURE
-    run = {
-        "base": base,
-        "dense_model": dense_model,
-        "teacher": teacher,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "temperature": temperature,
-        "ce_weight": ce_weight,
-        "data": data.fingerprint(),
-    }
+    models = {"base": base, "dense_model": dense_model, "teacher": teacher, "candidates": candidates}
+    key = hashlib.sha256(json.dumps({"pairs": pairs.fingerprint(), **models}).encode()).hexdigest()
+    run = {**models, "batch_size": batch_size, "lr": lr, "seed": seed, "temperature": temperature}
+    run.update(ce_weight=ce_weight, data=key)
 
     encoder = ColbertEncoder.load(base, device=device)
     weight = torch.nn.Parameter(encoder.projection.detach().cpu().clone())
@@ -361,13 +398,20 @@ def train_colbert(
     if latest is not None:
         step, losses = _load_checkpoint(latest, run, weight, optimizer)
     start_step = step
-    inputs = StudentInputs(encoder, data, progress)
+    inputs = DistillationInputs.load(checkpoints / INPUTS_FILE, key)
+    if inputs is None:
+        data = build_training_set(
+            pairs, dense_model=dense_model, teacher=teacher, candidates=candidates, progress=progress
+        )
+        inputs = DistillationInputs.compute(encoder, data, progress)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        inputs.save(checkpoints / INPUTS_FILE, key)
 
-    n = len(data.queries)
+    n = len(inputs)
     bar = tqdm(total=steps, initial=min(step, steps), desc="train colbert", unit="step", disable=not progress)
     while step < steps:
         loss = distillation_loss(
-            weight, inputs, data, batch_indices(step, batch_size, n, seed), temperature, ce_weight
+            weight, inputs, batch_indices(step, batch_size, n, seed), temperature, ce_weight
         )
         optimizer.zero_grad()
         loss.backward()
@@ -384,7 +428,7 @@ def train_colbert(
         "steps": step,
         "start_step": start_step,
         "examples": n,
-        "candidates": int(data.candidates.shape[1]),
+        "candidates": int(inputs.candidates.shape[1]),
         "initial_loss": float(np.mean(losses[:10])) if losses else None,
         "final_loss": float(np.mean(losses[-10:])) if losses else None,
         "loss_curve": _curve(losses),
@@ -443,7 +487,10 @@ def _save_checkpoint(
     fsync_dir(folder)
     for old in folder.iterdir():
         if old != final and (_CHECKPOINT.fullmatch(old.name) or old.name.startswith(".tmp-")):
-            shutil.rmtree(old)
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
 
 
 def _load_checkpoint(
