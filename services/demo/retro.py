@@ -9,9 +9,10 @@ served: (a) language modelling on the corpus, each chunk's neighbours retrieved 
 Unlike RETRO, a chunk's own document is not excluded: its passage then holds the tokens to predict, and
 that dense copying signal is what teaches a small model, within minutes, to take answers from its
 neighbours (held-out documents still exclude it, so their perplexity stays honest); (b) answering
-`corpus.training_questions()`, questions in the demo's style about the 32 islands the demo does not ask about, laid out as the Generator's prompts
-with the question's top passages (all of the index's retrievers, fused, as the Pipeline's Ask does) as
-neighbours. The demo's own 8 questions are never trained on: answering them needs the retrieved passage.
+`corpus.training_questions()`, questions in the demo's style about the 32 islands the demo does not
+ask about, laid out as the Generator's prompts with the question's top passages (all of the index's
+retrievers, fused, as the Pipeline's Ask does) as neighbours. The demo's own 8 questions are never
+trained on: answering them needs the retrieved passage.
 
 Afterwards the 8 demo questions are answered in-process (greedy `retro.decode.generate` with the passages
 the Pipeline retrieves) and the number of answers that contain the expected one is printed and stored in
