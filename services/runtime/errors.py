@@ -19,6 +19,10 @@ class ServiceError(Exception):
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
 
+    def __reduce__(self) -> tuple[type[ServiceError], tuple[grpc.StatusCode, str]]:
+        # Ray Serve pickles a replica's exception to its proxy; the default would call cls(message).
+        return ServiceError, (self.code, self.message)
+
 
 def invalid_argument(field: str, problem: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")

@@ -197,3 +197,11 @@ async def test_a_rewritten_checkpoint_is_reloaded(checkpoint, retriever, tokeniz
     save_model(tokenizer, checkpoint, seed=1)
     after = (await stream(service, request()))[-1].done
     assert before.model_id != after.model_id and after.model_id.startswith(f"retro:{checkpoint}@")
+
+
+def test_service_errors_survive_pickling() -> None:
+    # Under Ray Serve a replica's ServiceError is pickled to the proxy, which answers with its code.
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "params.top_p: too big")))
+    assert (err.code, err.message) == (grpc.StatusCode.INVALID_ARGUMENT, "params.top_p: too big")
