@@ -9,10 +9,11 @@ of its topics, each with fresh noise, so the exact top 10 are passages sharing m
 
 One index per `--nbits` is built with `PlaidIndex.add` (centroids and codec trained on the whole corpus),
 saved and loaded back memory-mapped, as the Retriever serves it. Every query runs exhaustive MaxSim over the
-uncompressed tokens (`search_exhaustive`), then PLAID with `SearchParams.for_k(k)` on each index (stage 4
-on decompressed residuals, as published) and with `rerank_uncompressed` (stage 4 on the stored fp16
-tokens; with PLAID's ndocs and with 4x that). Rows give p50/p99 per query, the speed-ups over exhaustive
-search and the mean top-k overlap with it. Run:
+uncompressed tokens (`search_exhaustive`), then PLAID with the Retriever's defaults (`SearchParams.for_k(k)`:
+stage 4 on the stored fp16 tokens), with PLAID's published ndocs (a quarter of ours), and on every index
+with stage 4 on decompressed residuals (`compressed_rerank`) at both ndocs, the last being PLAID as
+published. Rows give p50/p99 per query, the speed-ups over exhaustive search and the mean top-k overlap
+with it. Run:
 `python -m bench.colbert [--passages 50000 --queries 100 --tokens 40]`.
 """
 
@@ -116,15 +117,15 @@ def main() -> None:
             facts[nbits] = index.save(Path(tmp) / f"nbits{nbits}")
             indexes[nbits] = PlaidIndex.load(Path(tmp) / f"nbits{nbits}")
         del passages, index
-        # (method, nbits, params): PLAID as published on every index; then, on the first, stage 4 on the
-        # uncompressed tokens (stages 1-3 use centroids only, the same for every nbits), with PLAID's
-        # ndocs and with 4x as many (stage 3 then keeps ndocs/4 = 4x as many passages for stage 4).
+        # (method, nbits, params). Stages 1-3 use centroids only and fp16 tokens are the same in every
+        # index, so only the compressed stage 4 differs by nbits.
         first = args.nbits[0]
-        uncompressed = dataclasses.replace(params, rerank_uncompressed=True)
-        wider = dataclasses.replace(uncompressed, ndocs=4 * params.ndocs)
-        variants = [(f"plaid-{n}bit", n, params) for n in args.nbits]
-        variants.append((f"plaid-{first}bit-rerank-fp16", first, uncompressed))
-        variants.append((f"plaid-{first}bit-rerank-fp16-ndocs{wider.ndocs}", first, wider))
+        published = dataclasses.replace(params, ndocs=params.ndocs // 4)
+        variants = [("plaid", first, params), (f"plaid-ndocs{published.ndocs}", first, published)]
+        for n in args.nbits:
+            for suffix, base in (("compressed", params), ("as-published", published)):
+                compressed = dataclasses.replace(base, compressed_rerank=True)
+                variants.append((f"plaid-{n}bit-{suffix}", n, compressed))
         # The exhaustive baseline reads the uncompressed tokens, the same in every index.
         baseline = indexes[first]
         for _name, nbits, variant in variants:
@@ -163,7 +164,7 @@ def main() -> None:
                 "embeddings": facts[nbits]["embeddings"],
                 "centroids": facts[nbits]["centroids"],
                 "index_bytes": facts[nbits]["bytes"],
-                # Of which the uncompressed fp16 tokens (read by exhaustive search and rerank-fp16 only).
+                # Of which the fp16 tokens (read by exhaustive search, and by stage 4 unless compressed).
                 "fp16_bytes": facts[nbits]["vector_bytes"],
                 "build_s": round(build_s[nbits], 1) if plaid else "-",
                 "queries": args.queries,

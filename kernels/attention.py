@@ -9,7 +9,8 @@ Masking:
              j <= Lk - Lq + i. With Lq == Lk this is the usual lower triangle; with Lq < Lk the queries are
              the last Lq positions of the sequence, which is what KV-cached decoding needs (Lq = 1 sees
              every key). With Lq > Lk the first Lq - Lk queries see no key.
-  k_lengths  `(batch,)` integers; in batch row b the keys at positions >= k_lengths[b] are padding.
+  k_lengths  `(batch,)` integers in [0, Lk]; in batch row b the keys at positions >= k_lengths[b] are padding.
+             Host tensors out of range are rejected; device ones are clamped (checking would sync).
 A query that sees no key at all gets a zero output row and zero gradients (never NaN).
 
 Backends: "torch" is `attention_reference` (matmul, mask, softmax in fp32, matmul; it is what models run
@@ -164,7 +165,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lengths: 
     if k_lengths is not None:
         if k_lengths.shape != (q.shape[0],) or k_lengths.is_floating_point() or k_lengths.is_complex():
             raise invalid_argument("k_lengths", f"must be integers of shape ({q.shape[0]},)")
-        if bool(((k_lengths < 0) | (k_lengths > k.shape[2])).any()):
+        # Reading values off a GPU would stall every call (decoding makes thousands), so only host
+        # tensors are range-checked; the kernel and the reference clamp device values into [0, Lk].
+        if k_lengths.device.type == "cpu" and bool(((k_lengths < 0) | (k_lengths > k.shape[2])).any()):
             raise invalid_argument("k_lengths", f"values must lie in [0, {k.shape[2]}]")
 
 
@@ -228,7 +231,7 @@ def _key_range(
     visible to every row; keys from `end` on to none."""
     end = LK
     if HAS_KLEN:
-        end = tl.minimum(tl.load(KLEN + b), LK)
+        end = tl.maximum(tl.minimum(tl.load(KLEN + b), LK), 0)
     full_end = end
     if CAUSAL:
         end = tl.minimum(end, start_m + BLOCK_M + LK - LQ)
@@ -561,7 +564,7 @@ def _dkdv_kernel(
 
     end = LK
     if HAS_KLEN:
-        end = tl.minimum(tl.load(KLEN + b), LK)
+        end = tl.maximum(tl.minimum(tl.load(KLEN + b), LK), 0)
     shift = LK - LQ
     # Query blocks [lo, mid_lo) and [mid_hi, LQ) need masks; in [mid_lo, mid_hi) every query exists and sees
     # every key of this block. Causal: query i sees key j when j <= i + shift.

@@ -302,6 +302,9 @@ def search(
     threshold: Annotated[
         float, typer.Option(help="ColBERT/PLAID: centroid score threshold (0: by k).")
     ] = 0.0,
+    compressed_rerank: Annotated[
+        bool, typer.Option(help="ColBERT/PLAID: final scores from decompressed residuals, not fp16 tokens.")
+    ] = False,
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -313,6 +316,7 @@ def search(
         "ncells": ncells,
         "ndocs": ndocs,
         "centroid_score_threshold": threshold,
+        "compressed_rerank": compressed_rerank,
     }
     with _client(address, token) as client:
         try:

@@ -44,6 +44,7 @@ class SearchOptions:
     ncells: int = 0
     centroid_score_threshold: float = 0.0
     ndocs: int = 0
+    compressed_rerank: bool = False
 
     def set_fields(self) -> list[str]:
         """Names of the options that differ from their defaults."""

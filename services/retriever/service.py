@@ -168,6 +168,7 @@ class RetrieverService:
             ncells=proto.ncells,
             centroid_score_threshold=proto.centroid_score_threshold,
             ndocs=proto.ndocs,
+            compressed_rerank=proto.compressed_rerank,
         )
         for name in ("ncells", "ndocs"):
             if getattr(options, name) < 0:

@@ -25,7 +25,7 @@ N_PASSAGES = 400
 NBITS = 2
 # Every centroid probed, nothing pruned, every candidate kept: PLAID's stages 1-3 lose nothing.
 GENEROUS = SearchParams(ncells=1 << 30, centroid_score_threshold=float("-inf"), ndocs=1 << 30)
-GENEROUS_UNCOMPRESSED = dataclasses.replace(GENEROUS, rerank_uncompressed=True)
+GENEROUS_COMPRESSED = dataclasses.replace(GENEROUS, compressed_rerank=True)
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +72,12 @@ def as_dict(passages: list[np.ndarray], first_rowid: int = 1000) -> dict[int, np
     return {first_rowid + i: p for i, p in enumerate(passages)}
 
 
-def test_search_params_for_k_are_plaids_defaults():
-    assert SearchParams.for_k(10) == SearchParams(1, 0.5, 256)
-    assert SearchParams.for_k(11) == SearchParams(2, 0.45, 1024)
-    assert SearchParams.for_k(100) == SearchParams(2, 0.45, 1024)
-    assert SearchParams.for_k(101) == SearchParams(4, 0.4, 4096)
-    assert SearchParams.for_k(2000) == SearchParams(4, 0.4, 8000)
+def test_search_params_for_k_are_plaids_defaults_with_4x_ndocs():
+    assert SearchParams.for_k(10) == SearchParams(1, 0.5, 1024)
+    assert SearchParams.for_k(11) == SearchParams(2, 0.45, 4096)
+    assert SearchParams.for_k(100) == SearchParams(2, 0.45, 4096)
+    assert SearchParams.for_k(101) == SearchParams(4, 0.4, 16384)
+    assert SearchParams.for_k(2000) == SearchParams(4, 0.4, 32000)
     with pytest.raises(ServiceError, match="k"):
         SearchParams.for_k(0)
 
@@ -85,27 +85,27 @@ def test_search_params_for_k_are_plaids_defaults():
 def test_generous_knobs_give_exhaustive_search_results(corpus, saved):
     index = PlaidIndex.load(saved)
     for q in corpus[1][:8]:
-        assert_same_hits(index.search(q, 10, GENEROUS_UNCOMPRESSED), index.search_exhaustive(q, 10))
+        assert_same_hits(index.search(q, 10, GENEROUS), index.search_exhaustive(q, 10))
 
 
 def test_generous_knobs_give_exact_maxsim_of_the_compressed_tokens(corpus, saved):
     index = PlaidIndex.load(saved)
     exact = Decompressed(index, as_dict(corpus[0]))
     for q in corpus[1][:8]:
-        assert_same_hits(index.search(q, 10, GENEROUS), exact.top(q, 10))
+        assert_same_hits(index.search(q, 10, GENEROUS_COMPRESSED), exact.top(q, 10))
 
 
 def test_default_knobs_find_the_exact_top10(corpus, saved):
     index = PlaidIndex.load(saved)
     params = SearchParams.for_k(10)
-    uncompressed = dataclasses.replace(params, rerank_uncompressed=True)
+    compressed = dataclasses.replace(params, compressed_rerank=True)
     decompressed_overlaps, uncompressed_overlaps = [], []
     for q in corpus[1]:
         exact = index.search_exhaustive(q, 10)
-        found = index.search(q, 10, params)
+        found = index.search(q, 10, compressed)
         assert found[0][0] == exact[0][0]
         decompressed_overlaps.append(overlap(found, exact, 10))
-        uncompressed_overlaps.append(overlap(index.search(q, 10, uncompressed), exact, 10))
+        uncompressed_overlaps.append(overlap(index.search(q, 10, params), exact, 10))
     # Scoring the decompressed tokens costs some of the exact top 10 (2-bit residuals); the pruning of
     # stages 1-3 costs almost nothing.
     assert np.mean(decompressed_overlaps) >= 0.9
@@ -183,7 +183,7 @@ def test_incremental_add_does_not_retrain(corpus, tmp_path):
     loaded = PlaidIndex.load(tmp_path / "v2")
     np.testing.assert_array_equal(loaded.codec.centroids, codec.centroids)
     for q in queries[:5]:
-        assert_same_hits(loaded.search(q, 10, GENEROUS_UNCOMPRESSED), loaded.search_exhaustive(q, 10))
+        assert_same_hits(loaded.search(q, 10, GENEROUS), loaded.search_exhaustive(q, 10))
 
 
 def test_rebuild_after_many_deletes(corpus, saved, tmp_path):
@@ -204,7 +204,7 @@ def test_rebuild_after_many_deletes(corpus, saved, tmp_path):
     for q in queries[:8]:
         exact = again.search_exhaustive(q, 10)
         assert {r for r, _ in exact} <= set(remaining)
-        assert_same_hits(again.search(q, 10, GENEROUS_UNCOMPRESSED), exact)
+        assert_same_hits(again.search(q, 10, GENEROUS), exact)
 
 
 def test_allowed_restricts_results(corpus, saved):
@@ -212,11 +212,11 @@ def test_allowed_restricts_results(corpus, saved):
     q = corpus[1][0]
     top = [r for r, _ in index.search_exhaustive(q, 20)]
     small = set(top[5:15]) | {1000, 1001}  # fewer than ndocs: all of them are candidates
-    params = dataclasses.replace(SearchParams.for_k(5), rerank_uncompressed=True)
-    assert_same_hits(index.search(q, 5, params, allowed=small), index.search_exhaustive(q, 5, allowed=small))
+    assert_same_hits(index.search(q, 5, allowed=small), index.search_exhaustive(q, 5, allowed=small))
     assert {r for r, _ in index.search_exhaustive(q, 50, allowed=small)} == small
     large = set(range(1000, 1000 + N_PASSAGES, 2))  # more than ndocs: PLAID's stages, filtered
-    assert {r for r, _ in index.search(q, 10, allowed=large)} <= large
+    narrow = dataclasses.replace(SearchParams.for_k(10), ndocs=64)
+    assert {r for r, _ in index.search(q, 10, narrow, allowed=large)} <= large
     exact = index.search_exhaustive(q, 10, allowed=large)
     assert {r for r, _ in exact} <= large and len(exact) == 10
     assert index.search(q, 10, allowed=set()) == [] and index.search_exhaustive(q, 10, allowed=set()) == []

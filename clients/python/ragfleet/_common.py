@@ -62,7 +62,8 @@ DocumentSource = str | os.PathLike[str] | Iterable[DocumentLike]
 SpecLike = common_pb2.IndexSpec | Mapping[str, Any] | None
 FusionLike = pipeline_pb2.Fusion | Mapping[str, Any] | str | None
 ParamsLike = common_pb2.GenerationParams | Mapping[str, Any] | None
-# {"exhaustive", "ncells", "centroid_score_threshold", "ndocs"}: tuning of approximate retrievers (colbert).
+# {"exhaustive", "ncells", "centroid_score_threshold", "ndocs", "compressed_rerank"}: tuning of
+# approximate retrievers (colbert).
 OptionsLike = common_pb2.SearchOptions | Mapping[str, Any] | None
 Filters = Mapping[str, Any] | None
 Names = str | Sequence[str] | None

@@ -129,13 +129,15 @@ class IndexSpec(_message.Message):
     def __init__(self, vector_store: _Optional[str] = ..., faiss_index: _Optional[str] = ..., model: _Optional[str] = ..., chunking: _Optional[_Union[ChunkingSpec, _Mapping]] = ..., retrievers: _Optional[_Iterable[str]] = ..., colbert_model: _Optional[str] = ..., nbits: _Optional[int] = ..., doc_maxlen: _Optional[int] = ...) -> None: ...
 
 class SearchOptions(_message.Message):
-    __slots__ = ("exhaustive", "ncells", "centroid_score_threshold", "ndocs")
+    __slots__ = ("exhaustive", "ncells", "centroid_score_threshold", "ndocs", "compressed_rerank")
     EXHAUSTIVE_FIELD_NUMBER: _ClassVar[int]
     NCELLS_FIELD_NUMBER: _ClassVar[int]
     CENTROID_SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     NDOCS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_RERANK_FIELD_NUMBER: _ClassVar[int]
     exhaustive: bool
     ncells: int
     centroid_score_threshold: float
     ndocs: int
-    def __init__(self, exhaustive: _Optional[bool] = ..., ncells: _Optional[int] = ..., centroid_score_threshold: _Optional[float] = ..., ndocs: _Optional[int] = ...) -> None: ...
+    compressed_rerank: bool
+    def __init__(self, exhaustive: _Optional[bool] = ..., ncells: _Optional[int] = ..., centroid_score_threshold: _Optional[float] = ..., ndocs: _Optional[int] = ..., compressed_rerank: _Optional[bool] = ...) -> None: ...
