@@ -12,7 +12,9 @@ neighbours (held-out documents still exclude it, so their perplexity stays hones
 `corpus.training_questions()`, questions in the demo's style about the 32 islands the demo does not
 ask about, laid out as the Generator's prompts with the question's top passages (all of the index's
 retrievers, fused, as the Pipeline's Ask does) as neighbours. The demo's own 8 questions are never
-trained on: answering them needs the retrieved passage.
+trained on: answering them needs the retrieved passage. The model has a copy head (`RetroConfig.copy_head`):
+without it, this recipe memorised the training islands' facts (training loss 0.45, held-out perplexity
+the same with and without retrieval) and answered none of the demo questions.
 
 Afterwards the 8 demo questions are answered in-process (greedy `retro.decode.generate` with the passages
 the Pipeline retrieves) and the number of answers that contain the expected one is printed and stored in
@@ -58,6 +60,7 @@ MODEL = {
     "cca_every": 1,
     "encoder_layers": 2,
     "max_seq_len": 128,
+    "copy_head": True,
 }
 SETTINGS = TrainSettings(
     steps=600,

@@ -59,8 +59,9 @@ def random_inputs(
 
 
 @torch.no_grad()
-def test_neighbours_of_chunk_u_condition_only_positions_from_its_last_token_on() -> None:
-    model = tiny_model()
+@pytest.mark.parametrize("copy_head", [False, True])
+def test_neighbours_of_chunk_u_condition_only_positions_from_its_last_token_on(copy_head: bool) -> None:
+    model = tiny_model(copy_head=copy_head)
     m = model.config.chunk_size
     ids, neighbours = random_inputs(model.config, 2, 15)
     base = model(ids, neighbours).logits
@@ -104,8 +105,9 @@ def test_cca_groups_follow_retro_alignment() -> None:
 
 
 @torch.no_grad()
-def test_cached_decoding_matches_full_forward() -> None:
-    model = tiny_model()
+@pytest.mark.parametrize("copy_head", [False, True])
+def test_cached_decoding_matches_full_forward(copy_head: bool) -> None:
+    model = tiny_model(copy_head=copy_head)
     m = model.config.chunk_size
     ids, neighbours = random_inputs(model.config, 2, 19)
     full = model(ids, neighbours).logits
@@ -131,6 +133,29 @@ def test_cached_decoding_without_retrieval_matches_full_forward() -> None:
     outputs = [model(ids[:, :5], cache=cache).logits]
     outputs += [model(ids[:, i : i + 1], cache=cache).logits for i in range(5, 13)]
     torch.testing.assert_close(torch.cat(outputs, dim=1), full, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_copy_head_mixes_in_the_neighbour_tokens_of_each_group() -> None:
+    model = tiny_model(copy_head=True)
+    m, vocab = model.config.chunk_size, model.config.vocab_size
+    ids, neighbours = random_inputs(model.config, 2, 15)
+    log_probs = model(ids, neighbours).logits
+    torch.testing.assert_close(log_probs.logsumexp(-1), torch.zeros(2, 15), atol=1e-5, rtol=0)
+    # A gate stuck at "copy" leaves only the group's neighbour tokens, weighted by the pointer attention.
+    with torch.no_grad():
+        model.copy.gate.weight.zero_()
+        model.copy.gate.bias.fill_(-50.0)
+    probs = model(ids, neighbours).logits.exp()
+    lm_only = model(ids).logits.softmax(-1)  # no neighbours: the LM head alone, as without a copy head
+    torch.testing.assert_close(probs[:, : m - 1], lm_only[:, : m - 1], atol=1e-5, rtol=0)
+    for position in range(m - 1, 15):
+        group = (position - m + 1) // m
+        allowed = torch.zeros(2, vocab, dtype=torch.bool)
+        allowed.scatter_(1, neighbours[:, group].flatten(1), True)
+        allowed[:, model.config.pad_token_id] = False  # padding is masked out of the pointer
+        assert bool((probs[:, position][~allowed] < 1e-9).all())
+        torch.testing.assert_close(probs[:, position][allowed].sum(), torch.tensor(2.0), atol=1e-4, rtol=0)
 
 
 @torch.no_grad()

@@ -95,6 +95,8 @@ def test_retrofit_config_errors(gpt2_path) -> None:
         RetrofitModel.from_pretrained(gpt2_path, chunk_size=4, neighbour_len=8)
     with pytest.raises(ValueError, match="d_model: the base model has 32"):
         RetrofitModel.from_pretrained(gpt2_path, d_model=64, **RETRO)
+    with pytest.raises(ValueError, match="copy_head: a retro-fitted model keeps"):
+        RetrofitModel.from_pretrained(gpt2_path, copy_head=True, **RETRO)
     model = RetrofitModel.from_pretrained(gpt2_path, **RETRO)
     ids, neighbours = inputs()
     with pytest.raises(ValueError, match="neighbours: expected shape"):

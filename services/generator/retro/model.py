@@ -15,6 +15,11 @@ Layout (RETRO, Borgeaud et al. 2022; the alignment rules are in ../shared/design
   neighbour tokens. The first m−1 tokens get no CCA. Query rotary positions are the position within the
   group plus m−1, key positions are each neighbour's token positions 0..r−1, so a query lines up with
   the neighbour token that continues the retrieved chunk.
+* With `RetroConfig.copy_head`, the output is a pointer-generator mixture (See et al. 2017): a one-head
+  CCA over the same groups gives a distribution over the group's neighbour tokens, which a per-position
+  gate mixes with the LM head's softmax; `logits` are then the mixture's log-probabilities. Without it a
+  small model has to carry a token's identity through CCA's values to copy it, and on the demo it
+  memorised facts instead of learning to read them; with it, copying only takes knowing where to look.
 
 Every attention goes through `kernels.attention.attention` (flash attention on a GPU, its PyTorch
 reference elsewhere). That kernel masks keys by length only, so arbitrary key masks (padding inside the
@@ -70,6 +75,7 @@ class RetroConfig:
     encoder_d_model: int | None = None  # None = d_model
     pad_token_id: int = 0
     tie_embeddings: bool = True
+    copy_head: bool = False  # pointer-generator output over the neighbour tokens (module docstring)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "chunk_size")
@@ -148,7 +154,8 @@ class RetroCache:
     # Encoded neighbours of every completed chunk: (B, length // m, k, r, d_enc) and their mask.
     encoded: torch.Tensor | None = None
     encoded_mask: torch.Tensor | None = None
-    # Per CCA layer: `ChunkedCrossAttention.project` of `encoded`, so each chunk is projected once.
+    # Per CCA layer (and -1 for the copy head's pointer): `ChunkedCrossAttention.project` of `encoded`, so
+    # each chunk is projected once.
     cca_projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -318,6 +325,25 @@ class ChunkedCrossAttention(nn.Module):
         out = self.attn.attend(q, keys, values, key_mask=key_mask).view(b, -1, d)[:, lead : lead + n - start]
         return F.pad(out, (0, 0, start, 0))
 
+    def probabilities(
+        self,
+        hidden: torch.Tensor,
+        encoded: torch.Tensor,
+        mask: torch.Tensor,
+        offset: int = 0,
+        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, int, int, int]:
+        """The attention of the tokens that get CCA over their group's k·r neighbour tokens, in plain torch
+        (the kernel returns no probabilities): (probs (B, G, H, m, k·r), start, first_group, lead) with the
+        layout of `_groups`; a group whose neighbours are all masked has all-zero rows."""
+        q, keys, _, key_mask, start, first, lead = self._queries_keys(
+            hidden, encoded, mask, offset, projected
+        )
+        scores = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)  # a fully masked group attends to nothing
+        return probs.view(hidden.shape[0], -1, *probs.shape[1:]), start, first, lead
+
     @torch.no_grad()
     def neighbour_weights(
         self,
@@ -328,20 +354,15 @@ class ChunkedCrossAttention(nn.Module):
         projected: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(B, C, k): softmax mass each neighbour of chunk u got from the tokens of `hidden` in group u,
-        averaged over heads and those tokens (plain torch; the kernel returns no probabilities)."""
+        averaged over heads and those tokens."""
         b, n, _ = hidden.shape
         c, k, r = mask.shape[1:4]
         weights = hidden.new_zeros(b, c, k, dtype=torch.float32)
         if offset + n < self.chunk_size:
             return weights
-        q, keys, _, key_mask, start, first, lead = self._queries_keys(
-            hidden, encoded, mask, offset, projected
-        )
-        scores = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)  # a fully masked group attends to nothing
+        probs, start, first, lead = self.probabilities(hidden, encoded, mask, offset, projected)
         m = self.chunk_size
-        per_neighbour = probs.view(b, -1, probs.shape[1], m, k, r).sum(-1).mean(2)  # (B, G, m, k)
+        per_neighbour = probs.view(*probs.shape[:4], k, r).sum(-1).mean(2)  # (B, G, m, k)
         rows = torch.arange(per_neighbour.shape[1] * m, device=hidden.device).view(-1, m)
         in_call = ((rows >= lead) & (rows < lead + n - start)).to(torch.float32)  # (G, m)
         summed = (per_neighbour * in_call[None, :, :, None]).sum(2)
@@ -349,6 +370,50 @@ class ChunkedCrossAttention(nn.Module):
             summed / in_call.sum(1).clamp(min=1)[None, :, None]
         )
         return weights
+
+
+class CopyHead(nn.Module):
+    """The pointer-generator output (module docstring): log of g·softmax(logits) + (1 − g)·copy, where copy
+    puts a one-head CCA's attention over the group's neighbour tokens onto their ids. Positions without
+    neighbours (the first m−1, or a group whose neighbours are all padding) keep the LM head's softmax.
+
+    `pointer` is a one-head CCA used for its queries, keys and alignment; its values are never read.
+    """
+
+    def __init__(self, config: RetroConfig) -> None:
+        super().__init__()
+        self.pointer = ChunkedCrossAttention(dataclasses.replace(config, n_heads=1))
+        self.gate = nn.Linear(config.d_model, 1)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        logits: torch.Tensor,
+        neighbours: torch.Tensor,
+        encoded: torch.Tensor,
+        mask: torch.Tensor,
+        offset: int = 0,
+        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """hidden (B, n, d) final states, logits (B, n, V), neighbours (B, C, k, r) ids, encoded/mask/
+        offset/projected as for CCA → log-probabilities (B, n, V) in float32."""
+        b, n, _ = hidden.shape
+        m = self.pointer.chunk_size
+        log_probs = logits.float().log_softmax(-1)
+        if offset + n < m:
+            return log_probs
+        probs, start, first, lead = self.pointer.probabilities(hidden, encoded, mask, offset, projected)
+        groups = probs.shape[1]
+        rows = slice(lead, lead + n - start)  # the group rows of this call's tokens hidden[:, start:]
+        attention = probs[:, :, 0].reshape(b, groups * m, -1)[:, rows]
+        ids = neighbours[:, first : first + groups].reshape(b, groups, 1, -1).expand(-1, -1, m, -1)
+        ids = ids.reshape(b, groups * m, -1)[:, rows].long()
+        copy = torch.zeros_like(log_probs[:, start:]).scatter_add_(2, ids, attention)
+        has_neighbours = mask[:, first : first + groups].flatten(2).any(-1).repeat_interleave(m, dim=1)
+        gate = torch.sigmoid(self.gate(hidden[:, start:]).float())
+        gate = torch.where(has_neighbours[:, rows, None], gate, torch.ones_like(gate))
+        mixed = gate * log_probs[:, start:].exp() + (1 - gate) * copy
+        return torch.cat([log_probs[:, :start], mixed.clamp_min(1e-12).log()], dim=1)
 
 
 class EncoderLayer(nn.Module):
@@ -496,6 +561,7 @@ class RetroModel(nn.Module):
         self.encoder = NeighbourEncoder(config, self.embed)
         self.norm = nn.RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.copy = CopyHead(config) if config.copy_head else None
         self.apply(init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -520,8 +586,10 @@ class RetroModel(nn.Module):
         """Logits for `input_ids` (B, n); with a cache, `input_ids` are the tokens after `cache.length`.
 
         `neighbours` (B, n_chunks, k, r) are the neighbours of chunks 0, 1, … of the whole sequence so far
-        (rows of chunks whose last token is not reached, and with a cache rows already encoded, are not
-        read); None = no retrieval. `neighbour_mask` defaults to `neighbours != pad_token_id`.
+        (rows of chunks whose last token is not reached are not read, nor with a cache rows already encoded,
+        unless the model has a copy head); None = no retrieval. `neighbour_mask` defaults to
+        `neighbours != pad_token_id`. With a copy head and neighbours, `logits` are log-probabilities (their
+        softmax is the same distribution).
         """
         cfg = self.config
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -562,7 +630,14 @@ class RetroModel(nn.Module):
             cache.length = total
         if weights is not None:
             weights = F.pad(weights, (0, 0, 0, -(-total // cfg.chunk_size) - weights.shape[1]))
-        return RetroOutput(logits=self.lm_head(self.norm(x)), neighbour_weights=weights)
+        x = self.norm(x)
+        logits = self.lm_head(x)
+        if self.copy is not None and encoded is not None:
+            if neighbours is None:
+                raise ValueError("neighbours: a copy-head model needs the neighbour ids of every chunk")
+            projected = None if cache is None else self._projected(-1, self.copy.pointer, encoded, cache)
+            logits = self.copy(x, logits, neighbours, encoded, encoded_mask, offset, projected)
+        return RetroOutput(logits=logits, neighbour_weights=weights)
 
     @staticmethod
     def _projected(

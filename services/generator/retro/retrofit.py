@@ -65,6 +65,8 @@ def retro_config_for(base: PretrainedConfig, **overrides: Any) -> RetroConfig:
         max_seq_len=getattr(base, "max_position_embeddings", None) or RetroConfig.max_seq_len,
         pad_token_id=pad if isinstance(pad, int) else 0,
     )
+    if overrides.get("copy_head"):
+        raise ValueError("copy_head: a retro-fitted model keeps its base model's LM head")
     for name in BASE_FIELDS:
         if name in overrides and overrides[name] != derived[name]:
             raise ValueError(
