@@ -17,7 +17,7 @@ The Pipeline's SearchBatch carries no `with_continuation`, so it runs concurrent
 
 Loop. AdamW (weight decay on matrices only), a warmup-stable-decay learning rate (`lr_at`), gradient
 clipping. The data order is a seeded permutation per epoch, so step s always sees the same batch.
-Every `checkpoint_every` steps `<out>/checkpoints/step-XXXXXX/` gets the model (`RetroModel.save`),
+Every `checkpoint_every` steps `<out>/checkpoints/step-<6-digit step>/` gets the model (`RetroModel.save`),
 the optimizer's tensors (safetensors) and the scalars (trainer.json); nothing is pickled. `resume`
 continues from the latest one. The final model is `<out>/config.json` + `model.safetensors`, then
 `<out>/train.json` (settings, losses, eval) written last, so a folder with train.json is complete.
