@@ -181,8 +181,8 @@ class _Names:
         return f"{self.word((2, 2))} {self.word((2, 3))}"
 
 
-def _islands() -> list[_Island]:
-    rng = random.Random(SEED)
+def _islands(seed: int = SEED) -> list[_Island]:
+    rng = random.Random(seed)
     names = _Names(rng)
     island_names = [names.word() for _ in range(ISLAND_COUNT)]
     populations = rng.sample(range(1_200, 48_000), ISLAND_COUNT)
@@ -221,7 +221,7 @@ def _islands() -> list[_Island]:
     return islands
 
 
-def _documents(island: _Island) -> list[dict]:
+def _documents(island: _Island, prefix: str = "") -> list[dict]:
     metadata = {"island": island.name, "region": island.region}
     texts = {
         "overview": (
@@ -262,7 +262,7 @@ def _documents(island: _Island) -> list[dict]:
     }
     return [
         {
-            "id": f"{island.slug}-{topic}",
+            "id": f"{prefix}{island.slug}-{topic}",
             "title": title,
             "text": text,
             "metadata": {**metadata, "topic": topic},
@@ -311,9 +311,9 @@ _MORE_TEMPLATES: tuple[_Template, ...] = (
 )
 
 
-def _question(island: _Island, template: _Template) -> dict:
+def _question(island: _Island, template: _Template, prefix: str = "") -> dict:
     topic, question, answer = template(island)
-    return {"question": question, "answer": answer, "doc_id": f"{island.slug}-{topic}"}
+    return {"question": question, "answer": answer, "doc_id": f"{prefix}{island.slug}-{topic}"}
 
 
 def demo_questions() -> list[dict]:
@@ -334,3 +334,23 @@ def training_questions() -> list[dict]:
         if n not in DEMO_ISLANDS
         for template in _DEMO_TEMPLATES + _MORE_TEMPLATES
     ]
+
+
+def generated_archipelago(n: int) -> tuple[list[dict], list[dict]]:
+    """Another archipelago made like the demo's from seed SEED + n (n >= 1): its documents (ids prefixed
+    "a<n>-") and, for every island, one question per template (the demo's and more).
+
+    Its names and facts are new, so a generator trained on it cannot answer from memory: it has to read
+    the answers from the retrieved passages, which is what the demo asks of it.
+    """
+    if n < 1:
+        raise ValueError(f"n: must be at least 1 (0 is the demo's own archipelago), got {n}")
+    prefix = f"a{n}-"
+    islands = _islands(SEED + n)
+    documents = [document for island in islands for document in _documents(island, prefix)]
+    questions = [
+        _question(island, template, prefix)
+        for island in islands
+        for template in _DEMO_TEMPLATES + _MORE_TEMPLATES
+    ]
+    return documents, questions

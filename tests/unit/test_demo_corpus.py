@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ragfleet.v1 import common_pb2
-from services.demo.corpus import demo_documents, demo_questions, training_questions
+from services.demo.corpus import demo_documents, demo_questions, generated_archipelago, training_questions
 from services.gateway.chunking import ChunkSettings, chunk_document
 
 
@@ -86,3 +88,18 @@ def test_training_questions_avoid_the_demo_islands_and_are_answered_by_their_doc
     for demo in demo_questions():
         template = demo["question"].replace(island_of[demo["doc_id"]], "{}")
         assert any(template.format(island_of[q["doc_id"]]) == q["question"] for q in questions)
+
+
+def test_generated_archipelagos_share_no_names_with_the_demo() -> None:
+    demo_words = {w for d in demo_documents() for w in d["text"].split() if w[:1].isupper()}
+    documents, questions = generated_archipelago(1)
+    assert (documents, questions) == generated_archipelago(1)
+    assert len(documents) == len(demo_documents())
+    assert all(d["id"].startswith("a1-") for d in documents)
+    assert not {d["metadata"]["island"] for d in documents} & demo_words
+    texts = {d["id"]: d["text"] for d in documents}
+    for question in questions:
+        assert question["answer"] in texts[question["doc_id"]]
+    assert {d["id"] for d in generated_archipelago(2)[0]}.isdisjoint(texts)
+    with pytest.raises(ValueError, match="^n: "):
+        generated_archipelago(0)

@@ -159,6 +159,21 @@ def test_copy_head_mixes_in_the_neighbour_tokens_of_each_group() -> None:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("copy_head", [False, True])
+def test_select_returns_the_full_outputs_of_the_chosen_positions(copy_head: bool) -> None:
+    model = tiny_model(copy_head=copy_head)
+    ids, neighbours = random_inputs(model.config, 2, 15)
+    select = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.5
+    select[0, 0] = select[1, -1] = True  # one position without neighbours, one with
+    full = model(ids, neighbours).logits
+    torch.testing.assert_close(model(ids, neighbours, select=select).logits, full[select], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="^select: "):
+        model(ids, neighbours, select=select[:, :-1])
+    with pytest.raises(ValueError, match="^select: "):
+        model(ids, neighbours, select=select.long())
+
+
+@torch.no_grad()
 def test_no_neighbours_means_cca_adds_nothing() -> None:
     model = tiny_model()
     ids, neighbours = random_inputs(model.config, 2, 12)

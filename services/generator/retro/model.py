@@ -394,9 +394,11 @@ class CopyHead(nn.Module):
         mask: torch.Tensor,
         offset: int = 0,
         projected: tuple[torch.Tensor, torch.Tensor] | None = None,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """hidden (B, n, d) final states, logits (B, n, V), neighbours (B, C, k, r) ids, encoded/mask/
-        offset/projected as for CCA → log-probabilities (B, n, V) in float32."""
+        """hidden (B, n, d) final states; logits (B, n, V), or (P, V) for the positions `select` (B, n)
+        picks; neighbours (B, C, k, r) ids; encoded/mask/offset/projected as for CCA → log-probabilities
+        shaped like `logits`, in float32."""
         b, n, _ = hidden.shape
         m = self.pointer.chunk_size
         log_probs = logits.float().log_softmax(-1)
@@ -408,12 +410,18 @@ class CopyHead(nn.Module):
         attention = probs[:, :, 0].reshape(b, groups * m, -1)[:, rows]
         ids = neighbours[:, first : first + groups].reshape(b, groups, 1, -1).expand(-1, -1, m, -1)
         ids = ids.reshape(b, groups * m, -1)[:, rows].long()
-        copy = torch.zeros_like(log_probs[:, start:]).scatter_add_(2, ids, attention)
         has_neighbours = mask[:, first : first + groups].flatten(2).any(-1).repeat_interleave(m, dim=1)
-        gate = torch.sigmoid(self.gate(hidden[:, start:]).float())
-        gate = torch.where(has_neighbours[:, rows, None], gate, torch.ones_like(gate))
-        mixed = gate * log_probs[:, start:].exp() + (1 - gate) * copy
-        return torch.cat([log_probs[:, :start], mixed.clamp_min(1e-12).log()], dim=1)
+        # Every position gets a row; the first `start` get no pointer.
+        attention, ids = (F.pad(t, (0, 0, start, 0)) for t in (attention, ids))
+        has_neighbours = F.pad(has_neighbours[:, rows], (start, 0))
+        gate = torch.sigmoid(self.gate(hidden).float())
+        if select is not None:
+            attention, ids, has_neighbours, gate = (t[select] for t in (attention, ids, has_neighbours, gate))
+        copying = has_neighbours.nonzero(as_tuple=True)  # the vocabulary-sized work is done only there
+        generated = log_probs[copying].exp()
+        copy = torch.zeros_like(generated).scatter_add_(-1, ids[copying], attention[copying])
+        mixed = gate[copying] * generated + (1 - gate[copying]) * copy
+        return log_probs.index_put(copying, mixed.clamp_min(1e-12).log())
 
 
 class EncoderLayer(nn.Module):
@@ -582,6 +590,7 @@ class RetroModel(nn.Module):
         neighbour_mask: torch.BoolTensor | None = None,
         cache: RetroCache | None = None,
         output_neighbour_weights: bool = False,
+        select: torch.BoolTensor | None = None,
     ) -> RetroOutput:
         """Logits for `input_ids` (B, n); with a cache, `input_ids` are the tokens after `cache.length`.
 
@@ -589,7 +598,9 @@ class RetroModel(nn.Module):
         (rows of chunks whose last token is not reached are not read, nor with a cache rows already encoded,
         unless the model has a copy head); None = no retrieval. `neighbour_mask` defaults to
         `neighbours != pad_token_id`. With a copy head and neighbours, `logits` are log-probabilities (their
-        softmax is the same distribution).
+        softmax is the same distribution). `select` (B, n) limits the output to the positions it marks:
+        `logits` is then (P, vocab), P positions in row-major order, so training pays for the
+        vocabulary-sized head only where it takes a loss (answer tokens).
         """
         cfg = self.config
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -606,6 +617,11 @@ class RetroModel(nn.Module):
         if total > cfg.max_seq_len:
             raise ValueError(f"input_ids: {total} tokens exceed max_seq_len {cfg.max_seq_len}")
         mask = check_neighbours(cfg, b, total, neighbours, neighbour_mask)
+        if select is not None and (select.shape != input_ids.shape or select.dtype != torch.bool):
+            raise ValueError(
+                f"select: expected a bool tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                f"got {select.dtype} {tuple(select.shape)}"
+            )
 
         positions = torch.arange(offset, total, device=input_ids.device)
         x = self.embed(input_ids)
@@ -631,12 +647,12 @@ class RetroModel(nn.Module):
         if weights is not None:
             weights = F.pad(weights, (0, 0, 0, -(-total // cfg.chunk_size) - weights.shape[1]))
         x = self.norm(x)
-        logits = self.lm_head(x)
+        logits = self.lm_head(x if select is None else x[select])
         if self.copy is not None and encoded is not None:
             if neighbours is None:
                 raise ValueError("neighbours: a copy-head model needs the neighbour ids of every chunk")
             projected = None if cache is None else self._projected(-1, self.copy.pointer, encoded, cache)
-            logits = self.copy(x, logits, neighbours, encoded, encoded_mask, offset, projected)
+            logits = self.copy(x, logits, neighbours, encoded, encoded_mask, offset, projected, select)
         return RetroOutput(logits=logits, neighbour_weights=weights)
 
     @staticmethod

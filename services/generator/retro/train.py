@@ -429,16 +429,16 @@ def lm_loss(
 ) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over the labelled positions, and how many there are.
 
-    Columns after the batch's last labelled position are cut first (short answers in long rows).
+    Columns after the batch's last labelled position are cut first (short answers in long rows), and the
+    output head runs only where a label is.
     """
     labelled = (labels != IGNORE).any(0).nonzero()
     end = int(labelled.max()) + 1 if len(labelled) else labels.shape[1]
-    tokens, labels = tokens[:, :end], labels[:, :end]
-    logits = model(tokens, neighbours).logits[:, :-1]
-    targets = labels[:, 1:]
-    count = int((targets != IGNORE).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
-    return loss, count
+    tokens, targets = tokens[:, :end], labels[:, 1:end]
+    predicts = targets != IGNORE  # position t predicts token t + 1
+    logits = model(tokens, neighbours, select=F.pad(predicts, (0, 1))).logits
+    count = int(predicts.sum())
+    return F.cross_entropy(logits, targets[predicts]), count
 
 
 @torch.no_grad()
