@@ -290,7 +290,7 @@ _DEMO_TEMPLATES: tuple[_Template, ...] = (
     lambda i: ("history", f"Who led the first settlers to {i.name}?", i.founder),
     lambda i: ("economy", f"On which weekday do farmers come to market on {i.name}?", i.market_day),
 )
-# Further questions about the other facts, asked only in training (`training_questions`).
+# Further questions about the other facts, asked only in training (`generated_archipelago`).
 _MORE_TEMPLATES: tuple[_Template, ...] = (
     lambda i: ("overview", f"Which part of {ARCHIPELAGO} is {i.name} in?", i.region),
     lambda i: ("overview", f"How large is {i.name}?", f"{i.area} square kilometres"),
@@ -321,18 +321,6 @@ def demo_questions() -> list[dict]:
     islands = _islands()
     return [
         _question(islands[i], template) for i, template in zip(DEMO_ISLANDS, _DEMO_TEMPLATES, strict=True)
-    ]
-
-
-def training_questions() -> list[dict]:
-    """Questions like `demo_questions()` (its templates and more) about every island the demo does not
-    ask about, for training a generator without ever showing it the demo's own questions."""
-    islands = _islands()
-    return [
-        _question(island, template)
-        for n, island in enumerate(islands)
-        if n not in DEMO_ISLANDS
-        for template in _DEMO_TEMPLATES + _MORE_TEMPLATES
     ]
 
 

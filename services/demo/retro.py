@@ -1,24 +1,24 @@
-"""The demo's Retro checkpoint: trained on the demo corpus the first time the demo runs, then reused.
+"""The demo's Retro checkpoint: trained the first time the demo runs, then reused.
 
 `ensure_demo_model` keeps `<home>/models/retro` (the Generator's default checkpoint) holding a model
-trained for the current demo corpus; train.json's `demo_fingerprint` says which corpus, questions and
-settings it was made with, and a mismatch (or no model) trains a new one, replacing what is there.
+trained for the current demo corpus; train.json's `demo_fingerprint` says which corpora and settings it
+was made with, and a mismatch (or no model) trains a new one, replacing what is there.
 
-The model learns two things from the running fleet, with neighbours retrieved exactly as they are when
-served: (a) language modelling on the corpus, each chunk's neighbours retrieved from the demo index.
-Unlike RETRO, a chunk's own document is not excluded: its passage then holds the tokens to predict, and
-that dense copying signal is what teaches a small model, within minutes, to take answers from its
-neighbours (held-out documents still exclude it, so their perplexity stays honest); (b) answering
-`corpus.training_questions()`, questions in the demo's style about the 32 islands the demo does not
-ask about, laid out as the Generator's prompts with the question's top passages (all of the index's
-retrievers, fused, as the Pipeline's Ask does) as neighbours. The demo's own 8 questions are never
-trained on: answering them needs the retrieved passage. The model has a copy head (`RetroConfig.copy_head`):
-without it, this recipe memorised the training islands' facts (training loss 0.45, held-out perplexity
-the same with and without retrieval) and answered none of the demo questions.
+The demo asks about facts that are only in its passages, so the model must learn to read answers from
+its neighbours, not to remember them. It trains on `TRAINING_ARCHIPELAGOS` other archipelagos
+(`corpus.generated_archipelago`: the demo's templates with new names and numbers, none of the demo's
+facts), ingested into their own index `TRAINING_INDEX` of the running fleet so neighbours are retrieved
+exactly as they are when served (every retriever of the index, fused, as the Pipeline's Ask does):
+(a) questions in the demo's style (its 8 templates and 12 more, each fact asked once), laid out as the
+Generator's prompts with the question's top passages as neighbours; (b) language modelling on the same
+documents, with RETRO's rule that a chunk's own document is never its neighbour, which also gives an
+honest held-out perplexity with and without retrieval. The model has a copy head
+(`RetroConfig.copy_head`): a plain Retro model of this size did not learn to copy within the budget.
+The training index is dropped afterwards.
 
-Afterwards the 8 demo questions are answered in-process (greedy `retro.decode.generate` with the passages
-the Pipeline retrieves) and the number of answers that contain the expected one is printed and stored in
-train.json. The sizes below keep training within about three minutes on two CPU cores.
+Then the 8 demo questions are answered in-process (greedy `retro.decode.generate` with the passages the
+Pipeline retrieves from the demo index) and the number of answers that contain the expected one is printed
+and stored in train.json.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from services.demo.corpus import demo_documents, demo_questions, training_questions
+from services.demo.corpus import demo_documents, demo_questions, generated_archipelago
+from services.demo.run import contains_answer, replace_index
 from services.generator.retro.data import load_tokenizer, prompt_ids
 from services.generator.retro.decode import DecodeParams, DecodeResult, Neighbour, generate
 from services.generator.retro.model import RetroConfig, RetroModel
@@ -46,6 +47,8 @@ from services.generator.retro.train import (
 from services.runtime.storage import atomic_write_json
 
 TOKENIZER = "all-MiniLM-L6-v2"
+TRAINING_INDEX = "demo-retro-train"
+TRAINING_ARCHIPELAGOS = 6
 # Demo passages are whole documents of 42–65 tokens, and prompts fit in 32 tokens: chunks of 32 and
 # neighbours of 64 tokens cover them with a quarter of the compute of RETRO's 64 / 128.
 MODEL = {
@@ -63,15 +66,15 @@ MODEL = {
     "copy_head": True,
 }
 SETTINGS = TrainSettings(
-    steps=600,
+    steps=1500,
     batch_size=16,
     seq_len=64,
     lr=2e-3,
-    warmup=50,
+    warmup=100,
     decay_fraction=0.3,
     eval_fraction=0.1,
-    checkpoint_every=600,
-    exclude_own_document=False,
+    checkpoint_every=1500,
+    exclude_own_document=True,
 )
 MAX_ANSWER_TOKENS = 24
 
@@ -81,11 +84,21 @@ def model_dir(home: Path) -> Path:
     return Path(home) / "models" / "retro"
 
 
+def training_corpus() -> tuple[list[dict], list[dict]]:
+    """Documents and questions of the generated archipelagos 1…TRAINING_ARCHIPELAGOS."""
+    documents, questions = [], []
+    for n in range(1, TRAINING_ARCHIPELAGOS + 1):
+        more_documents, more_questions = generated_archipelago(n)
+        documents += more_documents
+        questions += more_questions
+    return documents, questions
+
+
 def demo_fingerprint() -> str:
-    """Changes whenever the corpus, the training questions or the training recipe does."""
+    """Changes whenever the demo corpus, the training corpus or the training recipe does."""
     recipe = {
         "documents": demo_documents(),
-        "questions": training_questions(),
+        "training": training_corpus(),
         "model": MODEL,
         "settings": SETTINGS.__dict__,
         "tokenizer": TOKENIZER,
@@ -115,38 +128,42 @@ def train_demo_model(
     settings: TrainSettings = SETTINGS,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Trains the demo model into `out` (starting afresh), answers the demo questions with it, and returns
+    """Trains the demo model into `out` (starting afresh) on the training corpus, which it ingests into
+    TRAINING_INDEX for the time of training; answers the demo questions on `index` with it, and returns
     train.json's content, which then includes `demo` (the answers and how many are right)."""
     tokenizer = load_tokenizer(TOKENIZER)
     config = RetroConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **model)
     for stale in ("checkpoints", "neighbours"):
         shutil.rmtree(Path(out) / stale, ignore_errors=True)
-    retrieval = PipelineRetrieval(client, index, retrievers=None)
-    pairs = [(q["question"], q["answer"]) for q in training_questions()]
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("training the demo's Retro model", total=None)
+    documents, questions = training_corpus()
+    replace_index(client, documents, TRAINING_INDEX, console, "ingesting the Retro training corpus")
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task("training the demo's Retro model", total=None)
 
-        def show(p: TrainProgress) -> None:
-            loss = f", loss {p.loss:.3f}" if p.loss is not None else ""
-            bar.update(task, completed=p.done, total=p.total, description=f"Retro: {p.stage}{loss}")
+            def show(p: TrainProgress) -> None:
+                loss = f", loss {p.loss:.3f}" if p.loss is not None else ""
+                bar.update(task, completed=p.done, total=p.total, description=f"Retro: {p.stage}{loss}")
 
-        record = train_retro(
-            retrieval,
-            demo_documents(),
-            Path(out),
-            config=config,
-            settings=settings,
-            qa=pairs,
-            tokenizer=TOKENIZER,
-            extra=extra,
-            progress=show,
-        )
+            record = train_retro(
+                PipelineRetrieval(client, TRAINING_INDEX, retrievers=None),
+                documents,
+                Path(out),
+                config=config,
+                settings=settings,
+                qa=[(q["question"], q["answer"]) for q in questions],
+                tokenizer=TOKENIZER,
+                extra=extra,
+                progress=show,
+            )
+    finally:
+        client.delete(index=TRAINING_INDEX, drop_index=True)
     answers = answer_demo_questions(RetroModel.load(Path(out)).eval(), client, index)
     right = sum(a["right"] for a in answers)
     record["demo"] = {"right": right, "questions": len(answers), "answers": answers}
@@ -165,8 +182,6 @@ def _ppl(value: float | None) -> str:
 
 def answer_demo_questions(model: RetroModel, client: Any, index: str) -> list[dict[str, Any]]:
     """Greedy answers to the demo questions, conditioned on the passages the Pipeline retrieves for them."""
-    from services.demo.run import contains_answer
-
     tokenizer = load_tokenizer(TOKENIZER)
     answers = []
     for q in demo_questions():

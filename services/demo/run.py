@@ -28,17 +28,11 @@ def contains_answer(generated: str, expected: str) -> bool:
     return bool(gold) and f" {gold} " in f" {normalize_answer(generated)} "
 
 
-def run_demo(
-    client: Any, console: Console, *, home: Path, index: str = DEMO_INDEX, top_k: int = 5
-) -> dict[str, float]:
-    """Ingests the demo corpus into `index` (replacing it), makes sure the demo's Retro checkpoint is at
-    `<home>/models/retro` (the generator's default; `home` is the fleet's RAGFLEET_HOME), asks every demo
-    question; returns the retrieval hit rates and the share of generated answers that are right."""
+def replace_index(client: Any, documents: list[dict], index: str, console: Console, description: str) -> None:
+    """Drops `index` if it exists and ingests `documents` into it with the fleet's default spec, showing
+    a progress bar and the versions each retriever built."""
     import ragfleet
-    from services.demo.retro import MAX_ANSWER_TOKENS, ensure_demo_model
 
-    documents = demo_documents()
-    questions = demo_questions()
     try:
         client.delete(index=index, drop_index=True)
     except ragfleet.errors.NotFound:
@@ -50,14 +44,26 @@ def run_demo(
         TimeElapsedColumn(),
         console=console,
     ) as bar:
-        task = bar.add_task("ingesting the demo corpus", total=len(documents))
+        task = bar.add_task(description, total=len(documents))
         report = client.ingest(
             documents, index=index, batch_size=32, progress=lambda n: bar.update(task, completed=n)
         )
     console.print(
-        f"ingested {report.documents} documents as {report.passages} passages into "
+        f"ingested {report.documents} documents as {report.passages} passages into {index}: "
         + ", ".join(f"{r.version.retriever} (v{r.version.version})" for r in report.retrievers)
     )
+
+
+def run_demo(
+    client: Any, console: Console, *, home: Path, index: str = DEMO_INDEX, top_k: int = 5
+) -> dict[str, float]:
+    """Ingests the demo corpus into `index` (replacing it), makes sure the demo's Retro checkpoint is at
+    `<home>/models/retro` (the generator's default; `home` is the fleet's RAGFLEET_HOME), asks every demo
+    question; returns the retrieval hit rates and the share of generated answers that are right."""
+    from services.demo.retro import MAX_ANSWER_TOKENS, ensure_demo_model
+
+    questions = demo_questions()
+    replace_index(client, demo_documents(), index, console, "ingesting the demo corpus")
     ensure_demo_model(client, home, console, index=index)
 
     top1 = top5 = generated = correct = 0
