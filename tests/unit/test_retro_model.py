@@ -159,6 +159,24 @@ def test_copy_head_mixes_in_the_neighbour_tokens_of_each_group() -> None:
 
 
 @torch.no_grad()
+def test_copy_head_follow_scores_match_the_token_before_each_neighbour_token() -> None:
+    model = tiny_model(copy_head=True)
+    m, r = model.config.chunk_size, model.config.neighbour_len
+    ids, neighbours = random_inputs(model.config, 1, 2 * m - 1)
+    neighbours[0, 0, 0] = torch.arange(1, r + 1)  # distinct tokens, so each has one successor
+    neighbours[0, 0, 1] = torch.arange(r + 1, 2 * r + 1)
+    copy = model.copy
+    copy.follow_query.weight.copy_(torch.eye(model.config.d_model))
+    copy.follow_key.weight.copy_(torch.eye(model.config.d_model))
+    # Group 0 holds positions m−1 … 2m−2; make its i-th state "I have just written neighbour token i".
+    hidden = torch.zeros(1, 2 * m - 1, model.config.d_model)
+    hidden[0, m - 1 :] = model.embed(neighbours[0, 0, 0, :m])
+    scores = copy._follow(hidden, neighbours, offset=0)
+    assert scores.shape == (1, 1, m, 2 * r)
+    assert scores[0, 0].argmax(-1).tolist() == list(range(1, m + 1))  # the token after each one
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("copy_head", [False, True])
 def test_select_returns_the_full_outputs_of_the_chosen_positions(copy_head: bool) -> None:
     model = tiny_model(copy_head=copy_head)

@@ -17,9 +17,11 @@ Layout (RETRO, Borgeaud et al. 2022; the alignment rules are in ../shared/design
   the neighbour token that continues the retrieved chunk.
 * With `RetroConfig.copy_head`, the output is a pointer-generator mixture (See et al. 2017): a one-head
   CCA over the same groups gives a distribution over the group's neighbour tokens, which a per-position
-  gate mixes with the LM head's softmax; `logits` are then the mixture's log-probabilities. Without it a
-  small model has to carry a token's identity through CCA's values to copy it, and on the demo it
-  memorised facts instead of learning to read them; with it, copying only takes knowing where to look.
+  gate mixes with the LM head's softmax; `logits` are then the mixture's log-probabilities. The pointer
+  also matches the decoder state against the token before each neighbour token, so copying walks through
+  a span in order. Without a copy head a small model has to carry a token's identity through CCA's values
+  to copy it, and on the demo it memorised facts instead of learning to read them; with it, copying only
+  takes knowing where to look.
 
 Every attention goes through `kernels.attention.attention` (flash attention on a GPU, its PyTorch
 reference elsewhere). That kernel masks keys by length only, so arbitrary key masks (padding inside the
@@ -332,14 +334,18 @@ class ChunkedCrossAttention(nn.Module):
         mask: torch.Tensor,
         offset: int = 0,
         projected: tuple[torch.Tensor, torch.Tensor] | None = None,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int, int, int]:
         """The attention of the tokens that get CCA over their group's k·r neighbour tokens, in plain torch
         (the kernel returns no probabilities): (probs (B, G, H, m, k·r), start, first_group, lead) with the
-        layout of `_groups`; a group whose neighbours are all masked has all-zero rows."""
+        layout of `_groups`; a group whose neighbours are all masked has all-zero rows. `bias` (B·G, 1 or H,
+        m, k·r) is added to the attention scores."""
         q, keys, _, key_mask, start, first, lead = self._queries_keys(
             hidden, encoded, mask, offset, projected
         )
         scores = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            scores = scores + bias.float()
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
         probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)  # a fully masked group attends to nothing
         return probs.view(hidden.shape[0], -1, *probs.shape[1:]), start, first, lead
@@ -377,13 +383,33 @@ class CopyHead(nn.Module):
     puts a one-head CCA's attention over the group's neighbour tokens onto their ids. Positions without
     neighbours (the first m−1, or a group whose neighbours are all padding) keep the LM head's softmax.
 
+    The pointer's scores get a "follow" term: a bilinear match between the decoder state and the embedding
+    of the token *before* each neighbour token. A decoder that has just written token x then finds the
+    neighbour token that follows x, so a multi-piece name is copied piece after piece; without it the
+    pointer found the right word but often repeated or skipped a piece ("honbaipepe").
+
     `pointer` is a one-head CCA used for its queries, keys and alignment; its values are never read.
+    `embed` is the decoder's token embedding (shared, not copied).
     """
 
-    def __init__(self, config: RetroConfig) -> None:
+    def __init__(self, config: RetroConfig, embed: nn.Embedding) -> None:
         super().__init__()
         self.pointer = ChunkedCrossAttention(dataclasses.replace(config, n_heads=1))
         self.gate = nn.Linear(config.d_model, 1)
+        self.embed = embed
+        self.pad_token_id = config.pad_token_id
+        self.follow_query = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.follow_key = nn.Linear(embed.embedding_dim, config.d_model, bias=False)
+
+    def _follow(self, hidden: torch.Tensor, neighbours: torch.Tensor, offset: int) -> torch.Tensor:
+        """The follow scores (B·G, 1, m, k·r) in the group layout of `ChunkedCrossAttention._groups`."""
+        groups, _, first, _ = self.pointer._groups(hidden, offset)
+        b, n_groups, m, d = groups.shape
+        ids = neighbours[:, first : first + n_groups]
+        previous = F.pad(ids, (1, -1), value=self.pad_token_id)  # each neighbour token's predecessor
+        keys = self.follow_key(self.embed(previous)).flatten(2, 3)  # (B, G, k·r, d)
+        scores = self.follow_query(groups) @ keys.transpose(-1, -2) / math.sqrt(d)
+        return scores.reshape(b * n_groups, 1, m, -1)
 
     def forward(
         self,
@@ -404,7 +430,10 @@ class CopyHead(nn.Module):
         log_probs = logits.float().log_softmax(-1)
         if offset + n < m:
             return log_probs
-        probs, start, first, lead = self.pointer.probabilities(hidden, encoded, mask, offset, projected)
+        follow = self._follow(hidden, neighbours, offset)
+        probs, start, first, lead = self.pointer.probabilities(
+            hidden, encoded, mask, offset, projected, follow
+        )
         groups = probs.shape[1]
         rows = slice(lead, lead + n - start)  # the group rows of this call's tokens hidden[:, start:]
         attention = probs[:, :, 0].reshape(b, groups * m, -1)[:, rows]
@@ -569,7 +598,7 @@ class RetroModel(nn.Module):
         self.encoder = NeighbourEncoder(config, self.embed)
         self.norm = nn.RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.copy = CopyHead(config) if config.copy_head else None
+        self.copy = CopyHead(config, self.embed) if config.copy_head else None
         self.apply(init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
