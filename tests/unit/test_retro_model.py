@@ -174,6 +174,10 @@ def test_copy_head_follow_scores_match_the_token_before_each_neighbour_token() -
     scores = copy._follow(hidden, neighbours, offset=0)
     assert scores.shape == (1, 1, m, 2 * r)
     assert scores[0, 0].argmax(-1).tolist() == list(range(1, m + 1))  # the token after each one
+    # The rank prior shifts every token of a neighbour by that neighbour's bias.
+    copy.rank_bias.copy_(torch.tensor([0.0, 3.0]))
+    shifted = copy._follow(hidden, neighbours, offset=0)
+    torch.testing.assert_close(shifted - scores, torch.tensor([0.0] * r + [3.0] * r).expand_as(scores))
 
 
 @torch.no_grad()

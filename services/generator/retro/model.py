@@ -386,7 +386,9 @@ class CopyHead(nn.Module):
     The pointer's scores get a "follow" term: a bilinear match between the decoder state and the embedding
     of the token *before* each neighbour token. A decoder that has just written token x then finds the
     neighbour token that follows x, so a multi-piece name is copied piece after piece; without it the
-    pointer found the right word but often repeated or skipped a piece ("honbaipepe").
+    pointer found the right word but often repeated or skipped a piece ("honbaipepe"). A learned prior per
+    neighbour rank is added too: neighbours arrive best first, and without it the pointer, which is blind
+    to their order, copied from the runner-up as often as from the passage that answers.
 
     `pointer` is a one-head CCA used for its queries, keys and alignment; its values are never read.
     `embed` is the decoder's token embedding (shared, not copied).
@@ -400,15 +402,18 @@ class CopyHead(nn.Module):
         self.pad_token_id = config.pad_token_id
         self.follow_query = nn.Linear(config.d_model, config.d_model, bias=False)
         self.follow_key = nn.Linear(embed.embedding_dim, config.d_model, bias=False)
+        self.rank_bias = nn.Parameter(torch.zeros(config.num_neighbours))
 
     def _follow(self, hidden: torch.Tensor, neighbours: torch.Tensor, offset: int) -> torch.Tensor:
-        """The follow scores (B·G, 1, m, k·r) in the group layout of `ChunkedCrossAttention._groups`."""
+        """The follow scores plus the rank prior, (B·G, 1, m, k·r) in the group layout of
+        `ChunkedCrossAttention._groups`."""
         groups, _, first, _ = self.pointer._groups(hidden, offset)
         b, n_groups, m, d = groups.shape
         ids = neighbours[:, first : first + n_groups]
         previous = F.pad(ids, (1, -1), value=self.pad_token_id)  # each neighbour token's predecessor
         keys = self.follow_key(self.embed(previous)).flatten(2, 3)  # (B, G, k·r, d)
         scores = self.follow_query(groups) @ keys.transpose(-1, -2) / math.sqrt(d)
+        scores = scores + self.rank_bias.repeat_interleave(ids.shape[-1])
         return scores.reshape(b * n_groups, 1, m, -1)
 
     def forward(
