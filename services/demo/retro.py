@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.demo.corpus import demo_documents, demo_questions, generated_archipelago
-from services.demo.run import contains_answer, replace_index
+from services.demo.run import contains_answer, progress_bar, replace_index
 from services.generator.retro.data import load_tokenizer, prompt_ids
 from services.generator.retro.decode import DecodeParams, DecodeResult, Neighbour, generate
 from services.generator.retro.model import RetroConfig, RetroModel
@@ -138,13 +137,7 @@ def train_demo_model(
     documents, questions = training_corpus()
     replace_index(client, documents, TRAINING_INDEX, console, "ingesting the Retro training corpus")
     try:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
+        with progress_bar(console) as bar:
             task = bar.add_task("training the demo's Retro model", total=None)
 
             def show(p: TrainProgress) -> None:

@@ -28,6 +28,17 @@ def contains_answer(generated: str, expected: str) -> bool:
     return bool(gold) and f" {gold} " in f" {normalize_answer(generated)} "
 
 
+def progress_bar(console: Console) -> Progress:
+    """The demo's progress bars: description, bar, done/total, elapsed time."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
 def replace_index(client: Any, documents: list[dict], index: str, console: Console, description: str) -> None:
     """Drops `index` if it exists and ingests `documents` into it with the fleet's default spec, showing
     a progress bar and the versions each retriever built."""
@@ -37,13 +48,7 @@ def replace_index(client: Any, documents: list[dict], index: str, console: Conso
         client.delete(index=index, drop_index=True)
     except ragfleet.errors.NotFound:
         pass
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task(description, total=len(documents))
         report = client.ingest(
             documents, index=index, batch_size=32, progress=lambda n: bar.update(task, completed=n)
