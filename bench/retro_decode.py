@@ -65,7 +65,10 @@ def bench_served(
     from ragfleet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
     request = generator_pb2.GenerateRequest(
-        question=question, context=context, index=INDEX, params=common_pb2.GenerationParams(max_tokens=tokens)
+        question=question,
+        context=context,
+        retrieval=common_pb2.RetrievalSpec(index=INDEX),
+        params=common_pb2.GenerationParams(max_tokens=tokens),
     )
     warm_up = generator_pb2.GenerateRequest(
         question=question, params=common_pb2.GenerationParams(max_tokens=2)

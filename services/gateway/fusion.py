@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-from ragfleet.v1 import common_pb2, pipeline_pb2
+from ragfleet.v1 import common_pb2
 from services.runtime.errors import invalid_argument
 
 FUSED = "fused"
@@ -61,7 +61,7 @@ def weighted_fusion(
 
 
 def fuse(
-    lists: Lists, fusion: pipeline_pb2.Fusion, top_k: int, default_rrf_k: int
+    lists: Lists, fusion: common_pb2.Fusion, top_k: int, default_rrf_k: int
 ) -> list[common_pb2.ScoredPassage]:
     """Fuse as ``fusion`` asks (empty method: rrf; rrf_k 0: ``default_rrf_k``), keeping ``top_k``."""
     method = fusion.method or "rrf"

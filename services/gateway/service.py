@@ -31,6 +31,7 @@ from ragfleet.v1 import (
 )
 from services.gateway.chunking import ChunkSettings, chunk_document
 from services.gateway.fusion import fuse
+from services.runtime import validation
 from services.runtime.context import CallContext
 from services.runtime.errors import ServiceError, failed_precondition, invalid_argument
 from services.runtime.remote import Remote, relay
@@ -104,30 +105,12 @@ class PipelineService:
     def _timeout(self, ctx: CallContext) -> float:
         return ctx.timeout(self.settings.gateway.default_timeout)
 
-    def _check_index(self, index: str) -> None:
-        if not index:
-            raise invalid_argument("index", "is required")
-        if len(index) > self.limits.max_index_name_chars:
-            raise invalid_argument("index", f"longer than {self.limits.max_index_name_chars} characters")
-
-    def _check_query(self, query: str, field: str) -> None:
-        if not query.strip():
-            raise invalid_argument(field, "is empty")
-        if len(query) > self.limits.max_query_chars:
-            raise invalid_argument(field, f"longer than {self.limits.max_query_chars} characters")
-
-    def _check_top_k(self, top_k: int) -> None:
-        if top_k <= 0 or top_k > self.limits.max_top_k:
-            raise invalid_argument("top_k", f"must be between 1 and {self.limits.max_top_k}, got {top_k}")
-
-    def _candidates(self, top_k: int, candidates: int, retrievers: int) -> int:
+    def _candidates(self, spec: common_pb2.RetrievalSpec, retrievers: int) -> int:
         """How deep each retriever searches: fusion needs more than top_k from each list, a single
         retriever's list is the answer as it is."""
-        if candidates < 0:
-            raise invalid_argument("candidates", "must not be negative")
-        if candidates == 0 and retrievers == 1:
-            return top_k
-        return min(max(candidates or 100, top_k), self.limits.max_top_k)
+        if spec.candidates == 0 and retrievers == 1:
+            return spec.top_k
+        return min(max(spec.candidates or 100, spec.top_k), self.limits.max_top_k)
 
     async def _fan_out(
         self, remotes: dict[str, Remote], call: Callable[[str, Remote], Awaitable[T]]
@@ -160,7 +143,7 @@ class PipelineService:
         first = await anext(stream, None)
         if first is None:
             raise invalid_argument("documents", "the ingest stream was empty")
-        self._check_index(first.index)
+        validation.name(first.index, "index", self.limits)
         chunking = ChunkSettings.from_spec(first.spec.chunking, self.settings.gateway)
         remotes = self._ingest_targets(first.spec.retrievers)
 
@@ -232,12 +215,9 @@ class PipelineService:
         )
 
     def _check_document(self, doc: common_pb2.Document, field: str, seen: set[str]) -> None:
-        if not doc.id:
-            raise invalid_argument(f"{field}.id", "is required")
-        if len(doc.id) > self.limits.max_id_chars or "#" in doc.id:
-            raise invalid_argument(
-                f"{field}.id", f"must be at most {self.limits.max_id_chars} characters, without '#'"
-            )
+        validation.identifier(doc.id, f"{field}.id", self.limits)
+        if "#" in doc.id:
+            raise invalid_argument(f"{field}.id", "must not contain '#' (it separates passage numbers)")
         if doc.id in seen:
             raise ServiceError(
                 grpc.StatusCode.ALREADY_EXISTS, f"{field}.id: {doc.id!r} appears twice in this ingest"
@@ -245,87 +225,59 @@ class PipelineService:
         seen.add(doc.id)
         if not doc.text.strip():
             raise invalid_argument(f"{field}.text", f"document {doc.id!r} has no text")
-        size = len(doc.text.encode()) + len(doc.title.encode())
-        if size > self.limits.max_document_bytes:
-            raise invalid_argument(
-                f"{field}.text",
-                f"document {doc.id!r} is {size} bytes; the limit is {self.limits.max_document_bytes}",
-            )
+        validation.text_size(doc.title + doc.text, f"{field}.text", self.limits, f"document {doc.id!r}")
 
     # --- Search -----------------------------------------------------------------------------------
+
+    async def _retrieve(
+        self, queries: list[str], spec: common_pb2.RetrievalSpec, ctx: CallContext
+    ) -> tuple[list[list[common_pb2.ScoredPassage]], list[common_pb2.IndexVersion], list[common_pb2.Timing]]:
+        """Every query searched in the spec's retrievers (a checked spec), fused: the one retrieval
+        path of Search, SearchBatch and Ask. Returns the fused lists, the index versions and timings."""
+        remotes = self._choose(spec.retrievers, "retrieval.retrievers")
+        depth = self._candidates(spec, len(remotes))
+        start = time.perf_counter()
+
+        async def search(name: str, remote: Remote) -> retriever_pb2.SearchBatchResponse:
+            request = retriever_pb2.SearchBatchRequest(
+                queries=queries,
+                index=spec.index,
+                top_k=depth,
+                filters=spec.filters,
+                with_continuation=spec.with_continuation,
+                options=spec.options,
+            )
+            return await remote.stub.SearchBatch(
+                request, metadata=remote.metadata(ctx), timeout=self._timeout(ctx)
+            )
+
+        batches = await self._fan_out(remotes, search)
+        retrieved = _ms(start)
+        rrf_k = self.settings.gateway.rrf_k
+        fused = [fuse(_lists(batches, i), spec.fusion, spec.top_k, rrf_k) for i in range(len(queries))]
+        timings = [common_pb2.Timing(stage="retrieve", millis=retrieved)]
+        timings += [t for b in batches.values() for t in b.responses[0].timings]
+        timings.append(common_pb2.Timing(stage="fuse", millis=_ms(start) - retrieved))
+        return fused, [b.version for b in batches.values()], timings
 
     async def Search(
         self, request: pipeline_pb2.PipelineSearchRequest, ctx: CallContext
     ) -> pipeline_pb2.PipelineSearchResponse:
-        self._check_query(request.query, "query")
-        self._check_index(request.index)
-        self._check_top_k(request.top_k)
-        remotes = self._choose(request.retrievers, "retrievers")
-        depth = self._candidates(request.top_k, request.candidates, len(remotes))
-        start = time.perf_counter()
-
-        async def search(name: str, remote: Remote) -> retriever_pb2.SearchResponse:
-            return await remote.stub.Search(
-                retriever_pb2.SearchRequest(
-                    query=request.query,
-                    index=request.index,
-                    top_k=depth,
-                    filters=request.filters,
-                    with_continuation=request.with_continuation,
-                    options=request.options,
-                ),
-                metadata=remote.metadata(ctx),
-                timeout=self._timeout(ctx),
-            )
-
-        responses = await self._fan_out(remotes, search)
-        retrieved = _ms(start)
-        lists = {n: list(r.results) for n, r in responses.items()}
-        results = fuse(lists, request.fusion, request.top_k, self.settings.gateway.rrf_k)
-        timings = [common_pb2.Timing(stage="retrieve", millis=retrieved)]
-        timings += [t for r in responses.values() for t in r.timings]
-        timings.append(common_pb2.Timing(stage="fuse", millis=_ms(start) - retrieved))
-        return pipeline_pb2.PipelineSearchResponse(
-            results=results, versions=[r.version for r in responses.values()], timings=timings
-        )
+        query = validation.query(request.query, "query", self.limits)
+        spec = validation.retrieval(request.retrieval, self.limits)
+        (results,), versions, timings = await self._retrieve([query], spec, ctx)
+        return pipeline_pb2.PipelineSearchResponse(results=results, versions=versions, timings=timings)
 
     async def SearchBatch(
         self, request: pipeline_pb2.PipelineSearchBatchRequest, ctx: CallContext
     ) -> pipeline_pb2.PipelineSearchBatchResponse:
-        if not request.queries:
-            raise invalid_argument("queries", "is empty")
-        if len(request.queries) > self.limits.max_batch_queries:
-            raise invalid_argument("queries", f"more than {self.limits.max_batch_queries} queries")
-        for i, query in enumerate(request.queries):
-            self._check_query(query, f"queries[{i}]")
-        self._check_index(request.index)
-        self._check_top_k(request.top_k)
-        remotes = self._choose(request.retrievers, "retrievers")
-        depth = self._candidates(request.top_k, request.candidates, len(remotes))
-
-        async def search(name: str, remote: Remote) -> retriever_pb2.SearchBatchResponse:
-            return await remote.stub.SearchBatch(
-                retriever_pb2.SearchBatchRequest(
-                    queries=request.queries,
-                    index=request.index,
-                    top_k=depth,
-                    filters=request.filters,
-                    options=request.options,
-                ),
-                metadata=remote.metadata(ctx),
-                timeout=self._timeout(ctx),
-            )
-
-        batches = await self._fan_out(remotes, search)
-        versions = [b.version for b in batches.values()]
-        out = pipeline_pb2.PipelineSearchBatchResponse(versions=versions)
-        for i in range(len(request.queries)):
-            lists = {n: list(b.responses[i].results) for n, b in batches.items()}
-            out.responses.add(
-                results=fuse(lists, request.fusion, request.top_k, self.settings.gateway.rrf_k),
-                versions=versions,
-            )
-        return out
+        queries = validation.queries(request.queries, "queries", self.limits)
+        spec = validation.retrieval(request.retrieval, self.limits)
+        fused, versions, _ = await self._retrieve(queries, spec, ctx)
+        return pipeline_pb2.PipelineSearchBatchResponse(
+            responses=[pipeline_pb2.PipelineSearchResponse(results=r, versions=versions) for r in fused],
+            versions=versions,
+        )
 
     # --- Ask --------------------------------------------------------------------------------------
 
@@ -343,27 +295,16 @@ class PipelineService:
     async def AskStream(
         self, request: pipeline_pb2.AskRequest, ctx: CallContext
     ) -> AsyncIterator[pipeline_pb2.AskEvent]:
-        self._check_query(request.question, "question")
-        top_k = request.top_k or 5
+        question = validation.query(request.question, "question", self.limits)
+        spec = validation.retrieval(request.retrieval, self.limits, default_top_k=5)
+        # Retro's neighbours are a passage followed by its continuation.
+        spec.with_continuation |= request.generate
         start = time.perf_counter()
-        found = await self.Search(
-            pipeline_pb2.PipelineSearchRequest(
-                query=request.question,
-                index=request.index,
-                top_k=top_k,
-                retrievers=request.retrievers,
-                fusion=request.fusion,
-                filters=request.filters,
-                # Retro's neighbours are a passage followed by its continuation.
-                with_continuation=request.generate,
-            ),
-            ctx,
-        )
+        (passages,), versions, _ = await self._retrieve([question], spec, ctx)
         timings = [common_pb2.Timing(stage="retrieve", millis=_ms(start))]
-        passages = list(found.results)
         yield pipeline_pb2.AskEvent(retrieved=pipeline_pb2.PassageList(passages=passages, timings=timings))
         notes: list[str] = []
-        model_ids = sorted({v.model_id for v in found.versions if v.model_id})
+        model_ids = sorted({v.model_id for v in versions if v.model_id})
 
         remotes = self._remotes()
         reranker, generator = remotes.reranker, remotes.generator
@@ -373,7 +314,7 @@ class PipelineService:
             stage = time.perf_counter()
             try:
                 reranked = await reranker.stub.Rerank(
-                    reranker_pb2.RerankRequest(query=request.question, candidates=passages, top_k=top_k),
+                    reranker_pb2.RerankRequest(query=question, candidates=passages, top_k=spec.top_k),
                     metadata=reranker.metadata(ctx),
                     timeout=self._timeout(ctx),
                 )
@@ -387,30 +328,29 @@ class PipelineService:
             )
 
         if request.generate and generator is not None and passages:
-            async for event in self._generate(generator, request, passages, found, timings, model_ids, ctx):
+            generate = generator_pb2.GenerateRequest(
+                question=question, context=passages, retrieval=spec, params=request.params
+            )
+            async for event in self._generate(generator, generate, timings, versions, model_ids, ctx):
                 yield event
             return
         if request.generate and generator is None:
             notes.append("no generator is configured")
-        yield pipeline_pb2.AskEvent(answer=_retrieval_only_answer(passages, notes, timings, found, model_ids))
+        answer = _retrieval_only_answer(passages, notes, timings, versions, model_ids)
+        yield pipeline_pb2.AskEvent(answer=answer)
 
     async def _generate(
         self,
         generator: Remote,
-        request: pipeline_pb2.AskRequest,
-        passages: list[common_pb2.ScoredPassage],
-        found: pipeline_pb2.PipelineSearchResponse,
+        request: generator_pb2.GenerateRequest,
         timings: list[common_pb2.Timing],
+        versions: list[common_pb2.IndexVersion],
         model_ids: list[str],
         ctx: CallContext,
     ) -> AsyncIterator[pipeline_pb2.AskEvent]:
         start = time.perf_counter()
         call = generator.stub.GenerateStream(
-            generator_pb2.GenerateRequest(
-                question=request.question, context=passages, index=request.index, params=request.params
-            ),
-            metadata=generator.metadata(ctx),
-            timeout=self._timeout(ctx),
+            request, metadata=generator.metadata(ctx), timeout=self._timeout(ctx)
         )
         try:
             async for event in call:
@@ -424,7 +364,7 @@ class PipelineService:
                         text=done.text,
                         citations=done.citations,
                         timings=timings + list(done.timings),
-                        versions=found.versions,
+                        versions=versions,
                         model_ids=model_ids + [done.model_id],
                     )
                 )
@@ -438,7 +378,7 @@ class PipelineService:
     async def Delete(
         self, request: retriever_pb2.DeleteRequest, ctx: CallContext
     ) -> pipeline_pb2.PipelineDeleteResponse:
-        self._check_index(request.index)
+        validation.name(request.index, "index", self.limits)
         if not (request.ids or request.doc_ids or request.drop_index):
             raise invalid_argument("ids", "give ids, doc_ids or drop_index")
 
@@ -453,7 +393,7 @@ class PipelineService:
     async def Rebuild(
         self, request: pipeline_pb2.PipelineRebuildRequest, ctx: CallContext
     ) -> pipeline_pb2.PipelineRebuildResponse:
-        self._check_index(request.index)
+        validation.name(request.index, "index", self.limits)
         remotes = self._choose(request.retrievers, "retrievers")
 
         async def rebuild(name: str, remote: Remote) -> retriever_pb2.RebuildResponse:
@@ -469,7 +409,7 @@ class PipelineService:
     async def DescribeIndex(
         self, request: retriever_pb2.DescribeIndexRequest, ctx: CallContext
     ) -> pipeline_pb2.PipelineIndexDescription:
-        self._check_index(request.index)
+        validation.name(request.index, "index", self.limits)
 
         async def describe(name: str, remote: Remote) -> retriever_pb2.IndexDescription:
             return await remote.stub.DescribeIndex(
@@ -523,6 +463,13 @@ class PipelineService:
         )
 
 
+def _lists(
+    batches: dict[str, retriever_pb2.SearchBatchResponse], i: int
+) -> dict[str, list[common_pb2.ScoredPassage]]:
+    """Each retriever's ranked list for the i-th query of a batch."""
+    return {name: list(batch.responses[i].results) for name, batch in batches.items()}
+
+
 async def _put(queue: asyncio.Queue, message: Any, call: grpc.aio.StreamUnaryCall, name: str) -> None:
     """Queues a message for a retriever, failing fast if that retriever already ended the call."""
     while True:
@@ -543,7 +490,7 @@ def _retrieval_only_answer(
     passages: list[common_pb2.ScoredPassage],
     notes: list[str],
     timings: list[common_pb2.Timing],
-    found: pipeline_pb2.PipelineSearchResponse,
+    versions: list[common_pb2.IndexVersion],
     model_ids: list[str],
 ) -> pipeline_pb2.Answer:
     reason = "; ".join(notes) or "generation was not requested"
@@ -563,6 +510,6 @@ def _retrieval_only_answer(
         citations=citations,
         timings=timings,
         retrieval_only=True,
-        versions=found.versions,
+        versions=versions,
         model_ids=model_ids,
     )

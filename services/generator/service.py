@@ -5,10 +5,12 @@ decodes it (`retro.decode.generate`) in a worker thread, so the event loop keeps
 pieces come back through a queue as GenerateEvent{token}, and the stream ends with GenerateEvent{done}
 (text, citations, finish reason, timings, model id). `Generate` is the same call collected into one reply.
 
-Per-chunk retrieval. When the request names an index, each completed chunk of 64 generated tokens is a
-query to the configured Retriever (`generator.retriever`, the dense one by default) through the ragfleet
-stubs, `with_continuation=True`, on behalf of the caller (its tenant token and deadline are forwarded).
-The index is checked once before decoding starts, so an unknown index fails fast with NOT_FOUND.
+Per-chunk retrieval. When the request's RetrievalSpec names an index, each completed chunk of 64 generated
+tokens is a query to the configured Retriever (`generator.retriever`, the dense one by default) through the
+ragfleet stubs, on behalf of the caller (its tenant token and deadline are forwarded). The search keeps the
+spec's filters, and its options when the spec names that retriever or none; it asks for the model's
+neighbour count with continuations. The index is checked once before decoding starts, so an unknown index
+fails fast with NOT_FOUND.
 
 The checkpoint (`generator.model`, default `<home>/models/retro`, written by `ragfleet train retro`) is
 loaded on first use and again whenever its files change, so a fleet started before training picks the
@@ -43,6 +45,7 @@ from services.generator.retro.decode import (
 )
 from services.generator.retro.model import CONFIG_FILE, WEIGHTS_FILE, RetroModel
 from services.generator.retro.train import TRAIN_FILE
+from services.runtime import validation
 from services.runtime.context import CallContext
 from services.runtime.errors import failed_precondition, invalid_argument
 from services.runtime.remote import Remote, relay
@@ -161,13 +164,14 @@ class GeneratorService:
         except ParamError as err:
             raise invalid_argument(f"params.{err.field}", err.problem) from None
 
-    def _check_question(self, question: str) -> None:
-        if not question.strip():
-            raise invalid_argument("question", "is empty")
-        if len(question) > self.settings.limits.max_query_chars:
-            raise invalid_argument(
-                "question", f"longer than {self.settings.limits.max_query_chars} characters"
-            )
+    def _chunk_search(self, spec: common_pb2.RetrievalSpec, k: int) -> retriever_pb2.SearchRequest:
+        """The Retriever request each chunk's search fills in with its text (a checked spec)."""
+        request = retriever_pb2.SearchRequest(
+            index=spec.index, top_k=k, filters=spec.filters, with_continuation=True
+        )
+        if not spec.retrievers or self.config.retriever_backend in spec.retrievers:
+            request.options.CopyFrom(spec.options)
+        return request
 
     def _remote(self) -> Remote:
         # Made on first use: a grpc.aio channel belongs to the event loop that serves calls.
@@ -193,25 +197,28 @@ class GeneratorService:
         except grpc.aio.AioRpcError as err:
             raise relay(err, "retriever") from err
 
-    async def _search(self, query: str, index: str, top_k: int, ctx: CallContext) -> list[Neighbour]:
+    async def _search(
+        self, query: str, request: retriever_pb2.SearchRequest, ctx: CallContext
+    ) -> list[Neighbour]:
         remote = self._remote()
+        search = retriever_pb2.SearchRequest()
+        search.CopyFrom(request)
+        search.query = query
         try:
             found = await remote.stub.Search(
-                retriever_pb2.SearchRequest(query=query, index=index, top_k=top_k, with_continuation=True),
-                metadata=remote.metadata(ctx),
-                timeout=self._timeout(ctx),
+                search, metadata=remote.metadata(ctx), timeout=self._timeout(ctx)
             )
         except grpc.aio.AioRpcError as err:
             raise relay(err, "retriever") from err
         return [_neighbour(r) for r in found.results]
 
     def _retrieve(
-        self, index: str, top_k: int, ctx: CallContext, loop: asyncio.AbstractEventLoop
+        self, request: retriever_pb2.SearchRequest, ctx: CallContext, loop: asyncio.AbstractEventLoop
     ) -> Retrieve:
         """A blocking `retrieve(chunk text)` for the decoding thread; the search runs on the event loop."""
 
         def retrieve(text: str) -> list[Neighbour]:
-            return asyncio.run_coroutine_threadsafe(self._search(text, index, top_k, ctx), loop).result()
+            return asyncio.run_coroutine_threadsafe(self._search(text, request, ctx), loop).result()
 
         return retrieve
 
@@ -226,10 +233,14 @@ class GeneratorService:
     async def GenerateStream(
         self, request: generator_pb2.GenerateRequest, ctx: CallContext
     ) -> AsyncIterator[generator_pb2.GenerateEvent]:
-        self._check_question(request.question)
+        limits = self.settings.limits
+        validation.query(request.question, "question", limits)
         params = self._params(request.params)
-        if request.index:
-            await self._check_index(request.index, ctx)
+        spec = request.retrieval
+        if spec.index:
+            validation.name(spec.index, "retrieval.index", limits)
+            validation.search_options(spec.options, "retrieval.options")
+            await self._check_index(spec.index, ctx)
         loaded = await asyncio.to_thread(self.model)
         k = loaded.model.config.num_neighbours
         try:
@@ -238,7 +249,7 @@ class GeneratorService:
             raise invalid_argument("question", str(err).removeprefix("question: ")) from None
         first = [_neighbour(p) for p in request.context]
         loop = asyncio.get_running_loop()
-        retrieve = self._retrieve(request.index, k, ctx, loop) if request.index else None
+        retrieve = self._retrieve(self._chunk_search(spec, k), ctx, loop) if spec.index else None
 
         def decode() -> Iterator[DecodeEvent]:
             return generate(loaded.model, loaded.tokenizer, prompt, first, retrieve, params)

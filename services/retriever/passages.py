@@ -172,15 +172,6 @@ class PassageStore:
                 found[rowid] = passage
         return found
 
-    def live_rows(self, version: int) -> list[tuple[int, Passage]]:
-        """Every passage live at `version`, ordered by rowid (used to rebuild a backend)."""
-        return [
-            _row_to_passage(row)
-            for row in self._query(
-                f"SELECT {_COLUMNS} FROM passages WHERE {_LIVE} ORDER BY rowid", (version, version)
-            )
-        ]
-
     def continuation(self, version: int, passage: Passage) -> Passage | None:
         """The next passage of the same document (position + 1), if it is live at `version`."""
         rows = self._query(

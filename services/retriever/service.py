@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import re
 import shutil
 import time
@@ -37,10 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
+
+from ragfleet.metadata import RETRIEVER_KEY
 from ragfleet.v1 import common_pb2, retriever_pb2
 from services.retriever.backend import BACKENDS, Backend, SearchOptions, backend_class
 from services.retriever.passages import Passage, PassageStore
-from services.runtime.context import RETRIEVER_KEY, CallContext
+from services.runtime import validation
+from services.runtime.context import CallContext
 from services.runtime.errors import (
     ServiceError,
     already_exists,
@@ -58,7 +61,6 @@ from services.runtime.storage import (
     write_manifest,
 )
 
-_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _VERSION_DIR = re.compile(r"^v\d{6,}$")
 
 
@@ -95,14 +97,17 @@ def _timing(stage: str, start: float) -> common_pb2.Timing:
 
 
 def _spec_dict(spec: common_pb2.IndexSpec) -> dict[str, Any]:
-    return {
-        "vector_store": spec.vector_store,
-        "faiss_index": spec.faiss_index,
-        "model": spec.model,
-        "colbert_model": spec.colbert_model,
-        "nbits": spec.nbits,
-        "doc_maxlen": spec.doc_maxlen,
-    }
+    """The backend's part of an IndexSpec (chunking and retrievers are the gateway's) as a dict."""
+    fields = json_format.MessageToDict(
+        spec, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return {name: value for name, value in fields.items() if name not in ("chunking", "retrievers")}
+
+
+def _check_not_dropped(handle: IndexHandle) -> None:
+    """For calls that waited for the index's lock: a drop may have finished meanwhile."""
+    if handle.snapshot is None:
+        raise not_found(f"index {handle.index!r} does not exist for retriever {handle.backend_name!r}")
 
 
 def _passage_pb(p: Passage) -> common_pb2.Passage:
@@ -139,30 +144,10 @@ class RetrieverService:
             )
         return name
 
-    def _name(self, field_name: str, value: str) -> str:
-        if not value:
-            raise invalid_argument(field_name, "is required")
-        if len(value) > self.limits.max_index_name_chars:
-            raise invalid_argument(field_name, f"longer than {self.limits.max_index_name_chars} characters")
-        if not _NAME.match(value) or value in (".", ".."):
-            raise invalid_argument(field_name, "may contain only letters, digits, '.', '_' and '-'")
-        return value
-
-    def _query(self, field_name: str, query: str) -> str:
-        if not query.strip():
-            raise invalid_argument(field_name, "is empty")
-        if len(query) > self.limits.max_query_chars:
-            raise invalid_argument(field_name, f"longer than {self.limits.max_query_chars} characters")
-        return query
-
-    def _top_k(self, top_k: int) -> int:
-        if top_k <= 0 or top_k > self.limits.max_top_k:
-            raise invalid_argument("top_k", f"must be between 1 and {self.limits.max_top_k}, got {top_k}")
-        return top_k
-
     @staticmethod
     def _options(backend_name: str, proto: common_pb2.SearchOptions) -> SearchOptions | None:
         """The request's search options, checked against what the backend uses; None when none is set."""
+        validation.search_options(proto, "options")
         options = SearchOptions(
             exhaustive=proto.exhaustive,
             ncells=proto.ncells,
@@ -170,13 +155,6 @@ class RetrieverService:
             ndocs=proto.ndocs,
             compressed_rerank=proto.compressed_rerank,
         )
-        for name in ("ncells", "ndocs"):
-            if getattr(options, name) < 0:
-                raise invalid_argument(
-                    f"options.{name}", f"must not be negative, got {getattr(options, name)}"
-                )
-        if not math.isfinite(options.centroid_score_threshold):
-            raise invalid_argument("options.centroid_score_threshold", "must be a finite number")
         set_fields = options.set_fields()
         usable = backend_class(backend_name).SEARCH_OPTIONS
         for name in set_fields:
@@ -191,28 +169,26 @@ class RetrieverService:
 
     def _passage(self, i: int, p: common_pb2.Passage) -> Passage:
         name = f"passages[{i}]"
-        if not p.id:
-            raise invalid_argument(f"{name}.id", "is required")
-        if len(p.id) > self.limits.max_id_chars:
-            raise invalid_argument(f"{name}.id", f"longer than {self.limits.max_id_chars} characters")
+        validation.identifier(p.id, f"{name}.id", self.limits)
         if not p.text.strip():
             raise invalid_argument(f"{name}.text", "is empty")
-        size = len(p.text.encode("utf-8"))
-        if size > self.limits.max_document_bytes:
-            raise invalid_argument(
-                f"{name}.text", f"{size} bytes, more than {self.limits.max_document_bytes}"
-            )
+        validation.text_size(p.text, f"{name}.text", self.limits, f"passage {p.id!r}")
         doc_id = p.doc_id or p.id.rpartition("#")[0] or p.id
         return Passage(p.id, doc_id, p.position, p.title, p.text, dict(p.metadata))
 
     # -- index handles -------------------------------------------------------------------
+
+    async def _requested(self, request: Any, ctx: CallContext) -> IndexHandle:
+        """The handle of the index a request names, for the backend the call is for."""
+        backend_name = self._backend(ctx)
+        return await self._handle(ctx, validation.name(request.index, "index", self.limits), backend_name)
 
     def _directory(self, tenant: str, index: str, backend: str) -> Path:
         return Path(self.settings.home) / "indexes" / tenant / index / backend
 
     async def _handle(self, ctx: CallContext, index: str, backend: str, create: bool = False) -> IndexHandle:
         """The handle of an index, loaded from disk on first use; NOT_FOUND unless `create`."""
-        tenant = self._name("tenant", ctx.tenant)
+        tenant = validation.name(ctx.tenant, "tenant", self.limits)
         key = (tenant, index, backend)
         async with self._open_lock:
             handle = self._handles.get(key)
@@ -320,7 +296,7 @@ class RetrieverService:
                 raise invalid_argument("last", "a message followed the one marked last")
             finished = request.last
             if index is None:
-                index = self._name("index", request.index)
+                index = validation.name(request.index, "index", self.limits)
                 spec.CopyFrom(request.spec)
                 upsert = request.upsert
             elif request.index and request.index != index:
@@ -367,31 +343,27 @@ class RetrieverService:
     async def Search(
         self, request: retriever_pb2.SearchRequest, ctx: CallContext
     ) -> retriever_pb2.SearchResponse:
-        backend_name = self._backend(ctx)
-        index = self._name("index", request.index)
-        query = self._query("query", request.query)
-        top_k = self._top_k(request.top_k)
-        options = self._options(backend_name, request.options)
-        handle = await self._handle(ctx, index, backend_name)
-        start = time.perf_counter()
-        snapshot, results = await asyncio.to_thread(
-            self._search, handle, [query], top_k, request.filters, request.with_continuation, options
-        )
-        return retriever_pb2.SearchResponse(
-            results=results[0], version=self._version(handle, snapshot), timings=[_timing("search", start)]
-        )
+        query = validation.query(request.query, "query", self.limits)
+        (response,) = await self._search_queries([query], request, ctx)
+        return response
 
     async def SearchBatch(
         self, request: retriever_pb2.SearchBatchRequest, ctx: CallContext
     ) -> retriever_pb2.SearchBatchResponse:
+        queries = validation.queries(request.queries, "queries", self.limits)
+        responses = await self._search_queries(queries, request, ctx)
+        return retriever_pb2.SearchBatchResponse(responses=responses, version=responses[0].version)
+
+    async def _search_queries(
+        self,
+        queries: list[str],
+        request: retriever_pb2.SearchRequest | retriever_pb2.SearchBatchRequest,
+        ctx: CallContext,
+    ) -> list[retriever_pb2.SearchResponse]:
+        """Search and SearchBatch after their queries are checked: one response per query."""
         backend_name = self._backend(ctx)
-        index = self._name("index", request.index)
-        if not request.queries:
-            raise invalid_argument("queries", "is empty")
-        if len(request.queries) > self.limits.max_batch_queries:
-            raise invalid_argument("queries", f"more than {self.limits.max_batch_queries} queries")
-        queries = [self._query(f"queries[{i}]", q) for i, q in enumerate(request.queries)]
-        top_k = self._top_k(request.top_k)
+        index = validation.name(request.index, "index", self.limits)
+        top_k = validation.top_k(request.top_k, "top_k", self.limits)
         options = self._options(backend_name, request.options)
         handle = await self._handle(ctx, index, backend_name)
         start = time.perf_counter()
@@ -400,12 +372,7 @@ class RetrieverService:
         )
         version = self._version(handle, snapshot)
         timing = _timing("search", start)
-        return retriever_pb2.SearchBatchResponse(
-            responses=[
-                retriever_pb2.SearchResponse(results=r, version=version, timings=[timing]) for r in results
-            ],
-            version=version,
-        )
+        return [retriever_pb2.SearchResponse(results=r, version=version, timings=[timing]) for r in results]
 
     @staticmethod
     def _version(handle: IndexHandle, snapshot: Snapshot) -> common_pb2.IndexVersion:
@@ -457,14 +424,11 @@ class RetrieverService:
     async def Delete(
         self, request: retriever_pb2.DeleteRequest, ctx: CallContext
     ) -> retriever_pb2.DeleteResponse:
-        backend_name = self._backend(ctx)
-        index = self._name("index", request.index)
         if not request.drop_index and not request.ids and not request.doc_ids:
             raise invalid_argument("ids", "give ids, doc_ids or drop_index")
-        handle = await self._handle(ctx, index, backend_name)
+        handle = await self._requested(request, ctx)
         async with handle.lock:
-            if handle.snapshot is None:  # dropped while this call waited for the lock
-                raise not_found(f"index {index!r} does not exist for retriever {backend_name!r}")
+            _check_not_dropped(handle)
             version = handle.snapshot.manifest.version
             store = handle.store
             if request.drop_index:
@@ -483,13 +447,10 @@ class RetrieverService:
     async def Rebuild(
         self, request: retriever_pb2.RebuildRequest, ctx: CallContext
     ) -> retriever_pb2.RebuildResponse:
-        backend_name = self._backend(ctx)
-        index = self._name("index", request.index)
-        handle = await self._handle(ctx, index, backend_name)
+        handle = await self._requested(request, ctx)
         start = time.perf_counter()
         async with handle.lock:
-            if handle.snapshot is None:  # dropped while this call waited for the lock
-                raise not_found(f"index {index!r} does not exist for retriever {backend_name!r}")
+            _check_not_dropped(handle)
             await asyncio.to_thread(self._commit, handle, handle.snapshot.manifest.spec, [], [], rebuild=True)
             return retriever_pb2.RebuildResponse(
                 version=handle.version(), timings=[_timing("rebuild", start)]
@@ -510,10 +471,7 @@ class RetrieverService:
     async def DescribeIndex(
         self, request: retriever_pb2.DescribeIndexRequest, ctx: CallContext
     ) -> retriever_pb2.IndexDescription:
-        backend_name = self._backend(ctx)
-        index = self._name("index", request.index)
-        handle = await self._handle(ctx, index, backend_name)
-        return await asyncio.to_thread(self._describe, handle)
+        return await asyncio.to_thread(self._describe, await self._requested(request, ctx))
 
     def _describe(self, handle: IndexHandle) -> retriever_pb2.IndexDescription:
         snapshot = handle.snapshot
@@ -525,14 +483,10 @@ class RetrieverService:
             version=self._version(handle, snapshot),
             passages=handle.store.count(manifest.version),
             documents=handle.store.count_documents(manifest.version),
-            spec=common_pb2.IndexSpec(
-                vector_store=spec.get("vector_store", ""),
-                faiss_index=spec.get("faiss_index", ""),
-                model=spec.get("model", ""),
-                retrievers=[handle.backend_name],
-                colbert_model=spec.get("colbert_model", ""),
-                nbits=spec.get("nbits", 0),
-                doc_maxlen=spec.get("doc_maxlen", 0),
+            spec=json_format.ParseDict(
+                {**spec, "retrievers": [handle.backend_name]},
+                common_pb2.IndexSpec(),
+                ignore_unknown_fields=True,
             ),
             dimension=snapshot.backend.dimension,
             bytes_on_disk=size,
@@ -544,12 +498,12 @@ class RetrieverService:
         self, request: retriever_pb2.ListIndexesRequest, ctx: CallContext
     ) -> retriever_pb2.ListIndexesResponse:
         backend_name = self._backend(ctx)
-        tenant = self._name("tenant", ctx.tenant)
+        tenant = validation.name(ctx.tenant, "tenant", self.limits)
         root = Path(self.settings.home) / "indexes" / tenant
         names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         described = []
         for name in names:
-            if _NAME.match(name) and load_manifest(root / name / backend_name) is not None:
+            if validation.is_name(name) and load_manifest(root / name / backend_name) is not None:
                 try:
                     handle = await self._handle(ctx, name, backend_name)
                 except ServiceError:  # dropped meanwhile

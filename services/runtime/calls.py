@@ -25,7 +25,8 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from prometheus_client import Counter, Histogram
 
-from services.runtime.context import AUTHORIZATION_KEY, DEADLINE_KEY, REQUEST_ID_KEY, CallContext
+from ragfleet.metadata import AUTHORIZATION_KEY, DEADLINE_KEY, REQUEST_ID_KEY
+from services.runtime.context import CallContext
 from services.runtime.errors import ServiceError, deadline_exceeded, invalid_argument, unauthenticated
 from services.runtime.settings import Settings
 

@@ -5,14 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-# Metadata keys ragfleet reads and propagates from hop to hop.
-REQUEST_ID_KEY = "x-request-id"
-# Absolute deadline as Unix seconds; carries the client's deadline through hops (such as Serve's
-# proxy) that do not forward gRPC's own deadline.
-DEADLINE_KEY = "x-ragfleet-deadline"
-AUTHORIZATION_KEY = "authorization"
-# Names the backend when one Retriever process serves several (the gateway always sends it).
-RETRIEVER_KEY = "x-ragfleet-retriever"
+from ragfleet.metadata import AUTHORIZATION_KEY, DEADLINE_KEY, REQUEST_ID_KEY
 
 
 @dataclass

@@ -7,6 +7,8 @@ other exception into INTERNAL with a request id instead of a traceback.
 
 from __future__ import annotations
 
+from functools import partial
+
 import grpc
 
 
@@ -28,29 +30,10 @@ def invalid_argument(field: str, problem: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")
 
 
-def not_found(what: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.NOT_FOUND, what)
-
-
-def already_exists(what: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.ALREADY_EXISTS, what)
-
-
-def failed_precondition(what: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, what)
-
-
-def resource_exhausted(what: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, what)
-
-
-def unavailable(what: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, what)
-
-
-def unauthenticated(what: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, what)
-
-
-def deadline_exceeded(what: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, what)
+# The other codes take only a message: `not_found("index 'x' does not exist")`.
+not_found = partial(ServiceError, grpc.StatusCode.NOT_FOUND)
+already_exists = partial(ServiceError, grpc.StatusCode.ALREADY_EXISTS)
+failed_precondition = partial(ServiceError, grpc.StatusCode.FAILED_PRECONDITION)
+unavailable = partial(ServiceError, grpc.StatusCode.UNAVAILABLE)
+unauthenticated = partial(ServiceError, grpc.StatusCode.UNAUTHENTICATED)
+deadline_exceeded = partial(ServiceError, grpc.StatusCode.DEADLINE_EXCEEDED)

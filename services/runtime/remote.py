@@ -11,7 +11,8 @@ from __future__ import annotations
 import grpc
 
 import ragfleet
-from services.runtime.context import RETRIEVER_KEY, CallContext
+from ragfleet.metadata import APPLICATION_KEY, RETRIEVER_KEY
+from services.runtime.context import CallContext
 from services.runtime.errors import ServiceError
 from services.runtime.settings import Endpoint
 
@@ -32,7 +33,7 @@ class Remote:
         if self.retriever:
             md.append((RETRIEVER_KEY, self.retriever))
         if self.endpoint.application:
-            md.append(("application", self.endpoint.application))
+            md.append((APPLICATION_KEY, self.endpoint.application))
         return md
 
 

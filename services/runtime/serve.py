@@ -5,7 +5,7 @@ limits, metrics and the error model do not depend on the deployment mode. Client
 with the `application` metadata (the SDK sets it); inside Ray, the gateway reaches the retrievers
 through the proxy too, so services still talk only through the ragfleet stubs.
 
-`deploy/ray/serve.yaml` names the module-level builders below (`pipeline_app`, ...);
+`deploy/ray/serve.yaml` builds each application with `app` (args `{service: NAME}`);
 `ragfleet up` calls `run_fleet`.
 """
 
@@ -146,33 +146,13 @@ def run_fleet(settings: Settings) -> None:
         log.info("deployed %s", name)
 
 
-def _app(name: str) -> serve.Application:
-    """Builder for `serve deploy deploy/ray/serve.yaml`: settings from the environment / YAML file."""
+def app(args: dict[str, str]) -> serve.Application:
+    """Builder for `serve deploy deploy/ray/serve.yaml`: `args` {"service": NAME} names the service;
+    settings come from the environment / YAML file."""
+    name = args.get("service", "")
+    if name not in FLEET:
+        raise ValueError(f"args.service: {name!r} is not one of {', '.join(FLEET)}")
     settings = Settings()
     if os.environ.get("RAGFLEET_GATEWAY__RETRIEVERS") is None:
         settings = fleet_settings(settings)
     return application(name, settings)
-
-
-def pipeline_app(args: dict[str, str] | None = None) -> serve.Application:
-    return _app("pipeline")
-
-
-def retriever_dense_app(args: dict[str, str] | None = None) -> serve.Application:
-    return _app("retriever-dense")
-
-
-def retriever_bm25_app(args: dict[str, str] | None = None) -> serve.Application:
-    return _app("retriever-bm25")
-
-
-def retriever_colbert_app(args: dict[str, str] | None = None) -> serve.Application:
-    return _app("retriever-colbert")
-
-
-def generator_app(args: dict[str, str] | None = None) -> serve.Application:
-    return _app("generator")
-
-
-def evaluator_app(args: dict[str, str] | None = None) -> serve.Application:
-    return _app("evaluator")

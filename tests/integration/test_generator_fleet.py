@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ragfleet
-from ragfleet.v1 import generator_pb2, generator_pb2_grpc
+from ragfleet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.demo.corpus import demo_documents, demo_questions
 from services.generator.retro.data import load_tokenizer
 from services.generator.retro.model import RetroConfig, RetroModel
@@ -102,7 +102,9 @@ def test_an_unknown_index_is_not_found(
     # Asked directly, the generator checks the index with its Retriever before decoding.
     with grpc.insecure_channel(generator_fleet.services["generator"].address) as channel:
         stub = generator_pb2_grpc.GeneratorStub(channel)
-        request = generator_pb2.GenerateRequest(question=QUESTION, index="no-such-index")
+        request = generator_pb2.GenerateRequest(
+            question=QUESTION, retrieval=common_pb2.RetrievalSpec(index="no-such-index")
+        )
         with pytest.raises(grpc.RpcError) as err:
             list(stub.GenerateStream(request, timeout=60))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -242,8 +242,9 @@ def test_serve_import_paths_build_the_named_applications() -> None:
     assert {app["name"] for app in serve_config()["applications"]} == set(FLEET)
     for app in serve_config()["applications"]:
         module, _, attribute = app["import_path"].partition(":")
-        built = getattr(importlib.import_module(module), attribute)({})
+        built = getattr(importlib.import_module(module), attribute)(app["args"])
         assert isinstance(built, Application)
+        assert app["args"] == {"service": app["name"]}
 
 
 def test_serve_applications_route_by_their_name() -> None:

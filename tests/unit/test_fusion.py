@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from ragfleet.v1 import common_pb2, pipeline_pb2
+from ragfleet.v1 import common_pb2
 from services.gateway.fusion import fuse, reciprocal_rank_fusion, weighted_fusion
 from services.runtime.errors import ServiceError
 
@@ -111,14 +111,14 @@ def test_results_are_copies_with_passage_and_continuation() -> None:
 
 
 def test_fuse_defaults_to_rrf_with_the_server_k() -> None:
-    results = fuse(LISTS, pipeline_pb2.Fusion(), top_k=10, default_rrf_k=1)
+    results = fuse(LISTS, common_pb2.Fusion(), top_k=10, default_rrf_k=1)
     assert results[0].score == pytest.approx(1 / 3 + 1 / 2)
-    results = fuse(LISTS, pipeline_pb2.Fusion(method="rrf", rrf_k=5), top_k=10, default_rrf_k=1)
+    results = fuse(LISTS, common_pb2.Fusion(method="rrf", rrf_k=5), top_k=10, default_rrf_k=1)
     assert results[0].score == pytest.approx(1 / 7 + 1 / 6)
 
 
 def test_fuse_weighted() -> None:
-    fusion = pipeline_pb2.Fusion(method="weighted", weights={"bm25": 2.0})
+    fusion = common_pb2.Fusion(method="weighted", weights={"bm25": 2.0})
     results = fuse(LISTS, fusion, top_k=3, default_rrf_k=60)
     # a (1 + 2 * 0) and d (2 * 0.5) tie at 1.0; a was ranked higher (1st in dense, d 2nd in bm25).
     assert [(r.passage.id, r.score) for r in results] == [("b#0", 2.875), ("a#0", 1.0), ("d#0", 1.0)]
@@ -126,7 +126,7 @@ def test_fuse_weighted() -> None:
 
 def test_fuse_passes_a_single_list_through_with_its_scores() -> None:
     lists = {"bm25": ranked("bm25", ("b#0", 12.0), ("d#0", 7.0), ("b#0", 1.0), ("a#0", 2.0))}
-    results = fuse(lists, pipeline_pb2.Fusion(method="weighted"), top_k=2, default_rrf_k=60)
+    results = fuse(lists, common_pb2.Fusion(method="weighted"), top_k=2, default_rrf_k=60)
     assert [(r.passage.id, r.score, r.rank, r.retriever) for r in results] == [
         ("b#0", 12.0, 1, "bm25"),
         ("d#0", 7.0, 2, "bm25"),
@@ -134,22 +134,22 @@ def test_fuse_passes_a_single_list_through_with_its_scores() -> None:
 
 
 def test_fuse_of_nothing_is_empty() -> None:
-    assert fuse({}, pipeline_pb2.Fusion(), top_k=5, default_rrf_k=60) == []
-    assert fuse({"a": [], "b": []}, pipeline_pb2.Fusion(method="weighted"), top_k=5, default_rrf_k=60) == []
+    assert fuse({}, common_pb2.Fusion(), top_k=5, default_rrf_k=60) == []
+    assert fuse({"a": [], "b": []}, common_pb2.Fusion(method="weighted"), top_k=5, default_rrf_k=60) == []
 
 
 @pytest.mark.parametrize(
     ("fusion", "top_k", "field"),
     [
-        (pipeline_pb2.Fusion(method="borda"), 5, "fusion.method"),
-        (pipeline_pb2.Fusion(rrf_k=-1), 5, "fusion.rrf_k"),
-        (pipeline_pb2.Fusion(weights={"dense": -0.5}), 5, "fusion.weights"),
-        (pipeline_pb2.Fusion(weights={"dense": float("nan")}), 5, "fusion.weights"),
-        (pipeline_pb2.Fusion(), 0, "top_k"),
+        (common_pb2.Fusion(method="borda"), 5, "fusion.method"),
+        (common_pb2.Fusion(rrf_k=-1), 5, "fusion.rrf_k"),
+        (common_pb2.Fusion(weights={"dense": -0.5}), 5, "fusion.weights"),
+        (common_pb2.Fusion(weights={"dense": float("nan")}), 5, "fusion.weights"),
+        (common_pb2.Fusion(), 0, "top_k"),
     ],
 )
 def test_fuse_rejects_bad_requests_naming_the_field(
-    fusion: pipeline_pb2.Fusion, top_k: int, field: str
+    fusion: common_pb2.Fusion, top_k: int, field: str
 ) -> None:
     with pytest.raises(ServiceError) as caught:
         fuse(LISTS, fusion, top_k=top_k, default_rrf_k=60)

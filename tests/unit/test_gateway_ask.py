@@ -32,14 +32,17 @@ def scored(pid: str, score: float, rank: int) -> common_pb2.ScoredPassage:
 class Retriever(retriever_pb2_grpc.RetrieverServicer):
     def __init__(self) -> None:
         self.seen_metadata: list[dict[str, str]] = []
+        self.requests: list[retriever_pb2.SearchBatchRequest] = []
 
-    async def Search(self, request, context):
+    async def SearchBatch(self, request, context):
         self.seen_metadata.append(dict(context.invocation_metadata()))
+        self.requests.append(request)
         if request.index == "missing":
             await context.abort(grpc.StatusCode.NOT_FOUND, "index 'missing' does not exist")
         results = [scored("a#0", 0.9, 1), scored("b#0", 0.5, 2), scored("c#0", 0.1, 3)][: request.top_k]
         version = common_pb2.IndexVersion(index=request.index, retriever="dense", version=3, model_id="enc")
-        return retriever_pb2.SearchResponse(results=results, version=version)
+        responses = [retriever_pb2.SearchResponse(results=results, version=version) for _ in request.queries]
+        return retriever_pb2.SearchBatchResponse(responses=responses, version=version)
 
 
 class Reranker(reranker_pb2_grpc.RerankerServicer):
@@ -49,7 +52,11 @@ class Reranker(reranker_pb2_grpc.RerankerServicer):
 
 
 class Generator(generator_pb2_grpc.GeneratorServicer):
+    def __init__(self) -> None:
+        self.requests: list[generator_pb2.GenerateRequest] = []
+
     async def GenerateStream(self, request, context):
+        self.requests.append(request)
         if request.question == "fail":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "params.max_tokens: over the limit")
         for token in ("The", " answer"):
@@ -67,12 +74,13 @@ class Generator(generator_pb2_grpc.GeneratorServicer):
 @pytest.fixture
 async def backends():
     server = grpc.aio.server()
-    retriever = Retriever()
+    retriever, generator = Retriever(), Generator()
     retriever_pb2_grpc.add_RetrieverServicer_to_server(retriever, server)
     reranker_pb2_grpc.add_RerankerServicer_to_server(Reranker(), server)
-    generator_pb2_grpc.add_GeneratorServicer_to_server(Generator(), server)
+    generator_pb2_grpc.add_GeneratorServicer_to_server(generator, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    retriever.generator = generator
     yield f"127.0.0.1:{port}", retriever
     await server.stop(None)
 
@@ -91,7 +99,8 @@ def gateway(address: str, *, rerank: bool, generate: bool) -> PipelineService:
 
 
 async def events(service: PipelineService, question: str = "why?", **kw) -> list[pipeline_pb2.AskEvent]:
-    request = pipeline_pb2.AskRequest(question=question, index="kb", top_k=3, **kw)
+    retrieval = common_pb2.RetrievalSpec(index="kb", top_k=3)
+    request = pipeline_pb2.AskRequest(question=question, retrieval=retrieval, **kw)
     return [e async for e in service.AskStream(request, CallContext(request_id="r1"))]
 
 
@@ -127,14 +136,45 @@ async def test_downstream_errors_keep_their_status(backends) -> None:
         await events(service, question="fail", generate=True)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.message.startswith("generator:")
     with pytest.raises(ServiceError) as err:
-        request = pipeline_pb2.AskRequest(question="q", index="missing")
+        request = pipeline_pb2.AskRequest(question="q", retrieval=common_pb2.RetrievalSpec(index="missing"))
         await service.Ask(request, CallContext())
     assert err.value.code == grpc.StatusCode.NOT_FOUND
 
 
 async def test_unary_ask_collects_the_stream(backends) -> None:
     address, _ = backends
-    request = pipeline_pb2.AskRequest(question="q", index="kb", top_k=2, rerank=True, generate=True)
+    retrieval = common_pb2.RetrievalSpec(index="kb", top_k=2)
+    request = pipeline_pb2.AskRequest(question="q", retrieval=retrieval, rerank=True, generate=True)
     response = await gateway(address, rerank=True, generate=True).Ask(request, CallContext())
     assert [p.passage.id for p in response.passages] == ["b#0", "a#0"]
     assert response.answer.text == "The answer"
+
+
+async def test_ask_sends_one_retrieval_spec_to_the_retriever_and_the_generator(backends) -> None:
+    address, retriever = backends
+    retrieval = common_pb2.RetrievalSpec(
+        index="kb", retrievers=["dense"], filters={"lang": "en"}, candidates=7, options={"exhaustive": True}
+    )
+    request = pipeline_pb2.AskRequest(question="q", retrieval=retrieval, generate=True)
+    await gateway(address, rerank=False, generate=True).Ask(request, CallContext())
+    searched = retriever.requests[-1]
+    assert (searched.index, searched.top_k, dict(searched.filters)) == ("kb", 7, {"lang": "en"})
+    assert searched.options.exhaustive and searched.with_continuation
+    forwarded = retriever.generator.requests[-1].retrieval
+    assert (forwarded.index, forwarded.top_k, dict(forwarded.filters)) == ("kb", 5, {"lang": "en"})
+    assert forwarded.options.exhaustive and forwarded.with_continuation and forwarded.candidates == 7
+
+
+async def test_ask_rejects_a_bad_spec_by_field(backends) -> None:
+    address, _ = backends
+    service = gateway(address, rerank=False, generate=False)
+    for retrieval, field in [
+        (common_pb2.RetrievalSpec(), "retrieval.index"),
+        (common_pb2.RetrievalSpec(index="kb", top_k=-1), "retrieval.top_k"),
+        (common_pb2.RetrievalSpec(index="kb", candidates=-1), "retrieval.candidates"),
+        (common_pb2.RetrievalSpec(index="kb", retrievers=["nope"]), "retrieval.retrievers"),
+        (common_pb2.RetrievalSpec(index="kb", options={"ndocs": -2}), "retrieval.options.ndocs"),
+    ]:
+        with pytest.raises(ServiceError) as err:
+            await service.Ask(pipeline_pb2.AskRequest(question="q", retrieval=retrieval), CallContext())
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.message.startswith(field)

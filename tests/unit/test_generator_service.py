@@ -103,7 +103,10 @@ def service_for(home: Path, retriever_address: str, **generator: object) -> Gene
 
 
 def request(
-    question: str = "What is the capital of Portugal?", index: str = "", **params
+    question: str = "What is the capital of Portugal?",
+    index: str = "",
+    filters: dict[str, str] | None = None,
+    **params,
 ) -> generator_pb2.GenerateRequest:
     context = [
         common_pb2.ScoredPassage(
@@ -114,8 +117,9 @@ def request(
             rank=1,
         )
     ]
+    retrieval = common_pb2.RetrievalSpec(index=index, filters=filters)
     return generator_pb2.GenerateRequest(
-        question=question, context=context, index=index, params=common_pb2.GenerationParams(**params)
+        question=question, context=context, retrieval=retrieval, params=common_pb2.GenerationParams(**params)
     )
 
 
@@ -165,7 +169,7 @@ async def test_an_unknown_index_is_not_found(checkpoint, retriever) -> None:
 async def test_stream_yields_tokens_then_an_answer_with_citations(checkpoint, retriever) -> None:
     servicer, address = retriever
     service = service_for(checkpoint.parents[1], address)
-    events = await stream(service, request(index="kb", max_tokens=10))
+    events = await stream(service, request(index="kb", filters={"lang": "pt"}, max_tokens=10))
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[-1] == "done" and set(kinds[:-1]) == {"token"} and len(kinds) > 2
     done = events[-1].done
@@ -177,6 +181,7 @@ async def test_stream_yields_tokens_then_an_answer_with_citations(checkpoint, re
     assert len(servicer.searches) == 2
     for search, metadata in servicer.searches:
         assert search.index == "kb" and search.top_k == 2 and search.with_continuation and search.query
+        assert dict(search.filters) == {"lang": "pt"}
         assert metadata["application"] == "retriever-dense" and metadata["x-request-id"] == "test"
     cited = [c.passage_id for c in done.citations]
     assert set(cited) == {"lisbon#0", "hit1#0", "hit2#0"}

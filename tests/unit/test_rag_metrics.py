@@ -216,7 +216,7 @@ def test_judge_mode_asks_the_generator(judge, scorer: Scorer):
 
     entailment = generator.requests[0]
     assert entailment.params.temperature == 0.0 and entailment.params.max_tokens > 0
-    assert entailment.index == ""
+    assert not entailment.retrieval.index
     assert [p.passage.text for p in entailment.context] == [EIFFEL]
     assert "Statement: The tower stands in Paris and was finished in 1889." in entailment.question
     # Metrics that compare embeddings do not call the judge.

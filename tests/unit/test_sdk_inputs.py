@@ -12,7 +12,7 @@ import pytest
 import ragfleet
 from ragfleet import _common
 from ragfleet.errors import InvalidArgument
-from ragfleet.v1 import pipeline_pb2
+from ragfleet.v1 import common_pb2
 
 
 def write_jsonl(path: Path, records: list[object]) -> Path:
@@ -102,8 +102,7 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path: Path) -> None:
 
 
 def test_search_request_fields() -> None:
-    request = _common.search_request(
-        "q",
+    fields = _common.RetrievalArgs(
         index="idx",
         top_k=3,
         retrievers="dense",
@@ -112,15 +111,45 @@ def test_search_request_fields() -> None:
         with_continuation=True,
         candidates=50,
     )
-    assert (request.query, request.index, request.top_k, request.candidates) == ("q", "idx", 3, 50)
-    assert list(request.retrievers) == ["dense"] and request.with_continuation
-    assert request.fusion.method == "weighted" and dict(request.fusion.weights) == {"dense": 2.0}
-    assert dict(request.filters) == {"year": "2020", "lang": "en"}
+    request = _common.search_request("q", fields)
+    spec = request.retrieval
+    assert (request.query, spec.index, spec.top_k, spec.candidates) == ("q", "idx", 3, 50)
+    assert list(spec.retrievers) == ["dense"] and spec.with_continuation
+    assert spec.fusion.method == "weighted" and dict(spec.fusion.weights) == {"dense": 2.0}
+    assert dict(spec.filters) == {"year": "2020", "lang": "en"}
+
+
+def test_retrieval_spec_keyword_arguments_override_a_given_spec() -> None:
+    base = {"index": "base", "top_k": 7, "filters": {"lang": "en"}, "retrievers": ["bm25"]}
+    fields = {"retrieval": base, "retrievers": "dense", "options": {"exhaustive": True}}
+    spec = _common.retrieval_spec(fields, top_k=10)
+    assert (spec.index, spec.top_k, dict(spec.filters)) == ("base", 7, {"lang": "en"})
+    assert list(spec.retrievers) == ["bm25", "dense"] and spec.options.exhaustive
+    message = ragfleet.RetrievalSpec(index="m", candidates=3)
+    spec = _common.retrieval_spec({"index": "other", "retrieval": message}, top_k=5)
+    assert (spec.index, spec.top_k, spec.candidates) == ("other", 5, 3) and message.index == "m"
+    with pytest.raises(TypeError, match="'topk'"):
+        _common.retrieval_spec({"index": "i", "topk": 3}, top_k=5)
+    with pytest.raises(InvalidArgument, match="retrieval.top_k"):
+        _common.retrieval_spec({"index": "i", "top_k": "many"}, top_k=5)
+    with pytest.raises(InvalidArgument, match="retrieval.bogus"):
+        _common.retrieval_spec({"index": "i", "retrieval": {"bogus": 1}}, top_k=5)
+
+
+def test_retry_policy_names_only_the_idempotent_methods() -> None:
+    config = json.loads(_common.retry_service_config("ragfleet.v1.Pipeline", ("Search", "Describe"), 9))
+    (method,) = config["methodConfig"]
+    assert [n["method"] for n in method["name"]] == ["Search", "Describe"]
+    assert method["retryPolicy"]["maxAttempts"] == _common.MAX_ATTEMPTS
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert json.loads(_common.retry_service_config("ragfleet.v1.Pipeline", ("Search",), 0)) == {
+        "methodConfig": []
+    }
 
 
 def test_fusion_forms() -> None:
     assert _common.to_fusion(None) is None
-    assert _common.to_fusion("rrf") == pipeline_pb2.Fusion(method="rrf")
+    assert _common.to_fusion("rrf") == common_pb2.Fusion(method="rrf")
     fusion = ragfleet.Fusion(method="rrf", rrf_k=10)
     assert _common.to_fusion(fusion) is fusion
     with pytest.raises(InvalidArgument, match="fusion: .*bogus"):
@@ -132,19 +161,20 @@ def test_fusion_forms() -> None:
 def test_ask_and_delete_requests() -> None:
     request = _common.ask_request(
         "why?",
-        index="idx",
-        top_k=4,
-        retrievers=["dense", "bm25"],
-        fusion=None,
-        rerank=True,
-        generate=False,
-        params={"temperature": 0.5, "max_tokens": 16, "seed": 3},
-        filters=None,
+        {
+            "index": "idx",
+            "top_k": 4,
+            "retrievers": ["dense", "bm25"],
+            "fusion": None,
+            "rerank": True,
+            "generate": False,
+            "params": {"temperature": 0.5, "max_tokens": 16, "seed": 3},
+        },
     )
-    assert request.question == "why?" and list(request.retrievers) == ["dense", "bm25"]
-    assert request.rerank and not request.generate and not request.HasField("fusion")
+    assert request.question == "why?" and list(request.retrieval.retrievers) == ["dense", "bm25"]
+    assert request.rerank and not request.generate and not request.retrieval.HasField("fusion")
     assert request.params.max_tokens == 16 and request.params.HasField("seed")
-    delete = _common.delete_request(index="idx", ids=("a#0",), doc_ids="b", drop_index=False)
+    delete = _common.delete_request({"index": "idx", "ids": ("a#0",), "doc_ids": "b"})
     assert list(delete.ids) == ["a#0"] and list(delete.doc_ids) == ["b"]
 
 
@@ -164,28 +194,11 @@ def test_index_spec_colbert_fields_and_search_options() -> None:
         4,
         180,
     )
-    request = _common.search_batch_request(
-        ["q"],
-        index="idx",
-        top_k=5,
-        retrievers=None,
-        fusion=None,
-        filters=None,
-        candidates=0,
-        options={"ncells": 2, "centroid_score_threshold": 0.4, "ndocs": 64},
-    )
-    assert (request.options.ncells, request.options.ndocs) == (2, 64)
+    options = {"ncells": 2, "centroid_score_threshold": 0.4, "ndocs": 64}
+    request = _common.search_batch_request(["q"], {"index": "idx", "top_k": 5, "options": options})
+    assert (request.retrieval.options.ncells, request.retrieval.options.ndocs) == (2, 64)
     with pytest.raises(InvalidArgument, match="options: .*exhaustiv"):
-        _common.search_batch_request(
-            ["q"],
-            index="i",
-            top_k=1,
-            retrievers=None,
-            fusion=None,
-            filters=None,
-            candidates=0,
-            options={"exhaustiv": True},
-        )
+        _common.search_batch_request(["q"], {"index": "i", "options": {"exhaustiv": True}})
     rebuild = _common.rebuild_request(index="idx", retrievers="colbert")
     assert (rebuild.index, list(rebuild.retrievers)) == ("idx", ["colbert"])
 
@@ -193,7 +206,13 @@ def test_index_spec_colbert_fields_and_search_options() -> None:
 def test_ingest_stream_batches_and_header() -> None:
     sent: list[int] = []
     stream = _common.IngestStream(
-        index="idx", spec={"vector_store": "faiss"}, upsert=True, batch_size=2, progress=sent.append
+        {
+            "index": "idx",
+            "spec": {"vector_store": "faiss"},
+            "upsert": True,
+            "batch_size": 2,
+            "progress": sent.append,
+        }
     )
     docs = [ragfleet.Document(id=str(i), text="t") for i in range(5)]
     messages = list(stream.requests(docs))
@@ -204,14 +223,16 @@ def test_ingest_stream_batches_and_header() -> None:
 
 
 def test_ingest_stream_without_documents_sends_header() -> None:
-    stream = _common.IngestStream(index="idx", spec=None, upsert=False, batch_size=8, progress=None)
+    stream = _common.IngestStream({"index": "idx", "batch_size": 8})
     messages = list(stream.requests([]))
     assert len(messages) == 1 and messages[0].index == "idx" and not messages[0].documents
 
 
 def test_ingest_stream_rejects_bad_batch_size() -> None:
     with pytest.raises(ValueError, match="batch_size"):
-        _common.IngestStream(index="i", spec=None, upsert=False, batch_size=0, progress=None)
+        _common.IngestStream({"index": "i", "batch_size": 0})
+    with pytest.raises(TypeError, match="'batch'"):
+        _common.IngestStream({"index": "i", "batch": 8})  # type: ignore[typeddict-unknown-key]
 
 
 def test_call_metadata_and_channels() -> None:

@@ -17,8 +17,15 @@ from ragfleet.aio import AsyncClient
 from ragfleet.client import Client
 from ragfleet.errors import RagfleetError
 from ragfleet.evaluator import EvaluatorClient
-from ragfleet.v1.common_pb2 import ChunkingSpec, Document, GenerationParams, IndexSpec, SearchOptions
-from ragfleet.v1.pipeline_pb2 import Fusion
+from ragfleet.v1.common_pb2 import (
+    ChunkingSpec,
+    Document,
+    Fusion,
+    GenerationParams,
+    IndexSpec,
+    RetrievalSpec,
+    SearchOptions,
+)
 
 __version__ = "0.1.0"
 
@@ -32,6 +39,7 @@ __all__ = [
     "GenerationParams",
     "IndexSpec",
     "RagfleetError",
+    "RetrievalSpec",
     "SearchOptions",
     "call_metadata",
     "errors",

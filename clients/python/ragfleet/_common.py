@@ -1,4 +1,4 @@
-"""What the sync and async clients share: channels, call metadata and deadlines, retry decisions,
+"""What the sync and async clients share: channels, call metadata and deadlines, retry policy,
 request building and reading documents.
 
 `Client` and `AsyncClient` differ only in how they wait (threads or asyncio); everything that decides
@@ -12,8 +12,12 @@ Decisions worth knowing:
   same way so that they match.
 - An ingest whose source fails half way (a malformed line, an exception from the caller's
   iterable) cancels the call, so the server never commits part of it, and raises the source's error.
-- Retries: only for calls the client marks idempotent, only on UNAVAILABLE, with exponential
-  backoff and jitter, and never past the call's deadline. Every attempt carries the same request id.
+- Retries are gRPC's own (a `retryPolicy` in the channel's service config): only for the methods a
+  client names idempotent, only on UNAVAILABLE, with exponential backoff and jitter, never past the
+  call's deadline (a call whose deadline passes while it waits to retry ends DEADLINE_EXCEEDED), and
+  every attempt carries the same metadata (so the same request id). gRPC caps a call at 5 attempts.
+- A retrieval is one `RetrievalSpec`: `retrieval_spec` builds it from a spec (message or dict) and
+  the keyword arguments the client methods take (`RetrievalArgs`), the same for every method.
 """
 
 from __future__ import annotations
@@ -21,27 +25,25 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import random
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, overload
 
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
-from ragfleet.errors import InvalidArgument, RagfleetError, from_rpc_error, status_code
+from ragfleet.errors import InvalidArgument, RagfleetError, from_rpc_error
+from ragfleet.metadata import APPLICATION_KEY, AUTHORIZATION_KEY, DEADLINE_KEY, REQUEST_ID_KEY
 from ragfleet.v1 import common_pb2, pipeline_pb2, pipeline_pb2_grpc, retriever_pb2
 
-REQUEST_ID_KEY = "x-request-id"
-# Absolute deadline in Unix seconds: survives hops (such as Ray Serve's proxy) that drop gRPC's own.
-DEADLINE_KEY = "x-ragfleet-deadline"
-AUTHORIZATION_KEY = "authorization"
-# Ray Serve's gRPC proxy routes on this key to the application of that name.
-APPLICATION_KEY = "application"
+if TYPE_CHECKING:
+    from typing import Required
+
+    from typing_extensions import Unpack
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -56,15 +58,18 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 INITIAL_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
 BACKOFF_MULTIPLIER = 2.0
+# gRPC ignores a retry policy of more attempts than this.
+MAX_ATTEMPTS = 5
 
 DocumentLike = common_pb2.Document | Mapping[str, Any]
 DocumentSource = str | os.PathLike[str] | Iterable[DocumentLike]
 SpecLike = common_pb2.IndexSpec | Mapping[str, Any] | None
-FusionLike = pipeline_pb2.Fusion | Mapping[str, Any] | str | None
+FusionLike = common_pb2.Fusion | Mapping[str, Any] | str | None
 ParamsLike = common_pb2.GenerationParams | Mapping[str, Any] | None
 # {"exhaustive", "ncells", "centroid_score_threshold", "ndocs", "compressed_rerank"}: tuning of
 # approximate retrievers (colbert).
 OptionsLike = common_pb2.SearchOptions | Mapping[str, Any] | None
+RetrievalLike = common_pb2.RetrievalSpec | Mapping[str, Any] | None
 Filters = Mapping[str, Any] | None
 Names = str | Sequence[str] | None
 ChannelOptions = Sequence[tuple[str, Any]] | None
@@ -72,39 +77,66 @@ ChannelOptions = Sequence[tuple[str, Any]] | None
 M = TypeVar("M", bound=Message)
 
 
+class RetrievalArgs(TypedDict, total=False):
+    """The keyword arguments of a retrieval: `index` (required) and the other RetrievalSpec fields
+    (see common.proto), laid over `retrieval`, a whole spec (RetrievalSpec or dict) given at once."""
+
+    index: str
+    retrieval: RetrievalLike
+    top_k: int
+    retrievers: Names
+    fusion: FusionLike
+    filters: Filters
+    candidates: int
+    options: OptionsLike
+    with_continuation: bool
+
+
+class AskArgs(RetrievalArgs, total=False):
+    """Ask's keyword arguments: the retrieval's, plus reranking and generation."""
+
+    rerank: bool
+    generate: bool
+    params: ParamsLike
+
+
+class IngestArgs(TypedDict, total=False):
+    """An ingest into `index`: `spec` (IndexSpec or dict) applies when the index is created; `upsert`
+    replaces passages whose ids exist; `batch_size` documents go in each message (256);
+    `progress(n)` is called with the number of documents sent so far after each message."""
+
+    index: Required[str]
+    spec: SpecLike
+    upsert: bool
+    batch_size: int
+    progress: Callable[[int], object] | None
+
+
+class DeleteArgs(TypedDict, total=False):
+    """What to delete from `index`: passages by id, whole documents by id, or (drop_index) all."""
+
+    index: Required[str]
+    ids: Names
+    doc_ids: Names
+    drop_index: bool
+
+
 # --- channels and metadata ---------------------------------------------------------------------
 
 
-@overload
-def make_channel(
-    address: str,
-    *,
-    tls: bool = ...,
-    root_certificates: bytes | None = ...,
-    options: ChannelOptions = ...,
-    aio: Literal[False] = ...,
-) -> grpc.Channel: ...
+class ChannelArgs(TypedDict, total=False):
+    tls: bool
+    root_certificates: bytes | None
+    options: ChannelOptions
 
 
 @overload
-def make_channel(
-    address: str,
-    *,
-    tls: bool = ...,
-    root_certificates: bytes | None = ...,
-    options: ChannelOptions = ...,
-    aio: Literal[True],
-) -> grpc.aio.Channel: ...
-
-
+def make_channel(address: str, *, aio: Literal[False] = ..., **kw: Unpack[ChannelArgs]) -> grpc.Channel: ...
+@overload
+def make_channel(address: str, *, aio: Literal[True], **kw: Unpack[ChannelArgs]) -> grpc.aio.Channel: ...
 @overload
 def make_channel(
-    address: str,
-    *,
-    tls: bool = ...,
-    root_certificates: bytes | None = ...,
-    options: ChannelOptions = ...,
-    aio: bool,
+    address: str, *, aio: bool, **kw: Unpack[ChannelArgs]
 ) -> grpc.Channel | grpc.aio.Channel: ...
 
 
@@ -134,6 +166,22 @@ def make_channel(
     return grpc.insecure_channel(address, options=channel_options)
 
 
+def retry_service_config(service: str, methods: Sequence[str], retries: int) -> str:
+    """A gRPC service config (JSON) that retries `methods` of `service` on UNAVAILABLE, up to
+    `retries` times (capped by gRPC at MAX_ATTEMPTS - 1), with exponential backoff and jitter."""
+    if retries == 0 or not methods:
+        return json.dumps({"methodConfig": []})
+    policy = {
+        "maxAttempts": min(retries + 1, MAX_ATTEMPTS),
+        "initialBackoff": f"{INITIAL_BACKOFF_S:.3f}s",
+        "maxBackoff": f"{MAX_BACKOFF_S:.3f}s",
+        "backoffMultiplier": BACKOFF_MULTIPLIER,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": service, "method": method} for method in methods]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+
 def call_metadata(
     *,
     token: str | None = None,
@@ -154,13 +202,11 @@ def call_metadata(
 
 
 class CallBudget:
-    """One logical call: its request id, metadata, deadline and retries, shared by every attempt."""
+    """One logical call: its request id, metadata and timeout, shared by every attempt gRPC makes."""
 
-    def __init__(
-        self, timeout: float | None, *, token: str | None, application: str | None, retries: int
-    ) -> None:
+    def __init__(self, timeout: float | None, *, token: str | None, application: str | None) -> None:
         self.request_id = uuid.uuid4().hex
-        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
         self.metadata = tuple(
             call_metadata(
                 token=token,
@@ -169,37 +215,21 @@ class CallBudget:
                 deadline=None if timeout is None else time.time() + timeout,
             )
         )
-        self._retries_left = retries
-        self._attempt = 0
-
-    def remaining(self) -> float | None:
-        """Seconds left until the deadline (the gRPC timeout of the next attempt); None: no deadline."""
-        if self._deadline is None:
-            return None
-        return max(self._deadline - time.monotonic(), 0.0)
-
-    def retry_delay(self, err: grpc.RpcError) -> float | None:
-        """Seconds to wait before retrying after `err`, or None when the call must fail with it."""
-        if self._retries_left <= 0 or status_code(err) != grpc.StatusCode.UNAVAILABLE:
-            return None
-        ceiling = min(MAX_BACKOFF_S, INITIAL_BACKOFF_S * BACKOFF_MULTIPLIER**self._attempt)
-        delay = random.uniform(ceiling / 2, ceiling)
-        remaining = self.remaining()
-        if remaining is not None and delay >= remaining:
-            return None
-        self._retries_left -= 1
-        self._attempt += 1
-        return delay
 
     def error(self, err: grpc.RpcError) -> RagfleetError:
         return from_rpc_error(err, request_id=self.request_id)
 
 
 class BaseClient:
-    """Configuration and channel shared by Client, AsyncClient and EvaluatorClient."""
+    """Configuration and channel shared by Client, AsyncClient and EvaluatorClient.
+
+    A subclass names its stub, the gRPC service and the methods that are safe to retry.
+    """
 
     _aio = False
     _stub_class: Any = pipeline_pb2_grpc.PipelineStub
+    _service = "ragfleet.v1.Pipeline"
+    _idempotent: tuple[str, ...] = ("Search", "SearchBatch", "DescribeIndex", "ListIndexes", "Describe")
 
     def __init__(
         self,
@@ -219,103 +249,101 @@ class BaseClient:
         self._token = token
         self._application = application
         self._timeout = timeout
-        self._retries = retries
+        retry = ("grpc.service_config", retry_service_config(self._service, self._idempotent, retries))
         self._channel: Any = make_channel(
-            address, tls=tls, root_certificates=root_certificates, options=options, aio=self._aio
+            address,
+            tls=tls,
+            root_certificates=root_certificates,
+            options=[retry, *(options or ())],
+            aio=self._aio,
         )
         self._stub = self._stub_class(self._channel)
 
-    def _budget(self, timeout: float | None, *, idempotent: bool) -> CallBudget:
+    def _budget(self, timeout: float | None) -> CallBudget:
         """A call's budget; `timeout` None means the client's timeout."""
         return CallBudget(
-            self._timeout if timeout is None else timeout,
-            token=self._token,
-            application=self._application,
-            retries=self._retries if idempotent else 0,
+            self._timeout if timeout is None else timeout, token=self._token, application=self._application
         )
+
+    def _start_stream(self, method: Any, request: Any, timeout: float | None) -> tuple[Any, CallBudget]:
+        """Starts a server-streaming call; the caller relays its messages and errors."""
+        budget = self._budget(timeout)
+        return method(request, timeout=budget.timeout, metadata=budget.metadata), budget
 
 
 # --- requests ----------------------------------------------------------------------------------
 
 
-def search_request(
-    query: str,
-    *,
-    index: str,
-    top_k: int,
-    retrievers: Names,
-    fusion: FusionLike,
-    filters: Filters,
-    with_continuation: bool,
-    candidates: int,
-    options: OptionsLike = None,
-) -> pipeline_pb2.PipelineSearchRequest:
-    return pipeline_pb2.PipelineSearchRequest(
-        query=query,
-        index=index,
-        top_k=top_k,
-        retrievers=_names(retrievers),
-        fusion=to_fusion(fusion),
-        filters=to_filters(filters),
-        with_continuation=with_continuation,
-        candidates=candidates,
-        options=_message(common_pb2.SearchOptions, options, "options"),
-    )
+def retrieval_spec(fields: Mapping[str, Any], *, top_k: int) -> common_pb2.RetrievalSpec:
+    """The RetrievalSpec of one call from its `RetrievalArgs`: `retrieval` (a spec or a dict of its
+    fields), then the other arguments over it; `top_k` is the method's default when neither sets one
+    (an explicit top_k=0 goes to the server, which rejects it)."""
+    fields = dict(fields)
+    unknown = sorted(set(fields) - set(RetrievalArgs.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    retrieval = fields.pop("retrieval", None)
+    spec = common_pb2.RetrievalSpec()
+    if isinstance(retrieval, Mapping):
+        spec.MergeFrom(_retrieval_from_mapping(retrieval))
+    elif retrieval is not None:
+        spec.CopyFrom(_message(common_pb2.RetrievalSpec, retrieval, "retrieval"))
+    spec.MergeFrom(_retrieval_from_mapping(fields))
+    if "top_k" not in fields and not spec.top_k:
+        spec.top_k = top_k
+    return spec
 
 
-def search_batch_request(
-    queries: Names,
-    *,
-    index: str,
-    top_k: int,
-    retrievers: Names,
-    fusion: FusionLike,
-    filters: Filters,
-    candidates: int,
-    options: OptionsLike = None,
-) -> pipeline_pb2.PipelineSearchBatchRequest:
-    return pipeline_pb2.PipelineSearchBatchRequest(
-        queries=_names(queries),
-        index=index,
-        top_k=top_k,
-        retrievers=_names(retrievers),
-        fusion=to_fusion(fusion),
-        filters=to_filters(filters),
-        candidates=candidates,
-        options=_message(common_pb2.SearchOptions, options, "options"),
-    )
+def _retrieval_from_mapping(fields: Mapping[str, Any]) -> common_pb2.RetrievalSpec:
+    spec = common_pb2.RetrievalSpec()
+    for name, value in fields.items():
+        if name == "retrievers":
+            spec.retrievers.extend(_names(value))
+        elif name == "fusion":
+            if (fusion := to_fusion(value)) is not None:
+                spec.fusion.CopyFrom(fusion)
+        elif name == "filters":
+            spec.filters.update(to_filters(value))
+        elif name == "options":
+            if (options := _message(common_pb2.SearchOptions, value, "options")) is not None:
+                spec.options.CopyFrom(options)
+        else:
+            try:
+                setattr(spec, name, value)
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise InvalidArgument(f"retrieval.{name}: {exc}") from None
+    return spec
 
 
-def ask_request(
-    question: str,
-    *,
-    index: str,
-    top_k: int,
-    retrievers: Names,
-    fusion: FusionLike,
-    rerank: bool,
-    generate: bool,
-    params: ParamsLike,
-    filters: Filters,
-) -> pipeline_pb2.AskRequest:
+def search_request(query: str, fields: RetrievalArgs) -> pipeline_pb2.PipelineSearchRequest:
+    return pipeline_pb2.PipelineSearchRequest(query=query, retrieval=retrieval_spec(fields, top_k=10))
+
+
+def search_batch_request(queries: Names, fields: RetrievalArgs) -> pipeline_pb2.PipelineSearchBatchRequest:
+    spec = retrieval_spec(fields, top_k=10)
+    return pipeline_pb2.PipelineSearchBatchRequest(queries=_names(queries), retrieval=spec)
+
+
+def ask_request(question: str, fields: AskArgs) -> pipeline_pb2.AskRequest:
+    """Ask's request; rerank defaults to False, generate to True."""
+    asked: dict[str, Any] = dict(fields)
+    rerank, generate = asked.pop("rerank", False), asked.pop("generate", True)
+    params = _message(common_pb2.GenerationParams, asked.pop("params", None), "params")
     return pipeline_pb2.AskRequest(
         question=question,
-        index=index,
-        top_k=top_k,
-        retrievers=_names(retrievers),
-        fusion=to_fusion(fusion),
+        retrieval=retrieval_spec(asked, top_k=5),
         rerank=rerank,
         generate=generate,
-        params=_message(common_pb2.GenerationParams, params, "params"),
-        filters=to_filters(filters),
+        params=params,
     )
 
 
-def delete_request(
-    *, index: str, ids: Names, doc_ids: Names, drop_index: bool
-) -> retriever_pb2.DeleteRequest:
+def delete_request(fields: DeleteArgs) -> retriever_pb2.DeleteRequest:
     return retriever_pb2.DeleteRequest(
-        index=index, ids=_names(ids), doc_ids=_names(doc_ids), drop_index=drop_index
+        index=fields["index"],
+        ids=_names(fields.get("ids")),
+        doc_ids=_names(fields.get("doc_ids")),
+        drop_index=fields.get("drop_index", False),
     )
 
 
@@ -323,11 +351,11 @@ def rebuild_request(*, index: str, retrievers: Names) -> pipeline_pb2.PipelineRe
     return pipeline_pb2.PipelineRebuildRequest(index=index, retrievers=_names(retrievers))
 
 
-def to_fusion(fusion: FusionLike) -> pipeline_pb2.Fusion | None:
+def to_fusion(fusion: FusionLike) -> common_pb2.Fusion | None:
     """None, a method name ("rrf", "weighted"), a dict of Fusion's fields, or a Fusion."""
     if isinstance(fusion, str):
-        return pipeline_pb2.Fusion(method=fusion)
-    return _message(pipeline_pb2.Fusion, fusion, "fusion")
+        return common_pb2.Fusion(method=fusion)
+    return _message(common_pb2.Fusion, fusion, "fusion")
 
 
 def to_index_spec(spec: SpecLike) -> common_pb2.IndexSpec | None:
@@ -464,22 +492,19 @@ class IngestStream:
     the failure is kept in `.error` for the client to raise.
     """
 
-    def __init__(
-        self,
-        *,
-        index: str,
-        spec: SpecLike,
-        upsert: bool,
-        batch_size: int,
-        progress: Callable[[int], object] | None,
-    ) -> None:
+    def __init__(self, fields: IngestArgs) -> None:
+        unknown = sorted(set(fields) - set(IngestArgs.__annotations__))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        batch_size = fields.get("batch_size", 256)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        spec = to_index_spec(fields.get("spec"))
         self._header = pipeline_pb2.PipelineIngestRequest(
-            index=index, spec=to_index_spec(spec), upsert=upsert
+            index=fields["index"], spec=spec, upsert=fields.get("upsert", False)
         )
         self._batch_size = batch_size
-        self._progress = progress
+        self._progress = fields.get("progress")
         self._pending: list[common_pb2.Document] = []
         self._messages = 0
         self._sent = 0

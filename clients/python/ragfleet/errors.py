@@ -11,11 +11,22 @@ from typing import Any
 
 import grpc
 
+from ragfleet.metadata import REQUEST_ID_KEY
+
 
 class RagfleetError(Exception):
-    """A failed ragfleet call: `.code` (grpc.StatusCode), `.details` and the call's `.request_id`."""
+    """A failed ragfleet call: `.code` (grpc.StatusCode), `.details` and the call's `.request_id`.
+
+    A subclass names its status code in its class line (`class NotFound(RagfleetError,
+    code=grpc.StatusCode.NOT_FOUND)`), which also registers it for `error_class`.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init_subclass__(cls, *, code: grpc.StatusCode, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.code = code
+        _BY_CODE[code] = cls
 
     def __init__(
         self, details: str, *, code: grpc.StatusCode | None = None, request_id: str | None = None
@@ -31,68 +42,41 @@ class RagfleetError(Exception):
         return f"{text} (request id {self.request_id})" if self.request_id else text
 
 
-class InvalidArgument(RagfleetError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+_BY_CODE: dict[grpc.StatusCode, type[RagfleetError]] = {}
 
 
-class NotFound(RagfleetError):
-    code = grpc.StatusCode.NOT_FOUND
+class InvalidArgument(RagfleetError, code=grpc.StatusCode.INVALID_ARGUMENT): ...
 
 
-class AlreadyExists(RagfleetError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+class NotFound(RagfleetError, code=grpc.StatusCode.NOT_FOUND): ...
 
 
-class FailedPrecondition(RagfleetError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+class AlreadyExists(RagfleetError, code=grpc.StatusCode.ALREADY_EXISTS): ...
 
 
-class ResourceExhausted(RagfleetError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+class FailedPrecondition(RagfleetError, code=grpc.StatusCode.FAILED_PRECONDITION): ...
 
 
-class DeadlineExceeded(RagfleetError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+class ResourceExhausted(RagfleetError, code=grpc.StatusCode.RESOURCE_EXHAUSTED): ...
 
 
-class Unavailable(RagfleetError):
-    code = grpc.StatusCode.UNAVAILABLE
+class DeadlineExceeded(RagfleetError, code=grpc.StatusCode.DEADLINE_EXCEEDED): ...
 
 
-class Unauthenticated(RagfleetError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+class Unavailable(RagfleetError, code=grpc.StatusCode.UNAVAILABLE): ...
 
 
-class PermissionDenied(RagfleetError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+class Unauthenticated(RagfleetError, code=grpc.StatusCode.UNAUTHENTICATED): ...
 
 
-class Cancelled(RagfleetError):
-    code = grpc.StatusCode.CANCELLED
+class PermissionDenied(RagfleetError, code=grpc.StatusCode.PERMISSION_DENIED): ...
 
 
-class Internal(RagfleetError):
-    """INTERNAL, and the fallback for every code without a class of its own (`.code` keeps it)."""
-
-    code = grpc.StatusCode.INTERNAL
+class Cancelled(RagfleetError, code=grpc.StatusCode.CANCELLED): ...
 
 
-_BY_CODE: dict[grpc.StatusCode, type[RagfleetError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidArgument,
-        NotFound,
-        AlreadyExists,
-        FailedPrecondition,
-        ResourceExhausted,
-        DeadlineExceeded,
-        Unavailable,
-        Unauthenticated,
-        PermissionDenied,
-        Cancelled,
-        Internal,
-    )
-}
+# INTERNAL, and the fallback for every code without a class of its own (`.code` keeps the real one).
+class Internal(RagfleetError, code=grpc.StatusCode.INTERNAL): ...
 
 
 def error_class(code: grpc.StatusCode) -> type[RagfleetError]:
@@ -109,7 +93,7 @@ def from_rpc_error(err: grpc.RpcError, *, request_id: str | None = None) -> Ragf
     code = status_code(err)
     details = _call_value(err, "details") or code.name
     for key, value in _call_value(err, "trailing_metadata") or ():
-        if key == "x-request-id" and value:
+        if key == REQUEST_ID_KEY and value:
             request_id = value
     return error_class(code)(details, code=code, request_id=request_id)
 

@@ -20,6 +20,8 @@ from ragfleet.v1 import evaluator_pb2, evaluator_pb2_grpc
 
 class EvaluatorClient(SyncClientBase):
     _stub_class = evaluator_pb2_grpc.EvaluatorStub
+    _service = "ragfleet.v1.Evaluator"
+    _idempotent = ("ScoreRetrieval", "ScoreAnswers")
 
     def score_retrieval(
         self,
@@ -35,7 +37,7 @@ class EvaluatorClient(SyncClientBase):
             qrels={q: evaluator_pb2.QueryJudgements(relevance=judged) for q, judged in qrels.items()},
             measures=list(measures),
         )
-        return self._unary(self._stub.ScoreRetrieval, request, timeout, idempotent=True)
+        return self._unary(self._stub.ScoreRetrieval, request, timeout)
 
     def score_answers(
         self,
@@ -48,17 +50,12 @@ class EvaluatorClient(SyncClientBase):
         AnswerItem = evaluator_pb2.AnswerItem
         messages = [i if isinstance(i, AnswerItem) else AnswerItem(**i) for i in items]
         request = evaluator_pb2.ScoreAnswersRequest(items=messages, metrics=list(metrics))
-        return self._unary(self._stub.ScoreAnswers, request, timeout, idempotent=True)
+        return self._unary(self._stub.ScoreAnswers, request, timeout)
 
     def run_experiment(
         self, config: str | Path, *, timeout: float | None = None
     ) -> Iterator[evaluator_pb2.ExperimentEvent]:
         """Streams progress events and ends with the report; `config` is YAML text or a path to it."""
         text = config.read_text("utf-8") if isinstance(config, Path) else config
-        budget = self._budget(timeout, idempotent=False)
-        call = self._stub.RunExperiment(
-            evaluator_pb2.RunExperimentRequest(config_yaml=text),
-            timeout=budget.remaining(),
-            metadata=budget.metadata,
-        )
-        return relay_stream(call, budget)
+        request = evaluator_pb2.RunExperimentRequest(config_yaml=text)
+        return relay_stream(*self._start_stream(self._stub.RunExperiment, request, timeout))

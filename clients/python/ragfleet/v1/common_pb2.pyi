@@ -141,3 +141,47 @@ class SearchOptions(_message.Message):
     ndocs: int
     compressed_rerank: bool
     def __init__(self, exhaustive: _Optional[bool] = ..., ncells: _Optional[int] = ..., centroid_score_threshold: _Optional[float] = ..., ndocs: _Optional[int] = ..., compressed_rerank: _Optional[bool] = ...) -> None: ...
+
+class Fusion(_message.Message):
+    __slots__ = ("method", "rrf_k", "weights")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RRF_K_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    rrf_k: int
+    weights: _containers.ScalarMap[str, float]
+    def __init__(self, method: _Optional[str] = ..., rrf_k: _Optional[int] = ..., weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class RetrievalSpec(_message.Message):
+    __slots__ = ("index", "top_k", "retrievers", "fusion", "filters", "candidates", "options", "with_continuation")
+    class FiltersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    WITH_CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    top_k: int
+    retrievers: _containers.RepeatedScalarFieldContainer[str]
+    fusion: Fusion
+    filters: _containers.ScalarMap[str, str]
+    candidates: int
+    options: SearchOptions
+    with_continuation: bool
+    def __init__(self, index: _Optional[str] = ..., top_k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., filters: _Optional[_Mapping[str, str]] = ..., candidates: _Optional[int] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ..., with_continuation: _Optional[bool] = ...) -> None: ...

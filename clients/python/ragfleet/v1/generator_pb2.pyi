@@ -8,16 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("question", "context", "index", "params")
+    __slots__ = ("question", "context", "retrieval", "params")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
-    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     question: str
     context: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScoredPassage]
-    index: str
+    retrieval: _common_pb2.RetrievalSpec
     params: _common_pb2.GenerationParams
-    def __init__(self, question: _Optional[str] = ..., context: _Optional[_Iterable[_Union[_common_pb2.ScoredPassage, _Mapping]]] = ..., index: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ...) -> None: ...
+    def __init__(self, question: _Optional[str] = ..., context: _Optional[_Iterable[_Union[_common_pb2.ScoredPassage, _Mapping]]] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalSpec, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("passage_id", "doc_id", "weight", "title")

@@ -35,51 +35,13 @@ class PipelineIngestReport(_message.Message):
     timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Timing]
     def __init__(self, documents: _Optional[int] = ..., passages: _Optional[int] = ..., retrievers: _Optional[_Iterable[_Union[_retriever_pb2.IngestReport, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ...) -> None: ...
 
-class Fusion(_message.Message):
-    __slots__ = ("method", "rrf_k", "weights")
-    class WeightsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-    METHOD_FIELD_NUMBER: _ClassVar[int]
-    RRF_K_FIELD_NUMBER: _ClassVar[int]
-    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
-    method: str
-    rrf_k: int
-    weights: _containers.ScalarMap[str, float]
-    def __init__(self, method: _Optional[str] = ..., rrf_k: _Optional[int] = ..., weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
-
 class PipelineSearchRequest(_message.Message):
-    __slots__ = ("query", "index", "top_k", "retrievers", "fusion", "filters", "with_continuation", "candidates", "options")
-    class FiltersEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    __slots__ = ("query", "retrieval")
     QUERY_FIELD_NUMBER: _ClassVar[int]
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    TOP_K_FIELD_NUMBER: _ClassVar[int]
-    RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
-    FUSION_FIELD_NUMBER: _ClassVar[int]
-    FILTERS_FIELD_NUMBER: _ClassVar[int]
-    WITH_CONTINUATION_FIELD_NUMBER: _ClassVar[int]
-    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
-    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     query: str
-    index: str
-    top_k: int
-    retrievers: _containers.RepeatedScalarFieldContainer[str]
-    fusion: Fusion
-    filters: _containers.ScalarMap[str, str]
-    with_continuation: bool
-    candidates: int
-    options: _common_pb2.SearchOptions
-    def __init__(self, query: _Optional[str] = ..., index: _Optional[str] = ..., top_k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., filters: _Optional[_Mapping[str, str]] = ..., with_continuation: _Optional[bool] = ..., candidates: _Optional[int] = ..., options: _Optional[_Union[_common_pb2.SearchOptions, _Mapping]] = ...) -> None: ...
+    retrieval: _common_pb2.RetrievalSpec
+    def __init__(self, query: _Optional[str] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalSpec, _Mapping]] = ...) -> None: ...
 
 class PipelineSearchResponse(_message.Message):
     __slots__ = ("results", "versions", "timings")
@@ -92,31 +54,12 @@ class PipelineSearchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.ScoredPassage, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[_common_pb2.IndexVersion, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ...) -> None: ...
 
 class PipelineSearchBatchRequest(_message.Message):
-    __slots__ = ("queries", "index", "top_k", "retrievers", "fusion", "filters", "candidates", "options")
-    class FiltersEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    __slots__ = ("queries", "retrieval")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    TOP_K_FIELD_NUMBER: _ClassVar[int]
-    RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
-    FUSION_FIELD_NUMBER: _ClassVar[int]
-    FILTERS_FIELD_NUMBER: _ClassVar[int]
-    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
-    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedScalarFieldContainer[str]
-    index: str
-    top_k: int
-    retrievers: _containers.RepeatedScalarFieldContainer[str]
-    fusion: Fusion
-    filters: _containers.ScalarMap[str, str]
-    candidates: int
-    options: _common_pb2.SearchOptions
-    def __init__(self, queries: _Optional[_Iterable[str]] = ..., index: _Optional[str] = ..., top_k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., filters: _Optional[_Mapping[str, str]] = ..., candidates: _Optional[int] = ..., options: _Optional[_Union[_common_pb2.SearchOptions, _Mapping]] = ...) -> None: ...
+    retrieval: _common_pb2.RetrievalSpec
+    def __init__(self, queries: _Optional[_Iterable[str]] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalSpec, _Mapping]] = ...) -> None: ...
 
 class PipelineSearchBatchResponse(_message.Message):
     __slots__ = ("responses", "versions")
@@ -127,33 +70,18 @@ class PipelineSearchBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[PipelineSearchResponse, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[_common_pb2.IndexVersion, _Mapping]]] = ...) -> None: ...
 
 class AskRequest(_message.Message):
-    __slots__ = ("question", "index", "top_k", "retrievers", "fusion", "rerank", "generate", "params", "filters")
-    class FiltersEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    __slots__ = ("question", "retrieval", "rerank", "generate", "params")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    TOP_K_FIELD_NUMBER: _ClassVar[int]
-    RETRIEVERS_FIELD_NUMBER: _ClassVar[int]
-    FUSION_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
-    FILTERS_FIELD_NUMBER: _ClassVar[int]
     question: str
-    index: str
-    top_k: int
-    retrievers: _containers.RepeatedScalarFieldContainer[str]
-    fusion: Fusion
+    retrieval: _common_pb2.RetrievalSpec
     rerank: bool
     generate: bool
     params: _common_pb2.GenerationParams
-    filters: _containers.ScalarMap[str, str]
-    def __init__(self, question: _Optional[str] = ..., index: _Optional[str] = ..., top_k: _Optional[int] = ..., retrievers: _Optional[_Iterable[str]] = ..., fusion: _Optional[_Union[Fusion, _Mapping]] = ..., rerank: _Optional[bool] = ..., generate: _Optional[bool] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., filters: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, question: _Optional[str] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalSpec, _Mapping]] = ..., rerank: _Optional[bool] = ..., generate: _Optional[bool] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ...) -> None: ...
 
 class Answer(_message.Message):
     __slots__ = ("text", "citations", "timings", "retrieval_only", "versions", "model_ids")
