@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	touch $@
 
 protos: $(STAMP)
-	$(BIN)/python -m services.runtime.protogen
+	$(BIN)/python -m tools.protogen
 
 demo: $(STAMP)
 	$(BIN)/ragfleet demo

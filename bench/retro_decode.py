@@ -35,9 +35,9 @@ from services.demo.corpus import demo_documents, demo_questions
 from services.generator.retro.data import load_tokenizer, prompt_ids
 from services.generator.retro.decode import DecodeParams, DecodeResult, Neighbour, generate
 from services.generator.retro.model import RetroConfig, RetroModel
+from services.generator.retro.neighbours import RETRO_CHUNKING
 
 INDEX = "bench"
-RETRO_CHUNKING = {"chunk_tokens": 48, "overlap_tokens": 0}  # ≈ 64 WordPiece tokens, as Retro trains
 
 
 def bench_in_process(
@@ -110,7 +110,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import ragfleet
-    from services.runtime.processes import start_local_fleet
+    from tools.fleet import start_local_fleet
 
     tokenizer = load_tokenizer()
     torch.manual_seed(0)

@@ -96,7 +96,7 @@ def bench_client(client: Any, docs: list[dict], qs: list[str], top_k: int) -> di
 
 def bench_grpc(home: Path, docs: list[dict], qs: list[str], top_k: int) -> dict[str, list[float]]:
     import ragfleet
-    from services.runtime.processes import start_local_fleet
+    from tools.fleet import start_local_fleet
 
     fleet = start_local_fleet(home / "grpc")
     try:
@@ -108,7 +108,7 @@ def bench_grpc(home: Path, docs: list[dict], qs: list[str], top_k: int) -> dict[
 
 def bench_serve(home: Path, docs: list[dict], qs: list[str], top_k: int) -> dict[str, list[float]]:
     import ragfleet
-    from services.runtime.processes import RAGFLEET, free_port, service_env
+    from tools.fleet import RAGFLEET, free_port, service_env
 
     port = free_port()
     env = service_env(

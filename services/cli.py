@@ -16,23 +16,25 @@ Commands that talk to the fleet use --address (default RAGFLEET_ADDRESS, else Se
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from services.catalog import SERVICES
 from services.runtime.settings import DEFAULT_PORTS, get_settings
+from services.ui import passage_table, progress_bar
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 eval_app = typer.Typer(help="Evaluate the running fleet.", no_args_is_help=True)
@@ -58,20 +60,33 @@ def _names(csv: str) -> list[str]:
     return [name.strip() for name in csv.split(",") if name.strip()]
 
 
+def _dataclass_overrides(items: list[str], *kinds: type) -> list[dict[str, Any]]:
+    """FIELD=VALUE strings shared out among the dataclasses `kinds` by field name: one dict per kind. A
+    value is read as JSON (else kept as text) and must be of its field's type; ValueError names `config`
+    or the field."""
+    hints = [typing.get_type_hints(kind) for kind in kinds]
+    found: list[dict[str, Any]] = [{} for _ in kinds]
+    for item in items:
+        name, sep, raw = (part.strip() for part in item.partition("="))
+        owner = next((i for i, fields in enumerate(hints) if name in fields), None)
+        if not sep or owner is None:
+            known = " or ".join(kind.__name__ for kind in kinds)
+            raise ValueError(f"config: expected FIELD=VALUE with a field of {known}, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        hint = hints[owner][name]
+        allowed = typing.get_args(hint) or (hint,)
+        if type(value) not in allowed and not (float in allowed and type(value) is int):
+            raise ValueError(f"{name}: expected {hint}, got {raw!r}")
+        found[owner][name] = value
+    return found
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[red]error:[/red] {err}")
     raise typer.Exit(1)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 # --- running the fleet ----------------------------------------------------------------------------
@@ -263,7 +278,7 @@ def ingest(
         nbits=nbits,
         doc_maxlen=doc_maxlen,
     )
-    with _client(address, token, timeout=3600.0) as client, _progress() as bar:
+    with _client(address, token, timeout=3600.0) as client, progress_bar(console) as bar:
         task = bar.add_task(f"ingesting into {index}", total=None)
         try:
             report = client.ingest(
@@ -277,16 +292,6 @@ def ingest(
             f"{r.total_passages} in total, version {r.version.version}, model {r.version.model_id or '-'}"
         )
     console.print(f"{report.documents} documents -> {report.passages} passages")
-
-
-def _print_results(results: Any, title: str) -> None:
-    table = Table(title=title, show_lines=False)
-    for column in ("rank", "score", "retriever", "passage", "text"):
-        table.add_column(column, overflow="fold")
-    for r in results:
-        text = r.passage.text if len(r.passage.text) < 160 else r.passage.text[:157] + "..."
-        table.add_row(str(r.rank), f"{r.score:.4f}", r.retriever, r.passage.id, text)
-    console.print(table)
 
 
 @app.command()
@@ -330,7 +335,7 @@ def search(
             )
         except ragfleet.errors.RagfleetError as err:
             _fail(err)
-    _print_results(found.results, query)
+    console.print(passage_table(found.results, query))
 
 
 @app.command()
@@ -375,7 +380,7 @@ def ask(
 def _print_event(event: Any) -> None:
     kind = event.WhichOneof("event")
     if kind in ("retrieved", "reranked"):
-        _print_results(getattr(event, kind).passages, kind)
+        console.print(passage_table(getattr(event, kind).passages, kind))
     elif kind == "token":
         # Raw text as it comes: no markup, highlighting or wrapping; the console flushes every write.
         console.out(event.token, end="", highlight=False)
@@ -455,7 +460,9 @@ def eval_retrieval(
     ] = "dense,bm25,hybrid",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
     markdown: Annotated[Path | None, typer.Option(help="Write the markdown table here.")] = None,
-    index: Annotated[str | None, typer.Option(help="Index name (default: from the folder name).")] = None,
+    index: Annotated[
+        str | None, typer.Option(help="Search this existing index instead of ingesting the set.")
+    ] = None,
     vector_store: Annotated[str | None, typer.Option(help="faiss or chroma.")] = None,
     colbert_model: Annotated[
         str | None, typer.Option(help="ColBERT checkpoint path or id (e.g. from `ragfleet train colbert`).")
@@ -463,38 +470,37 @@ def eval_retrieval(
     chunk_tokens: Annotated[
         int | None, typer.Option(help="Chunk documents (default: whole documents).")
     ] = None,
-    reuse_index: Annotated[bool, typer.Option(help="Search an index that is already ingested.")] = False,
+    reuse_index: Annotated[
+        bool, typer.Option(help="Keep the index for the next run; search the one an earlier run kept.")
+    ] = False,
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Ingest a BEIR set through the services, search every query, score with pytrec_eval."""
+    """Ingest a BEIR set through the services, search every query, score with pytrec_eval (an
+    experiment: its runs are recorded under RAGFLEET_HOME/runs)."""
     import ragfleet
-    from services.evaluator.retrieval import markdown_table, run_retrieval_eval, write_results
+    from services.evaluator.retrieval import markdown_table, retrieval_experiment, run_retrieval_eval
+    from services.runtime.storage import atomic_write_json
 
-    spec: dict[str, Any] = {"chunking": {"whole_documents": chunk_tokens is None}}
-    if chunk_tokens is not None:
-        spec["chunking"]["chunk_tokens"] = chunk_tokens
-    if vector_store:
-        spec["vector_store"] = vector_store
-    if colbert_model:
-        spec["colbert_model"] = colbert_model
-    with _client(address, token, timeout=3600.0) as client:
-        try:
-            results = run_retrieval_eval(
-                client,
-                beir,
-                split=split,
-                retrievers=tuple(_names(retrievers)),
-                index=index,
-                spec=spec,
-                reuse_index=reuse_index,
-            )
-        except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError) as err:
-            _fail(err)
+    try:
+        experiment = retrieval_experiment(
+            beir,
+            split=split,
+            retrievers=_names(retrievers),
+            chunk_tokens=chunk_tokens,
+            vector_store=vector_store,
+            colbert_model=colbert_model,
+            index=index,
+            keep_index=reuse_index,
+        )
+        with _client(address, token, timeout=3600.0) as client:
+            results = run_retrieval_eval(client, experiment, home=get_settings().home)
+    except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError) as err:
+        _fail(err)
     table = markdown_table(results)
     console.print(table)
     if json_out:
-        write_results(results, json_out)
+        atomic_write_json(json_out, results)
         console.print(f"wrote {json_out}")
     if markdown:
         markdown.write_text(table + "\n")
@@ -508,8 +514,6 @@ def eval_qa(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores here.")] = None,
 ) -> None:
     """Score predictions exactly as the official SQuAD v1.1 / v2.0 scripts do."""
-    import json
-
     from services.evaluator.metrics.qa import score_squad_files
     from services.runtime.storage import atomic_write_json
 
@@ -540,12 +544,7 @@ def eval_run(
         experiment = experiments.ExperimentConfig.from_yaml(config)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
-    with _client(address, token, timeout=24 * 3600.0) as client, _progress() as bar:
-        task = bar.add_task(f"experiment {experiment.name}", total=None)
-
-        def show(p: experiments.ExperimentProgress) -> None:
-            bar.update(task, completed=p.done, total=p.total, description=f"{p.run_id} {p.stage}")
-
+    with _client(address, token, timeout=24 * 3600.0) as client, experiments.progress_display() as show:
         try:
             run_ids = experiments.run_experiment(client, experiment, home=settings.home, progress=show)
         except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError) as err:
@@ -604,8 +603,6 @@ def train_colbert_command(
     device: Annotated[str, typer.Option(help="Device of the transformer (cpu, cuda).")] = "cpu",
 ) -> None:
     """Train the ColBERT projection by distillation from a teacher (transformer frozen)."""
-    import json
-
     import ragfleet
     from services.retriever.colbert.train import train_colbert
     from services.runtime.errors import ServiceError
@@ -645,17 +642,13 @@ def train_retro_command(
         Path | None, typer.Option(help="Question/answer set (QA JSONL or SQuAD) to train answering on.")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: HOME/models/retro).")] = None,
-    steps: Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence (a multiple of the chunk size).")] = 512,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
-    warmup: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
-    decay_fraction: Annotated[float, typer.Option(help="Last fraction of steps: rate decays.")] = 0.2,
-    eval_fraction: Annotated[float, typer.Option(help="Documents held out for perplexity.")] = 0.05,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
-    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
     config: Annotated[
-        list[str] | None, typer.Option("--config", help="Model setting FIELD=VALUE, e.g. d_model=128.")
+        list[str] | None,
+        typer.Option(
+            "--config",
+            help="FIELD=VALUE of the model (RetroConfig) or the run (TrainSettings: steps, batch_size, "
+            "seq_len, lr, warmup, seed, ...), repeatable; e.g. d_model=128, steps=500.",
+        ),
     ] = None,
     retrievers: Annotated[str, typer.Option(help="Retrievers that find neighbours (a,b).")] = "dense",
     tokenizer: Annotated[str, typer.Option(help="Tokenizer name or path.")] = "all-MiniLM-L6-v2",
@@ -664,13 +657,12 @@ def train_retro_command(
     token: TokenOpt = None,
 ) -> None:
     """Train Retro with neighbours retrieved through the running fleet; reports held-out perplexity."""
-    import json
-
     import ragfleet
+    from services.generator.retro.model import RetroConfig
     from services.generator.retro.train import TrainProgress, TrainSettings, train_from_fleet
 
     out = out or get_settings().home / "models" / "retro"
-    with _client(address, token, timeout=3600.0) as client, _progress() as bar:
+    with _client(address, token, timeout=3600.0) as client, progress_bar(console) as bar:
         task = bar.add_task("starting", total=None)
 
         def show(p: TrainProgress) -> None:
@@ -678,17 +670,7 @@ def train_retro_command(
             bar.update(task, completed=p.done, total=p.total, description=f"{p.stage}{loss}")
 
         try:
-            settings = TrainSettings(
-                steps=steps,
-                batch_size=batch_size,
-                seq_len=seq_len,
-                lr=lr,
-                warmup=warmup,
-                decay_fraction=decay_fraction,
-                eval_fraction=eval_fraction,
-                checkpoint_every=checkpoint_every,
-                seed=seed,
-            )
+            model, run = _dataclass_overrides(config or [], RetroConfig, TrainSettings)
             record = train_from_fleet(
                 client,
                 index=index,
@@ -696,8 +678,8 @@ def train_retro_command(
                 out=out,
                 qa=qa,
                 retrievers=_names(retrievers),
-                config_overrides=config or [],
-                settings=settings,
+                config_overrides=model,
+                settings=TrainSettings(**run),
                 tokenizer=tokenizer,
                 resume=resume,
                 progress=show,

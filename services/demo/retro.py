@@ -13,12 +13,12 @@ exactly as they are when served (every retriever of the index, fused, as the Pip
 Generator's prompts with the question's top passages as neighbours; (b) language modelling on the same
 documents, with RETRO's rule that a chunk's own document is never its neighbour, which also gives an
 honest held-out perplexity with and without retrieval. The model has a copy head
-(`RetroConfig.copy_head`): a plain Retro model of this size did not learn to copy within the budget.
+(`RetroConfig.copy_head`), as a plain Retro model of this size does not learn to copy within this budget.
 The training index is dropped afterwards.
 
 Then the 8 demo questions are answered in-process (greedy `retro.decode.generate` with the passages the
 Pipeline retrieves from the demo index) and the number of answers that contain the expected one is printed
-and stored in train.json.
+and stored in train.json. `replace_index` and `contains_answer` serve `demo.run` as well.
 """
 
 from __future__ import annotations
@@ -32,18 +32,15 @@ from typing import Any
 from rich.console import Console
 
 from services.demo.corpus import demo_documents, demo_questions, generated_archipelago
-from services.demo.run import contains_answer, progress_bar, replace_index
+from services.evaluator.metrics.qa import normalize_answer
 from services.generator.retro.data import load_tokenizer, prompt_ids
 from services.generator.retro.decode import DecodeParams, DecodeResult, Neighbour, generate
 from services.generator.retro.model import RetroConfig, RetroModel
-from services.generator.retro.train import (
-    TRAIN_FILE,
-    PipelineRetrieval,
-    TrainProgress,
-    TrainSettings,
-    train_retro,
-)
+from services.generator.retro.neighbours import NEIGHBOURS_DIR, PipelineRetrieval
+from services.generator.retro.train import TRAIN_FILE, TrainProgress, TrainSettings, train_retro
+from services.runtime.artifacts import CHECKPOINTS_DIR
 from services.runtime.storage import atomic_write_json
+from services.ui import progress_bar
 
 TOKENIZER = "all-MiniLM-L6-v2"
 TRAINING_INDEX = "demo-retro-train"
@@ -76,6 +73,32 @@ SETTINGS = TrainSettings(
     exclude_own_document=True,
 )
 MAX_ANSWER_TOKENS = 24
+
+
+def contains_answer(generated: str, expected: str) -> bool:
+    """Whether the normalised expected answer appears, as whole words, in the normalised generated text."""
+    gold = normalize_answer(expected)
+    return bool(gold) and f" {gold} " in f" {normalize_answer(generated)} "
+
+
+def replace_index(client: Any, documents: list[dict], index: str, console: Console, description: str) -> None:
+    """Drops `index` if it exists and ingests `documents` into it with the fleet's default spec, showing
+    a progress bar and the versions each retriever built."""
+    import ragfleet
+
+    try:
+        client.delete(index=index, drop_index=True)
+    except ragfleet.errors.NotFound:
+        pass
+    with progress_bar(console) as bar:
+        task = bar.add_task(description, total=len(documents))
+        report = client.ingest(
+            documents, index=index, batch_size=32, progress=lambda n: bar.update(task, completed=n)
+        )
+    console.print(
+        f"ingested {report.documents} documents as {report.passages} passages into {index}: "
+        + ", ".join(f"{r.version.retriever} (v{r.version.version})" for r in report.retrievers)
+    )
 
 
 def model_dir(home: Path) -> Path:
@@ -132,7 +155,7 @@ def train_demo_model(
     train.json's content, which then includes `demo` (the answers and how many are right)."""
     tokenizer = load_tokenizer(TOKENIZER)
     config = RetroConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **model)
-    for stale in ("checkpoints", "neighbours"):
+    for stale in (CHECKPOINTS_DIR, NEIGHBOURS_DIR):
         shutil.rmtree(Path(out) / stale, ignore_errors=True)
     documents, questions = training_corpus()
     replace_index(client, documents, TRAINING_INDEX, console, "ingesting the Retro training corpus")

@@ -13,50 +13,12 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from services.demo.corpus import demo_documents, demo_questions
-from services.evaluator.metrics.qa import normalize_answer
+from services.demo.retro import MAX_ANSWER_TOKENS, contains_answer, ensure_demo_model, replace_index
+from services.ui import passage_table
 
 DEMO_INDEX = "demo"
-
-
-def contains_answer(generated: str, expected: str) -> bool:
-    """Whether the normalised expected answer appears, as whole words, in the normalised generated text."""
-    gold = normalize_answer(expected)
-    return bool(gold) and f" {gold} " in f" {normalize_answer(generated)} "
-
-
-def progress_bar(console: Console) -> Progress:
-    """The demo's progress bars: description, bar, done/total, elapsed time."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
-
-
-def replace_index(client: Any, documents: list[dict], index: str, console: Console, description: str) -> None:
-    """Drops `index` if it exists and ingests `documents` into it with the fleet's default spec, showing
-    a progress bar and the versions each retriever built."""
-    import ragfleet
-
-    try:
-        client.delete(index=index, drop_index=True)
-    except ragfleet.errors.NotFound:
-        pass
-    with progress_bar(console) as bar:
-        task = bar.add_task(description, total=len(documents))
-        report = client.ingest(
-            documents, index=index, batch_size=32, progress=lambda n: bar.update(task, completed=n)
-        )
-    console.print(
-        f"ingested {report.documents} documents as {report.passages} passages into {index}: "
-        + ", ".join(f"{r.version.retriever} (v{r.version.version})" for r in report.retrievers)
-    )
 
 
 def run_demo(
@@ -65,8 +27,6 @@ def run_demo(
     """Ingests the demo corpus into `index` (replacing it), makes sure the demo's Retro checkpoint is at
     `<home>/models/retro` (the generator's default; `home` is the fleet's RAGFLEET_HOME), asks every demo
     question; returns the retrieval hit rates and the share of generated answers that are right."""
-    from services.demo.retro import MAX_ANSWER_TOKENS, ensure_demo_model
-
     questions = demo_questions()
     replace_index(client, demo_documents(), index, console, "ingesting the demo corpus")
     ensure_demo_model(client, home, console, index=index)
@@ -83,7 +43,7 @@ def run_demo(
             kind = event.WhichOneof("event")
             if kind in ("retrieved", "reranked"):
                 passages = list(getattr(event, kind).passages)
-                console.print(_passage_table(passages, kind))
+                console.print(passage_table(passages, kind, max_chars=120))
             elif kind == "token":
                 if not streaming:
                     console.print("[bold]answer[/bold]: ", end="")
@@ -117,19 +77,3 @@ def run_demo(
         f"({generated}/{n} questions were answered by the generator)."
     )
     return {"hit@1": top1 / n, "hit@5": top5 / n, "answers_right": correct / n}
-
-
-def _passage_table(passages: list[Any], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for column in ("rank", "score", "retriever", "citation", "passage"):
-        table.add_column(column, overflow="fold")
-    for p in passages:
-        text = p.passage.text if len(p.passage.text) <= 120 else p.passage.text[:117] + "..."
-        table.add_row(
-            str(p.rank),
-            f"{p.score:.4f}",
-            p.retriever,
-            escape(f"[{p.passage.title}] {p.passage.id}"),
-            escape(text),
-        )
-    return table

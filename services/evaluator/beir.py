@@ -1,4 +1,4 @@
-"""Reads datasets in the BEIR layout.
+"""Reads the files of a dataset in the BEIR layout (`datasets.load_beir` makes them an `EvalDataset`).
 
 A BEIR folder holds `corpus.jsonl` (`{"_id", "title", "text", "metadata"?}` per line),
 `queries.jsonl` (`{"_id", "text"}`) and `qrels/<split>.tsv` (`query-id  corpus-id  score`, tab
@@ -7,30 +7,20 @@ decimal text); a missing `title` is empty. Blank lines are skipped.
 
 Malformed input raises ValueError naming `file:line` and the field; a missing file raises
 FileNotFoundError (for a split, listing the splits that exist). Qrels may judge documents that are
-not in the corpus (they stay in the qrels, as relevant documents no system can find), but every
-judged query must be in `queries.jsonl`, and a document id may appear only once in the corpus.
+not in the corpus (they stay in the qrels, as relevant documents no system can find), and a document
+id may appear only once in the corpus.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CORPUS_FILE = "corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"
 QRELS_DIR = "qrels"
-
-
-@dataclass(frozen=True)
-class BeirDataset:
-    """One split of a BEIR dataset: the corpus, the split's judged queries and their qrels."""
-
-    corpus: dict[str, dict[str, str]]  # doc id -> {"title", "text"}
-    queries: dict[str, str]  # query id -> text, only queries judged in the split
-    qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 
 
 def _require(path: Path) -> Path:
@@ -42,7 +32,7 @@ def _require(path: Path) -> Path:
     return path
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields (line number, object) for each non-blank line of a JSON-lines file."""
     with _require(path).open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -87,7 +77,7 @@ def iter_corpus(folder: str | Path) -> Iterator[dict[str, Any]]:
     """Streams the corpus as `{"id", "title", "text", "metadata"}` dicts, in file order."""
     path = Path(folder) / CORPUS_FILE
     seen: set[str] = set()
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         where = f"{path}:{number}"
         doc_id = _id(record, where)
         if doc_id in seen:
@@ -105,7 +95,7 @@ def load_queries(folder: str | Path) -> dict[str, str]:
     """All queries of the folder, `{query id: text}`."""
     path = Path(folder) / QUERIES_FILE
     queries: dict[str, str] = {}
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         where = f"{path}:{number}"
         queries[_id(record, where)] = _text(record, "text", where, required=True)
     return queries
@@ -135,19 +125,3 @@ def load_qrels(folder: str | Path, split: str = "test") -> dict[str, dict[str, i
                 raise ValueError(f"{where}: field 'score' must be an integer, got {fields[2]!r}") from None
             qrels.setdefault(fields[0], {})[fields[1]] = score
     return qrels
-
-
-def load_beir(folder: str | Path, split: str = "test") -> BeirDataset:
-    """Loads the corpus, the queries judged in `split` and the split's qrels."""
-    folder = Path(folder)
-    qrels = load_qrels(folder, split)
-    all_queries = load_queries(folder)
-    missing = [qid for qid in qrels if qid not in all_queries]
-    if missing:
-        raise ValueError(
-            f"{folder / QRELS_DIR / f'{split}.tsv'}: {len(missing)} judged queries are not in "
-            f"{QUERIES_FILE}, e.g. {missing[:5]}"
-        )
-    corpus = {doc["id"]: {"title": doc["title"], "text": doc["text"]} for doc in iter_corpus(folder)}
-    queries = {qid: text for qid, text in all_queries.items() if qid in qrels}
-    return BeirDataset(corpus=corpus, queries=queries, qrels=qrels)

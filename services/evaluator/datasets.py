@@ -9,7 +9,8 @@ An `EvalDataset` is either
 Loaders:
 
 - `load_beir(folder, split)`: a BEIR folder (read by `services.evaluator.beir`); name
-  `<folder>-<split>`. Documents keep their metadata; there are no answers or contexts.
+  `<folder>-<split>`; the queries judged in the split. Documents keep their metadata; there are no
+  answers or contexts. Every judged query must be in `queries.jsonl`.
 - `load_squad(path)`: SQuAD v1.1 or v2.0 JSON, as open-domain QA: every paragraph is a document
   (id `<article index>-<paragraph index>`, title the article's title), every question is asked, and
   its qrels name its own paragraph (relevance 1). v2.0 questions marked `is_impossible` have no
@@ -33,7 +34,7 @@ file is FileNotFoundError.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,16 +57,21 @@ class EvalDataset:
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}; may be empty for QA
     answers: dict[str, list[str]] = field(default_factory=dict)  # QA: query id -> gold answers
     contexts: dict[str, list[str]] = field(default_factory=dict)  # query id -> gold context texts
-    _documents: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    # doc id -> {"id", "title", "text", "metadata"}, in file order
+    corpus: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def documents(self) -> Iterator[dict[str, Any]]:
         """The corpus as `{"id", "title", "text", "metadata"}` dicts, in file order."""
-        return iter(self._documents)
+        return iter(self.corpus.values())
 
     @property
     def has_corpus(self) -> bool:
         """False for a QA set without contexts, which must be run against an existing index."""
-        return bool(self._documents)
+        return bool(self.corpus)
+
+
+def _by_id(documents: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {doc["id"]: doc for doc in documents}
 
 
 # --- BEIR --------------------------------------------------------------------------------------
@@ -74,14 +80,17 @@ class EvalDataset:
 def load_beir(folder: str | Path, split: str = DEFAULT_SPLIT) -> EvalDataset:
     """A BEIR folder's corpus with the queries and qrels of `split`."""
     folder = Path(folder)
-    judged = beir.load_beir(folder, split)
-    return EvalDataset(
-        name=f"{folder.resolve().name}-{split}",
-        kind="ir",
-        queries=judged.queries,
-        qrels=judged.qrels,
-        _documents=list(beir.iter_corpus(folder)),
-    )
+    qrels = beir.load_qrels(folder, split)
+    all_queries = beir.load_queries(folder)
+    missing = [qid for qid in qrels if qid not in all_queries]
+    if missing:
+        raise ValueError(
+            f"{folder / beir.QRELS_DIR / f'{split}.tsv'}: {len(missing)} judged queries are not in "
+            f"{beir.QUERIES_FILE}, e.g. {missing[:5]}"
+        )
+    queries = {qid: text for qid, text in all_queries.items() if qid in qrels}
+    corpus = _by_id(beir.iter_corpus(folder))
+    return EvalDataset(f"{folder.resolve().name}-{split}", "ir", queries, qrels, corpus=corpus)
 
 
 # --- SQuAD -------------------------------------------------------------------------------------
@@ -120,7 +129,7 @@ def load_squad(path: str | Path) -> EvalDataset:
     path = Path(path)
     root = _expect(_read_json(path), dict, path, "the top level")
     articles = _expect(root.get("data"), list, path, "data")
-    documents: list[dict[str, Any]] = []
+    corpus: dict[str, dict[str, Any]] = {}
     queries: dict[str, str] = {}
     answers: dict[str, list[str]] = {}
     qrels: dict[str, dict[str, int]] = {}
@@ -135,7 +144,7 @@ def load_squad(path: str | Path) -> EvalDataset:
             _expect(paragraph, dict, path, where)
             context = _expect(paragraph.get("context"), str, path, f"{where}.context")
             doc_id = f"{a}-{p}"
-            documents.append({"id": doc_id, "title": title, "text": context, "metadata": {}})
+            corpus[doc_id] = {"id": doc_id, "title": title, "text": context, "metadata": {}}
             for q, qa in enumerate(_expect(paragraph.get("qas"), list, path, f"{where}.qas")):
                 where = f"data[{a}].paragraphs[{p}].qas[{q}]"
                 _expect(qa, dict, path, where)
@@ -148,15 +157,7 @@ def load_squad(path: str | Path) -> EvalDataset:
                 contexts[qid] = [context]
     if not queries:
         raise ValueError(f"{path}: data holds no questions")
-    return EvalDataset(
-        name=path.stem,
-        kind="qa",
-        queries=queries,
-        qrels=qrels,
-        answers=answers,
-        contexts=contexts,
-        _documents=documents,
-    )
+    return EvalDataset(path.stem, "qa", queries, qrels, answers, contexts, corpus)
 
 
 def _squad_answers(qa: Mapping[str, Any], path: Path, where: str) -> list[str]:
@@ -199,8 +200,7 @@ def load_qa_jsonl(path: str | Path) -> EvalDataset:
     contexts: dict[str, list[str]] = {}
     doc_ids: dict[str, str] = {}  # context text -> document id
     qrels: dict[str, dict[str, int]] = {}
-    # beir._json_lines reads any JSON-lines file, reporting file:line for bad JSON and non-objects.
-    for number, record in beir._json_lines(path):
+    for number, record in beir.json_lines(path):
         where = f"{path}:{number}"
         qid = record.get("id", str(number))
         if isinstance(qid, bool) or not isinstance(qid, str | int) or str(qid) == "":
@@ -219,15 +219,9 @@ def load_qa_jsonl(path: str | Path) -> EvalDataset:
             qrels[qid] = {doc_ids.setdefault(text, f"ctx-{len(doc_ids)}"): 1 for text in contexts[qid]}
     if not queries:
         raise ValueError(f"{path}: no questions")
-    return EvalDataset(
-        name=path.stem,
-        kind="qa",
-        queries=queries,
-        qrels=qrels,
-        answers=answers,
-        contexts={qid: texts for qid, texts in contexts.items() if texts},
-        _documents=[{"id": i, "title": "", "text": text, "metadata": {}} for text, i in doc_ids.items()],
-    )
+    contexts = {qid: texts for qid, texts in contexts.items() if texts}
+    corpus = _by_id({"id": i, "title": "", "text": text, "metadata": {}} for text, i in doc_ids.items())
+    return EvalDataset(path.stem, "qa", queries, qrels, answers, contexts, corpus)
 
 
 # --- the demo set ------------------------------------------------------------------------------
@@ -247,7 +241,7 @@ def load_demo() -> EvalDataset:
         qrels={qid: {q["doc_id"]: 1} for qid, q in questions.items()},
         answers={qid: [q["answer"]] for qid, q in questions.items()},
         contexts={qid: [texts[q["doc_id"]]] for qid, q in questions.items()},
-        _documents=documents,
+        corpus=_by_id(documents),
     )
 
 

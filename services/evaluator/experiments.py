@@ -14,15 +14,15 @@ in `retrievers`, an item is a list of retriever names (fused) or one name.
 
 `run_experiment` drives the Pipeline through the SDK client:
 
-1. Runs are grouped by their ingest settings (chunking, and the vector store when a run uses the
-   dense retriever); each group shares one index,
-   named `eval-<dataset>-<hash>` from a hash of the settings, the retrievers it feeds and the
-   documents. The index is ingested once (into every retriever any run of the group uses) and
-   dropped after the group's runs unless `keep_index`. An index of that name that already exists in
-   every one of those retrievers is the same corpus built the same way and is reused (`ingest_s` is
-   then None); a partial one is dropped and rebuilt. With `index:` the
-   experiment searches that existing index instead (needed for a QA set without contexts) and
-   never drops it.
+1. Runs are grouped by their ingest settings (chunking; the vector store when a run uses the dense
+   retriever, the checkpoint when it uses colbert); each group shares one index, named
+   `eval-<dataset>-<hash>` from a hash of the settings, the retrievers it feeds and the documents.
+   The index is ingested once (into every retriever any run of the group uses) and dropped after the
+   group's runs unless `keep_index` (a failed drop is logged, not raised). An index of that name that
+   already exists in every one of those retrievers is the same corpus built the same way and is
+   reused (`ingest_s` is then None); a partial one is dropped and rebuilt. With `index:` the
+   experiment searches that existing index instead (needed for a QA set without contexts) and never
+   drops it.
 2. Every query (the first `max_queries` in dataset order) goes through the pipeline:
    - IR datasets: `client.search` with depth `max(top_k, largest @k of the metrics)` — with
      `rerank: true`, `client.ask(generate=False, rerank=True)` at that depth instead — and the
@@ -59,11 +59,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from itertools import product
 from pathlib import Path
@@ -76,10 +78,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from services.evaluator.datasets import DEMO, EvalDataset, load_dataset
 from services.evaluator.metrics import ir
 from services.runtime.storage import atomic_write_json, utc_now
+from services.ui import progress_bar
 
 RUNS_DIR = "runs"
-# The retrievers an index spec's `vector_store` applies to (runs without one share an index).
-VECTOR_STORE_RETRIEVERS = frozenset({"dense"})
+# The index spec fields that apply to one retriever only, and that retriever: a run that does not use
+# it leaves the field empty and shares an index built with any value of it.
+RETRIEVER_FIELDS = {"vector_store": "dense", "colbert_model": "colbert"}
 STAGES = ("retrieve", "fuse", "rerank", "generate")
 TOTAL = "total"
 IR_DEFAULT_METRICS = ("ndcg@10", "recall@100", "mrr@10")
@@ -99,6 +103,8 @@ RUN_RECORD_KEYS = (
 )
 
 _CUTOFF = re.compile(r"^(?P<family>[A-Za-z_]+)@(?P<k>\d+)$")
+
+logger = logging.getLogger(__name__)
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -128,6 +134,8 @@ class Sweep(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     vector_store: list[Literal["faiss", "chroma"]] = Field(["faiss"], min_length=1)
+    # "" is the colbert retriever's default checkpoint.
+    colbert_model: list[str] = Field([""], min_length=1)
     chunk_tokens: list[int] = Field([200], min_length=1)
     overlap_tokens: list[int] = Field([40], min_length=1)
     whole_documents: list[bool] = Field([False], min_length=1)
@@ -186,25 +194,38 @@ class Sweep(BaseModel):
 
 @dataclass(frozen=True)
 class IngestSettings:
-    """What an index is built with; runs with equal settings share an index."""
+    """What an index is built with. A RETRIEVER_FIELDS field is empty when no run of the index uses its
+    retriever; runs share an index when their settings agree where both set them (`joins`)."""
 
     vector_store: str
     chunk_tokens: int
     overlap_tokens: int
     whole_documents: bool
+    colbert_model: str = ""
 
     def spec(self, retrievers: Sequence[str]) -> dict[str, Any]:
-        """The SDK's index spec for these settings, ingesting into `retrievers` (retrievers without a
-        vector store ignore that field)."""
+        """The SDK's index spec for these settings, ingesting into `retrievers`."""
         chunking: dict[str, Any] = (
             {"whole_documents": True}
             if self.whole_documents
             else {"chunk_tokens": self.chunk_tokens, "overlap_tokens": self.overlap_tokens}
         )
         spec: dict[str, Any] = {"chunking": chunking, "retrievers": list(retrievers)}
-        if set(retrievers) & VECTOR_STORE_RETRIEVERS:
-            spec["vector_store"] = self.vector_store
+        for name, retriever in RETRIEVER_FIELDS.items():
+            if retriever in retrievers and getattr(self, name):
+                spec[name] = getattr(self, name)
         return spec
+
+    def joins(self, other: IngestSettings) -> IngestSettings | None:
+        """The settings of one index that serves runs of both, or None when they conflict."""
+        merged = {}
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name in RETRIEVER_FIELDS and not (mine and theirs):
+                merged[f.name] = mine or theirs
+            elif mine != theirs:
+                return None
+        return replace(self, **merged)
 
 
 @dataclass(frozen=True)
@@ -220,15 +241,21 @@ class RunConfig:
     rerank: bool
     top_k: int
     temperature: float
+    colbert_model: str = ""
 
     @property
     def ingest(self) -> IngestSettings:
-        """The index this run needs: window sizes do not matter for whole documents, nor the vector
-        store for retrievers without one."""
-        store = self.vector_store if set(self.retrievers) & VECTOR_STORE_RETRIEVERS else ""
+        """The index this run needs: window sizes do not matter for whole documents, nor a retriever's
+        own field (RETRIEVER_FIELDS) for runs without that retriever."""
+        own = {
+            name: getattr(self, name) if retriever in self.retrievers else ""
+            for name, retriever in RETRIEVER_FIELDS.items()
+        }
         if self.whole_documents:
-            return IngestSettings(store, 0, 0, True)
-        return IngestSettings(store, self.chunk_tokens, self.overlap_tokens, False)
+            return IngestSettings(chunk_tokens=0, overlap_tokens=0, whole_documents=True, **own)
+        return IngestSettings(
+            chunk_tokens=self.chunk_tokens, overlap_tokens=self.overlap_tokens, whole_documents=False, **own
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "retrievers": list(self.retrievers)}
@@ -261,7 +288,7 @@ class ExperimentConfig(BaseModel):
         if self.index is not None and len({run.ingest for run in self.runs()}) > 1:
             raise ValueError(
                 "index: an existing index has fixed ingest settings, but the sweep varies "
-                "vector_store / chunk_tokens / overlap_tokens / whole_documents"
+                "vector_store / chunk_tokens / overlap_tokens / whole_documents / colbert_model"
             )
         return self
 
@@ -303,10 +330,11 @@ class ExperimentConfig(BaseModel):
             s.rerank,
             s.top_k,
             s.temperature,
+            s.colbert_model,
         )
         runs = (
-            RunConfig(store, chunk, overlap, whole, tuple(names), fusion, rerank, top_k, float(temp))
-            for store, chunk, overlap, whole, names, fusion, rerank, top_k, temp in points
+            RunConfig(store, chunk, overlap, whole, tuple(names), fusion, rerank, top_k, float(temp), model)
+            for store, chunk, overlap, whole, names, fusion, rerank, top_k, temp, model in points
         )
         return list(dict.fromkeys(runs))
 
@@ -377,6 +405,18 @@ class ExperimentClient(Protocol):
 
 
 Progress = Callable[[ExperimentProgress], None]
+
+
+@contextmanager
+def progress_display(enabled: bool = True) -> Iterator[Progress]:
+    """A `Progress` callback that draws one bar for the run in progress and its stage."""
+    with progress_bar(enabled=enabled) as bar:
+        task = bar.add_task("experiment", total=None)
+
+        def show(p: ExperimentProgress) -> None:
+            bar.update(task, completed=p.done, total=p.total, description=f"{p.run_id} {p.stage}")
+
+        yield show
 
 
 @dataclass
@@ -467,19 +507,19 @@ def index_name(
 def index_groups(runs: Sequence[RunConfig]) -> dict[IngestSettings, list[tuple[int, RunConfig]]]:
     """The runs (with their 1-based position in the sweep) by the index they share.
 
-    A run without a vector-store retriever joins the first index built with its chunking, so a sweep
-    over `[bm25, dense, [dense, bm25]]` builds one index per chunking, not two.
+    A run joins the first index its settings agree with (`IngestSettings.joins`), so a sweep over
+    `[bm25, dense, [dense, bm25]]` builds one index per chunking, not two.
     """
-    groups: dict[IngestSettings, list[tuple[int, RunConfig]]] = {}
-    numbered = list(enumerate(runs, start=1))
-    for position, run in numbered:
-        if run.ingest.vector_store:
-            groups.setdefault(run.ingest, []).append((position, run))
-    for position, run in numbered:
-        if not run.ingest.vector_store:
-            key = next((k for k in groups if replace(k, vector_store="") == run.ingest), run.ingest)
-            groups.setdefault(key, []).append((position, run))
-    return {key: sorted(members) for key, members in groups.items()}
+    groups: list[tuple[IngestSettings, list[tuple[int, RunConfig]]]] = []
+    for position, run in enumerate(runs, start=1):
+        for n, (settings, members) in enumerate(groups):
+            joined = settings.joins(run.ingest)
+            if joined is not None:
+                groups[n] = (joined, [*members, (position, run)])
+                break
+        else:
+            groups.append((run.ingest, [(position, run)]))
+    return dict(groups)
 
 
 def _prepare_index(
@@ -508,12 +548,18 @@ def _prepare_index(
 
 
 def _drop(client: ExperimentClient, index: str) -> None:
+    """Drops an index the experiment made. A failure is logged, not raised: it must neither hide the
+    error that ended the experiment nor lose the runs after it."""
     from ragfleet.errors import NotFound
 
     try:
         client.delete(index=index, drop_index=True)
     except NotFound:
         pass
+    except Exception as error:  # noqa: BLE001 - cleanup only
+        logger.warning(
+            "could not drop index %r (`ragfleet delete --index %s --drop` does): %s", index, index, error
+        )
 
 
 def _first_timings(timings: Iterable[Any]) -> dict[str, float]:

@@ -314,35 +314,58 @@ class Table:
     rows: list[dict[str, Any]]
     columns: list[str]
 
+    def markdown(self) -> str:
+        return markdown_table(self.rows, self.columns)
+
+    def html(self) -> str:
+        return html_table(self.rows, self.columns)
+
 
 @dataclass(frozen=True)
 class Image:
     src: str
     alt: str
 
+    def markdown(self) -> str:
+        return f"![{self.alt}]({self.src})"
+
+    def html(self) -> str:
+        return f'<img src="{html.escape(self.src)}" alt="{html.escape(self.alt)}">'
+
 
 @dataclass(frozen=True)
 class Bullets:
     items: list[str]
 
+    def markdown(self) -> str:
+        return "\n".join(f"- {item}" for item in self.items)
+
+    def html(self) -> str:
+        return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in self.items) + "</ul>"
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+    def markdown(self) -> str:
+        return self.text
+
+    def html(self) -> str:
+        return f"<p>{html.escape(self.text)}</p>"
+
 
 Block = str | Table | Image | Bullets  # a str is a paragraph
+
+
+def _block(block: Block) -> Table | Image | Bullets | Paragraph:
+    return Paragraph(block) if isinstance(block, str) else block
 
 
 def render_markdown(title: str, sections: Sequence[tuple[str, Sequence[Block]]]) -> str:
     parts = [f"# {title}"]
     for heading, blocks in sections:
-        parts.append(f"## {heading}")
-        for block in blocks:
-            match block:
-                case Table(rows, columns):
-                    parts.append(markdown_table(rows, columns))
-                case Image(src, alt):
-                    parts.append(f"![{alt}]({src})")
-                case Bullets(items):
-                    parts.append("\n".join(f"- {item}" for item in items))
-                case str():
-                    parts.append(block)
+        parts += [f"## {heading}", *(_block(block).markdown() for block in blocks)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -368,17 +391,7 @@ def render_html(title: str, sections: Sequence[tuple[str, Sequence[Block]]]) -> 
         f"<h1>{html.escape(title)}</h1>",
     ]
     for heading, blocks in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
-        for block in blocks:
-            match block:
-                case Table(rows, columns):
-                    parts.append(html_table(rows, columns))
-                case Image(src, alt):
-                    parts.append(f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">')
-                case Bullets(items):
-                    parts.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")
-                case str():
-                    parts.append(f"<p>{html.escape(block)}</p>")
+        parts += [f"<h2>{html.escape(heading)}</h2>", *(_block(block).html() for block in blocks)]
     parts += ["</body>", "</html>"]
     return "\n".join(parts) + "\n"
 

@@ -20,14 +20,11 @@ import ragfleet
 from ragfleet.v1 import evaluator_pb2
 from services.evaluator import experiments
 from services.evaluator.metrics import qa, rag
-from services.evaluator.metrics.ir import evaluate_run
+from services.evaluator.metrics.ir import DEFAULT_MEASURES, evaluate_run
 from services.evaluator.report import build_report, load_records
 from services.runtime.context import CallContext
 from services.runtime.errors import ServiceError, invalid_argument, unavailable
 from services.runtime.settings import Settings
-
-QA_METRICS = ("exact_match", "f1")
-DEFAULT_MEASURES = ("ndcg_cut_10", "recall_100", "recip_rank")
 
 
 class EvaluatorService:
@@ -56,12 +53,11 @@ class EvaluatorService:
     ) -> evaluator_pb2.ScoreAnswersResponse:
         if not request.items:
             raise invalid_argument("items", "is empty")
-        metrics = list(request.metrics) or [*QA_METRICS, *rag.ALL_METRICS]
-        unknown = [m for m in metrics if m not in QA_METRICS and m not in rag.ALL_METRICS]
+        known = [*experiments.QA_METRICS, *rag.ALL_METRICS]
+        metrics = list(request.metrics) or known
+        unknown = [m for m in metrics if m not in known]
         if unknown:
-            raise invalid_argument(
-                "metrics", f"unknown metric {unknown[0]!r}; known: {[*QA_METRICS, *rag.ALL_METRICS]}"
-            )
+            raise invalid_argument("metrics", f"unknown metric {unknown[0]!r}; known: {known}")
         ids = [item.id or str(i) for i, item in enumerate(request.items)]
         if len(set(ids)) != len(ids):
             raise invalid_argument("items.id", "ids must be unique")

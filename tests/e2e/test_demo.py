@@ -14,7 +14,7 @@ import pytest
 
 import ragfleet
 from services.demo.corpus import demo_questions
-from services.runtime.processes import RAGFLEET, free_port
+from tools.fleet import RAGFLEET, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.runtime.processes import LocalFleet, start_local_fleet
+from tools.fleet import LocalFleet, start_local_fleet
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import json
 import pytest
 
 import ragfleet
-from services.runtime.processes import start_local_fleet
+from tools.fleet import start_local_fleet
 
 pytestmark = pytest.mark.integration
 

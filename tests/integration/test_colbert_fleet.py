@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 import ragfleet
 from services.cli import app
 from services.demo.corpus import demo_documents, demo_questions
-from services.runtime.processes import LocalFleet, start_local_fleet
+from tools.fleet import LocalFleet, start_local_fleet
+from services.runtime.settings import get_settings
 
 pytestmark = pytest.mark.integration
 
@@ -200,7 +201,16 @@ def test_cli_ingest_search_and_rebuild(
     assert failed.exit_code == 1 and "options.exhaustive" in failed.output
 
 
-def test_cli_eval_retrieval_of_colbert(colbert_fleet: LocalFleet, tmp_path: Path) -> None:
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A RAGFLEET_HOME of the test's own: eval retrieval records its runs under it."""
+    monkeypatch.setenv("RAGFLEET_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    yield tmp_path / "home"
+    get_settings.cache_clear()
+
+
+def test_cli_eval_retrieval_of_colbert(colbert_fleet: LocalFleet, tmp_path: Path, home: Path) -> None:
     beir = tmp_path / "islands"
     (beir / "qrels").mkdir(parents=True)
     corpus = [{"_id": d["id"], "title": d["title"], "text": d["text"]} for d in DOCUMENTS]
@@ -227,6 +237,7 @@ def test_cli_eval_retrieval_of_colbert(colbert_fleet: LocalFleet, tmp_path: Path
     assert result.exit_code == 0, result.output
     scores = json.loads(out.read_text())
     assert scores["colbert"]["mrr@10"] == 1.0 and set(scores) == {"colbert", "timings"}
+    assert list((home / "runs").glob("*.json"))
     # The index spec carries the checkpoint: one that does not exist fails the ingest.
     missing = tmp_path / "no-checkpoint"
     result = CliRunner().invoke(

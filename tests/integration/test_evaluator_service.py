@@ -12,7 +12,7 @@ import pytest
 import ragfleet
 from ragfleet.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
 from services.evaluator.metrics.ir import evaluate_run
-from services.runtime.processes import LocalFleet, start_local_fleet
+from tools.fleet import LocalFleet, start_local_fleet
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import pytrec_eval
 import ragfleet
 from services.demo.corpus import demo_documents, demo_questions
 from services.evaluator.experiments import RUN_RECORD_KEYS, ExperimentConfig, list_runs, run_experiment
-from services.runtime.processes import start_local_fleet
+from tools.fleet import start_local_fleet
 
 pytestmark = pytest.mark.integration
 

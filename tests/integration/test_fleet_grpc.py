@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import ragfleet
 from ragfleet.v1 import pipeline_pb2, pipeline_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from services.demo.corpus import demo_documents, demo_questions
-from services.runtime.processes import LocalFleet as Fleet
-from services.runtime.processes import Service, free_port, service_env
+from tools.fleet import LocalFleet as Fleet
+from tools.fleet import Service, free_port, service_env
 
 pytestmark = pytest.mark.integration
 

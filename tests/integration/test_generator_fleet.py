@@ -19,7 +19,7 @@ from ragfleet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.demo.corpus import demo_documents, demo_questions
 from services.generator.retro.data import load_tokenizer
 from services.generator.retro.model import RetroConfig, RetroModel
-from services.runtime.processes import RAGFLEET, LocalFleet, start_local_fleet
+from tools.fleet import RAGFLEET, LocalFleet, start_local_fleet
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""services.evaluator.beir on tiny BEIR folders written in tmp_path."""
+"""services.evaluator.beir (and datasets.load_beir over it) on tiny BEIR folders written in tmp_path."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.evaluator.beir import iter_corpus, load_beir, load_qrels
+from services.evaluator.beir import iter_corpus, load_qrels
+from services.evaluator.datasets import load_beir
 
 
 def write_beir(root: Path, corpus: list, queries: list, qrels: dict[str, str]) -> Path:
@@ -42,10 +43,10 @@ def beir_dir(tmp_path: Path) -> Path:
 
 def test_load_beir(beir_dir: Path):
     data = load_beir(beir_dir)
-    assert data.corpus == {
-        "d1": {"title": "Alpha", "text": "first document"},
-        "2": {"title": "", "text": "second document, no title"},
-        "d3": {"title": "Gamma", "text": "third — ünïcode"},
+    assert {d: (doc["title"], doc["text"]) for d, doc in data.corpus.items()} == {
+        "d1": ("Alpha", "first document"),
+        "2": ("", "second document, no title"),
+        "d3": ("Gamma", "third — ünïcode"),
     }
     assert data.queries == {"q1": "alpha?", "q2": "second?"}
     assert data.qrels == {"q1": {"d1": 1}, "q2": {"2": 2, "d3": 0}}

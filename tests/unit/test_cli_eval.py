@@ -1,12 +1,15 @@
-"""`ragfleet eval qa` and `ragfleet eval report` as a user runs them (typer's runner, real files)."""
+"""`ragfleet eval qa`, `eval report` and `eval retrieval` as a user runs them (typer's runner, real files;
+`eval retrieval` against an in-memory fake of the fleet)."""
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_eval_retrieval import FakeClient, write_beir
 from test_report_build import make_record
 from typer.testing import CliRunner
 
@@ -87,3 +90,26 @@ def test_eval_report_builds_from_run_ids(tmp_path: Path, monkeypatch) -> None:
     assert len(list(out.glob("*.png"))) >= 2
     missing = runner.invoke(app, ["eval", "report", "nope", "--out", str(out)])
     assert missing.exit_code == 1 and "nope" in missing.output
+
+
+def test_eval_retrieval_prints_and_writes_the_scores(tmp_path: Path, monkeypatch) -> None:
+    client = FakeClient()
+    monkeypatch.setattr("services.cli._client", lambda *args, **kwargs: nullcontext(client))
+    monkeypatch.setenv("RAGFLEET_HOME", str(tmp_path / "home"))
+    from services.runtime.settings import get_settings
+
+    get_settings.cache_clear()
+    out, table = tmp_path / "scores.json", tmp_path / "scores.md"
+    dataset = write_beir(tmp_path / "tiny set")
+    args = ["--beir", str(dataset), "--retrievers", "dense,hybrid", "--chunk-tokens", "100"]
+    result = runner.invoke(app, ["eval", "retrieval", *args, "--json", str(out), "--markdown", str(table)])
+    get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text())
+    assert set(scores) == {"dense", "hybrid", "timings"} and scores["dense"]["ndcg@10"] == 1.0
+    assert set(scores["hybrid"]) == {"ndcg@10", "recall@100", "mrr@10"}
+    timings = {"ingest_s", "dense_search_s", "dense_qps", "hybrid_search_s", "hybrid_qps"}
+    assert set(scores["timings"]) == timings
+    assert table.read_text().startswith("| retriever | ndcg@10 | recall@100 | mrr@10 | search s | QPS |")
+    assert client.calls[0][2]["chunking"] == {"chunk_tokens": 100, "overlap_tokens": 20}
+    assert len(list((tmp_path / "home" / "runs").glob("*.json"))) == 2

@@ -4,7 +4,6 @@ import json
 import os
 import string
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -15,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, BertTokenizer
 
 from services.retriever.colbert.encoder import ColbertEncoder, untrained_projection
-from services.runtime.errors import ServiceError
+from services.runtime.model_errors import ArtifactError, ParamError
 
 WORDS = (
     "the a of is in and to with on for cell cells protein gene genes dna rna study cancer mouse human "
@@ -183,48 +182,39 @@ def test_pytorch_bin_checkpoint_loads_without_unpickling(tmp_path, monkeypatch):
     torch.testing.assert_close(from_bin.encode_queries(texts)[0], from_safetensors.encode_queries(texts)[0])
 
 
-def _code(call):
-    with pytest.raises(ServiceError) as caught:
+def _raised(call) -> type[Exception]:
+    with pytest.raises(Exception) as caught:
         call()
-    return caught.value.code
+    return caught.type
 
 
-def test_missing_or_broken_checkpoints_are_failed_precondition(tmp_path):
-    assert (
-        _code(lambda: ColbertEncoder.load(str(tmp_path / "nowhere"))) == grpc.StatusCode.FAILED_PRECONDITION
-    )
-    assert (
-        _code(lambda: ColbertEncoder.load("no-such-org/no-such-colbert"))
-        == grpc.StatusCode.FAILED_PRECONDITION
-    )
+def test_missing_or_broken_checkpoints_are_artifact_errors(tmp_path):
+    assert _raised(lambda: ColbertEncoder.load(str(tmp_path / "nowhere"))) is ArtifactError
+    assert _raised(lambda: ColbertEncoder.load("no-such-org/no-such-colbert")) is ArtifactError
 
     make_tiny_checkpoint(tmp_path / "nolinear")
     weights = load_file(tmp_path / "nolinear" / "model.safetensors")
     del weights["linear.weight"]
     save_file(weights, tmp_path / "nolinear" / "model.safetensors")
-    assert (
-        _code(lambda: ColbertEncoder.load(str(tmp_path / "nolinear"))) == grpc.StatusCode.FAILED_PRECONDITION
-    )
+    assert _raised(lambda: ColbertEncoder.load(str(tmp_path / "nolinear"))) is ArtifactError
 
     make_tiny_checkpoint(tmp_path / "truncated")
     blob = (tmp_path / "truncated" / "model.safetensors").read_bytes()
     (tmp_path / "truncated" / "model.safetensors").write_bytes(blob[: len(blob) // 2])
-    assert (
-        _code(lambda: ColbertEncoder.load(str(tmp_path / "truncated"))) == grpc.StatusCode.FAILED_PRECONDITION
-    )
+    assert _raised(lambda: ColbertEncoder.load(str(tmp_path / "truncated"))) is ArtifactError
 
     make_tiny_checkpoint(tmp_path / "dim", metadata={**TINY_METADATA, "dim": 8})
-    assert _code(lambda: ColbertEncoder.load(str(tmp_path / "dim"))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert _raised(lambda: ColbertEncoder.load(str(tmp_path / "dim"))) is ArtifactError
 
     make_tiny_checkpoint(tmp_path / "flipr", metadata={**TINY_METADATA, "interaction": "flipr"})
-    assert _code(lambda: ColbertEncoder.load(str(tmp_path / "flipr"))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert _raised(lambda: ColbertEncoder.load(str(tmp_path / "flipr"))) is ArtifactError
 
     make_tiny_checkpoint(tmp_path / "long", metadata={**TINY_METADATA, "doc_maxlen": 300})
-    assert _code(lambda: ColbertEncoder.load(str(tmp_path / "long"))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert _raised(lambda: ColbertEncoder.load(str(tmp_path / "long"))) is ArtifactError
 
     make_tiny_checkpoint(tmp_path / "ok")
     bad_maxlen = lambda: ColbertEncoder.load(str(tmp_path / "ok"), doc_maxlen=1000)  # noqa: E731
-    assert _code(bad_maxlen) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _raised(bad_maxlen) is ParamError
 
 
 def test_dim_comes_from_the_projection_without_metadata(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.demo.run import contains_answer
+from services.demo.retro import contains_answer
 
 
 @pytest.mark.parametrize(

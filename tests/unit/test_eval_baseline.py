@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from services.evaluator.baseline import bm25_run, minilm_exact_cosine_run
-from services.evaluator.beir import BeirDataset
+from services.evaluator.datasets import EvalDataset
 
-DATASET = BeirDataset(
+DATASET = EvalDataset(
+    name="five",
+    kind="ir",
     corpus={
         "cat": {"title": "Cats", "text": "The domestic cat is a small carnivorous mammal that purrs."},
         "ocean": {"title": "Oceans", "text": "Oceans cover most of the Earth and hold salt water."},

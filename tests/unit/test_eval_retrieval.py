@@ -1,4 +1,5 @@
-"""services.evaluator.retrieval: the orchestration, with an in-memory fake of ragfleet.Client."""
+"""services.evaluator.retrieval: the `eval retrieval` preset of the experiment runner, with an in-memory
+fake of ragfleet.Client."""
 
 from __future__ import annotations
 
@@ -9,88 +10,87 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.evaluator.retrieval import (
-    default_index_name,
-    markdown_table,
-    run_retrieval_eval,
-    write_results,
-)
+from ragfleet.errors import NotFound
+from services.evaluator.experiments import list_runs
+from services.evaluator.retrieval import markdown_table, retrieval_experiment, run_retrieval_eval
 
 QUERIES = {"q1": "find one", "q2": "find two and three", "q3": "find four"}
 QRELS = "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq2\td3\t1\nq3\td4\t1\n"
 DOCS = ["d1", "d2", "d3", "d4", "d5", "d6"]
 
-# Passage ids each (retrievers, fusion) returns per query, best first.
+# Passage ids each retriever (or fused pair) returns per query, best first.
 RANKINGS = {
-    (("dense",), None): {  # perfect
+    ("dense",): {  # perfect
         "q1": ["d1#0", "d5#0"],
         "q2": ["d2#0", "d3#0", "d6#0"],
         "q3": ["d4#0"],
     },
-    (("bm25",), None): {  # every relevant document one place too low
+    ("bm25",): {  # every relevant document one place too low
         "q1": ["d5#0", "d1#0"],
         "q2": ["d6#0", "d2#0", "d3#0"],
         "q3": ["d6#0", "d4#0"],
     },
-    (("dense", "bm25"), "rrf"): {  # several passages per document; nothing for q3
+    ("dense", "bm25"): {  # several passages per document; nothing for q3
         "q1": ["d1#2", "d5#0", "d1#0"],
         "q2": ["d3#1", "d2#0", "d3#0"],
         "q3": [],
     },
 }
+RANKINGS[("colbert",)] = RANKINGS[("dense",)]
 
 
 class FakeClient:
-    """Implements ingest / search_batch / delete of ragfleet.Client in memory."""
+    """Implements what an experiment calls of ragfleet.Client, in memory."""
 
     def __init__(self, fail_on: str | None = None) -> None:
-        self.indexes: dict[str, list[dict]] = {}
+        self.indexes: dict[str, dict] = {}  # name -> {"retrievers": [...], "documents": [...]}
         self.calls: list[tuple] = []
-        self.progress_seen: list[int] = []
         self.fail_on = fail_on
 
-    def ingest(self, source, *, index, spec=None, upsert=False, batch_size=256, progress=None):
-        assert index not in self.indexes and not upsert
-        self.calls.append(("ingest", index, spec))
-        self.indexes[index] = []
-        for start in range(0, len(source), 4):
-            self.indexes[index].extend(source[start : start + 4])
-            if progress:
-                self.progress_seen.append(len(self.indexes[index]))
-                progress(len(self.indexes[index]))
+    def describe(self):
+        return SimpleNamespace(retrievers=["dense", "bm25", "colbert"], reranker=False)
 
-    def search_batch(self, queries, *, index, top_k=10, retrievers=None, fusion=None, candidates=0):
+    def describe_index(self, index):
+        if index not in self.indexes:
+            raise NotFound(index)
+        retrievers = self.indexes[index]["retrievers"]
+        return SimpleNamespace(
+            retrievers=[SimpleNamespace(version=SimpleNamespace(retriever=r)) for r in retrievers]
+        )
+
+    def ingest(self, source, *, index, spec=None, progress=None):
+        assert index not in self.indexes
+        self.calls.append(("ingest", index, spec))
+        self.indexes[index] = {"retrievers": spec["retrievers"], "documents": list(source)}
+        progress(len(source))
+
+    def search(self, query, *, index, top_k, retrievers, fusion):
         assert index in self.indexes
         if self.fail_on in retrievers:
             raise ConnectionError(f"{self.fail_on} is down")
-        self.calls.append(("search", tuple(retrievers), fusion, len(queries), top_k))
+        self.calls.append(("search", tuple(retrievers), fusion, top_k))
         by_text = {text: qid for qid, text in QUERIES.items()}
-        ranking = RANKINGS[(tuple(retrievers), fusion)]
+        ranking = RANKINGS[tuple(retrievers)][by_text[query]][:top_k]
         return SimpleNamespace(
-            responses=[
-                SimpleNamespace(
-                    results=[
-                        SimpleNamespace(
-                            passage=SimpleNamespace(id=pid, doc_id=pid.split("#")[0]),
-                            score=1.0 / rank,
-                            rank=rank,
-                            retriever="x",
-                        )
-                        for rank, pid in enumerate(ranking[by_text[text]][:top_k], start=1)
-                    ]
-                )
-                for text in queries
-            ]
+            results=[
+                SimpleNamespace(passage=SimpleNamespace(id=pid, doc_id=pid.split("#")[0]), score=1.0 / rank)
+                for rank, pid in enumerate(ranking, start=1)
+            ],
+            timings=[SimpleNamespace(stage="retrieve", millis=1.0)],
+            versions=[SimpleNamespace(index=index, retriever=r, version=1, model_id="") for r in retrievers],
         )
 
-    def delete(self, *, index, drop_index=True):
+    def delete(self, *, index, drop_index=False):
         self.calls.append(("delete", index, drop_index))
         del self.indexes[index]
 
 
 @pytest.fixture
 def beir_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "tiny set"
+    return write_beir(tmp_path / "tiny set")
+
+
+def write_beir(root: Path) -> Path:
     (root / "qrels").mkdir(parents=True)
     (root / "corpus.jsonl").write_text(
         "".join(json.dumps({"_id": d, "title": d.upper(), "text": f"text of {d}"}) + "\n" for d in DOCS)
@@ -102,9 +102,14 @@ def beir_dir(tmp_path: Path) -> Path:
     return root
 
 
+def evaluate(client, beir_dir: Path, **kwargs):
+    return run_retrieval_eval(
+        client, retrieval_experiment(beir_dir, **kwargs), home=beir_dir.parent / "home", progress=False
+    )
+
+
 def test_known_metrics_for_each_retriever(beir_dir: Path):
-    client = FakeClient()
-    results = run_retrieval_eval(client, beir_dir, batch_size=2, progress=False)
+    results = evaluate(FakeClient(), beir_dir)
 
     assert results["dense"] == {"ndcg@10": 1.0, "recall@100": 1.0, "mrr@10": 1.0}
     one_low = 1 / math.log2(3)  # DCG of one relevant document at rank 2
@@ -122,62 +127,85 @@ def test_known_metrics_for_each_retriever(beir_dir: Path):
         assert timings[f"{name}_qps"] == pytest.approx(3 / timings[f"{name}_search_s"])
 
 
-def test_ingests_whole_documents_searches_in_batches_and_drops_the_index(beir_dir: Path):
+def test_one_index_of_whole_documents_every_query_at_depth_top_k_then_dropped(beir_dir: Path):
     client = FakeClient()
-    run_retrieval_eval(client, beir_dir, retrievers=("bm25", "hybrid"), batch_size=2, top_k=7, progress=False)
-    index = "eval-tiny-set"
-    assert client.calls == [
-        ("ingest", index, {"chunking": {"whole_documents": True}, "retrievers": ["bm25", "dense"]}),
-        ("search", ("bm25",), None, 2, 7),
-        ("search", ("bm25",), None, 1, 7),
-        ("search", ("dense", "bm25"), "rrf", 2, 7),
-        ("search", ("dense", "bm25"), "rrf", 1, 7),
-        ("delete", index, True),
-    ]
-    assert client.progress_seen == [4, 6]
-    assert client.indexes == {}
+    evaluate(client, beir_dir, retrievers=("bm25", "hybrid"), top_k=7)
+    (ingest,) = [c for c in client.calls if c[0] == "ingest"]
+    index = ingest[1]
+    assert index.startswith("eval-tiny-set-test-")
+    assert ingest[2] == {
+        "chunking": {"whole_documents": True},
+        "retrievers": ["bm25", "dense"],
+        "vector_store": "faiss",
+    }
+    searches = [c for c in client.calls if c[0] == "search"]
+    # recall@100 needs 100 documents, so the depth is at least 100.
+    assert (
+        searches == [("search", ("bm25",), "rrf", 100)] * 3 + [("search", ("dense", "bm25"), "rrf", 100)] * 3
+    )
+    assert client.calls[-1] == ("delete", index, True) and client.indexes == {}
+
+
+def test_the_runs_are_recorded(beir_dir: Path):
+    evaluate(FakeClient(), beir_dir, retrievers=("dense",))
+    (record,) = list_runs(beir_dir.parent / "home")
+    assert record["experiment"] == "retrieval-tiny set" and record["config"]["retrievers"] == ["dense"]
 
 
 @pytest.mark.parametrize(
-    ("spec", "sent"),
+    ("options", "sent"),
     [
         (
-            {"vector_store": "chroma", "chunking": {"chunk_tokens": 64}},
-            {"vector_store": "chroma", "chunking": {"chunk_tokens": 64}, "retrievers": ["dense"]},
+            {"vector_store": "chroma", "chunk_tokens": 64},
+            {
+                "vector_store": "chroma",
+                "chunking": {"chunk_tokens": 64, "overlap_tokens": 12},
+                "retrievers": ["dense"],
+            },
         ),
-        ({"retrievers": ["dense", "colbert"]}, {"retrievers": ["dense", "colbert"]}),
+        (
+            {"retrievers": ("colbert",), "colbert_model": "ckpt"},
+            {"chunking": {"whole_documents": True}, "retrievers": ["colbert"], "colbert_model": "ckpt"},
+        ),
     ],
 )
-def test_a_given_spec_replaces_the_default(beir_dir: Path, spec, sent):
+def test_options_shape_the_index_spec(beir_dir: Path, options, sent):
     client = FakeClient()
-    run_retrieval_eval(client, beir_dir, retrievers=("dense",), spec=spec, progress=False)
-    assert client.calls[0] == ("ingest", "eval-tiny-set", sent)
+    evaluate(client, beir_dir, **{"retrievers": ("dense",), **options})
+    assert client.calls[0][2] == sent
 
 
 def test_ingested_documents_are_the_corpus(beir_dir: Path):
     client = FakeClient()
     client.delete = lambda **kwargs: None  # keep the index to look at it
-    run_retrieval_eval(client, beir_dir, retrievers=("dense",), index="mine", progress=False)
-    assert client.indexes["mine"][0] == {"id": "d1", "title": "D1", "text": "text of d1", "metadata": {}}
-    assert [d["id"] for d in client.indexes["mine"]] == DOCS
+    evaluate(client, beir_dir, retrievers=("dense",))
+    (index,) = client.indexes.values()
+    assert index["documents"][0] == {"id": "d1", "title": "D1", "text": "text of d1", "metadata": {}}
+    assert [d["id"] for d in index["documents"]] == DOCS
 
 
-def test_reuse_index_neither_ingests_nor_drops(beir_dir: Path):
+def test_a_named_index_is_searched_neither_ingested_nor_dropped(beir_dir: Path):
     client = FakeClient()
-    client.indexes["existing"] = []
-    results = run_retrieval_eval(
-        client, beir_dir, retrievers=("dense",), index="existing", reuse_index=True, progress=False
-    )
-    assert [call[0] for call in client.calls] == ["search"]
+    client.indexes["existing"] = {"retrievers": ["dense"], "documents": []}
+    results = evaluate(client, beir_dir, retrievers=("dense",), index="existing")
+    assert {call[0] for call in client.calls} == {"search"}
     assert results["timings"]["ingest_s"] is None
     assert "existing" in client.indexes
+
+
+def test_a_kept_index_is_reused_by_the_next_run(beir_dir: Path):
+    client = FakeClient()
+    first = evaluate(client, beir_dir, retrievers=("dense",), keep_index=True)
+    again = evaluate(client, beir_dir, retrievers=("dense",), keep_index=True)
+    assert [call[0] for call in client.calls].count("ingest") == 1 and len(client.indexes) == 1
+    assert first["timings"]["ingest_s"] >= 0 and again["timings"]["ingest_s"] is None
 
 
 def test_index_is_dropped_when_a_search_fails(beir_dir: Path):
     client = FakeClient(fail_on="bm25")
     with pytest.raises(ConnectionError):
-        run_retrieval_eval(client, beir_dir, retrievers=("dense", "bm25"), progress=False)
-    assert client.calls[-1] == ("delete", "eval-tiny-set", True)
+        evaluate(client, beir_dir, retrievers=("dense", "bm25"))
+    assert client.calls[-1][0] == "delete" and client.indexes == {}
 
 
 def test_a_failed_drop_is_logged_and_keeps_the_results(beir_dir: Path, caplog):
@@ -187,46 +215,27 @@ def test_a_failed_drop_is_logged_and_keeps_the_results(beir_dir: Path, caplog):
         raise ConnectionError("pipeline went away")
 
     client.delete = broken_delete
-    results = run_retrieval_eval(client, beir_dir, retrievers=("dense",), progress=False)
+    results = evaluate(client, beir_dir, retrievers=("dense",))
     assert results["dense"]["ndcg@10"] == 1.0
-    assert "could not drop index 'eval-tiny-set'" in caplog.text and "pipeline went away" in caplog.text
-
-
-def test_a_short_batch_answer_is_an_error(beir_dir: Path):
-    client = FakeClient()
-    answer = client.search_batch
-    client.search_batch = lambda queries, **kw: SimpleNamespace(
-        responses=answer(queries, **kw).responses[:-1]
-    )
-    with pytest.raises(RuntimeError, match="answered 1 of 2 queries"):
-        run_retrieval_eval(client, beir_dir, retrievers=("dense",), batch_size=2, progress=False)
+    assert "could not drop index 'eval-tiny-set-test-" in caplog.text and "pipeline went away" in caplog.text
 
 
 @pytest.mark.parametrize("retrievers", [(), ("timings",)])
 def test_bad_retriever_names(beir_dir: Path, retrievers):
     with pytest.raises(ValueError, match="retrievers"):
-        run_retrieval_eval(FakeClient(), beir_dir, retrievers=retrievers, progress=False)
+        retrieval_experiment(beir_dir, retrievers=retrievers)
 
 
-def test_progress_bars_render(beir_dir: Path, capsys):
-    run_retrieval_eval(FakeClient(), beir_dir, retrievers=("dense",), progress=True)
+def test_progress_bar_renders(beir_dir: Path, capsys):
+    config = retrieval_experiment(beir_dir, retrievers=("dense",))
+    run_retrieval_eval(FakeClient(), config, home=beir_dir.parent / "home", progress=True)
     out = capsys.readouterr().out
-    assert "ingest eval-tiny-set" in out and "search dense" in out
+    assert "retrieval-tiny-set-" in out and "done" in out
 
 
-def test_write_results_and_markdown_table(beir_dir: Path, tmp_path: Path):
-    results = run_retrieval_eval(FakeClient(), beir_dir, progress=False)
-    path = write_results(results, tmp_path / "out" / "scifact.json")
-    assert json.loads(path.read_text()) == results
-    assert [p.name for p in path.parent.iterdir()] == ["scifact.json"]
-
-    table = markdown_table(results).splitlines()
+def test_markdown_table(beir_dir: Path):
+    table = markdown_table(evaluate(FakeClient(), beir_dir)).splitlines()
     assert table[0] == "| retriever | ndcg@10 | recall@100 | mrr@10 | search s | QPS |"
     assert table[2].startswith("| dense | 1 | 1 | 1 | ")
     assert table[4].startswith("| hybrid | 0.6667 | 0.6667 | 0.6667 | ")
     assert table[-1].startswith("ingest: ")
-
-
-def test_default_index_name():
-    assert default_index_name("/data/BEIR sets/scifact") == "eval-scifact"
-    assert default_index_name("/data/nfcorpus v1.0") == "eval-nfcorpus-v1-0"

@@ -42,6 +42,7 @@ def test_defaults_give_one_run() -> None:
         "rerank": False,
         "top_k": 10,
         "temperature": 0.0,
+        "colbert_model": "",
     }
     assert config.metrics is None and config.max_queries is None and not config.keep_index
 
@@ -88,6 +89,25 @@ def test_whole_documents_ignore_window_sizes_when_sharing_an_index() -> None:
         "retrievers": ["dense"],
     }
     assert "vector_store" not in whole.spec(["bm25"])
+
+
+def test_a_retrievers_own_setting_splits_indexes_only_between_runs_that_use_it() -> None:
+    config = ExperimentConfig(
+        name="x",
+        dataset="demo",
+        sweep={"retrievers": ["bm25", "colbert", "dense"], "colbert_model": ["a", "b"]},
+    )
+    groups = index_groups(config.runs())
+    # bm25 and dense (once per checkpoint, as for every swept value) share the first checkpoint's
+    # index; the second checkpoint needs its own.
+    assert [key.colbert_model for key in groups] == ["a", "b"]
+    assert [[run.retrievers[0] for _, run in members] for members in groups.values()] == [
+        ["bm25", "bm25", "colbert", "dense", "dense"],
+        ["colbert"],
+    ]
+    first = next(iter(groups))
+    assert first.spec(["bm25", "colbert", "dense"])["colbert_model"] == "a"
+    assert "colbert_model" not in first.spec(["bm25", "dense"])
 
 
 def test_relative_dataset_paths_are_read_from_the_config_folder(tmp_path: Path) -> None:

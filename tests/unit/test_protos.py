@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from services.runtime.protogen import CLIENT_ROOT, generate
+from tools.protogen import CLIENT_ROOT, generate
 
 
 def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from services.evaluator.metrics.qa import (
     exact_match,
     f1_score,
     normalize_answer,
-    per_question_scores,
     score_squad,
     score_squad_files,
 )
@@ -120,12 +119,6 @@ class TestScoreSquadV1:
     def test_predictions_for_unknown_questions_are_ignored(self):
         assert score_squad(V1, {**V1_PREDICTIONS, "other": "x"}) == score_squad(V1, V1_PREDICTIONS)
 
-    def test_per_question_scores(self):
-        scores = per_question_scores(V1, V1_PREDICTIONS)
-        assert list(scores) == ["q1", "q2", "q3", "q4"]
-        assert [s["exact_match"] for s in scores.values()] == [1.0, 0.0, 0.0, 0.0]
-        assert [s["f1"] for s in scores.values()] == pytest.approx(V1_F1)
-
     def test_na_probs_are_refused(self):
         with pytest.raises(ValueError, match="v2.0 only"):
             score_squad(V1, V1_PREDICTIONS, na_probs={"q1": 0.5})
@@ -200,15 +193,6 @@ class TestScoreSquadV2:
     def test_na_probs_must_cover_every_answered_question(self):
         with pytest.raises(ValueError, match="q3"):
             score_squad(V2, V2_PREDICTIONS, na_probs={"q1": 0.1, "q2": 0.2, "q4": 0.3})
-
-    def test_per_question_scores_apply_the_threshold(self):
-        scores = per_question_scores(V2, V2_PREDICTIONS, na_probs=V2_NA_PROBS, na_prob_threshold=0.25)
-        assert scores == {
-            "q1": {"exact_match": 1.0, "f1": 1.0},
-            "q2": {"exact_match": 0.0, "f1": pytest.approx(0.8)},
-            "q3": {"exact_match": 1.0, "f1": 1.0},
-            "q4": {"exact_match": 1.0, "f1": 1.0},
-        }
 
 
 class TestVersion:

@@ -18,6 +18,7 @@ from services.gateway.service import PipelineService
 from services.retriever.colbert import backend as colbert_backend
 from services.retriever.colbert.encoder import ColbertEncoder
 from services.retriever.service import RetrieverService
+from services.runtime.model_errors import ParamError
 from services.runtime.settings import GatewaySettings, RetrieverSettings, Settings
 from services.runtime.storage import load_manifest
 
@@ -261,3 +262,15 @@ async def test_gateway_default_retrievers_must_be_configured(tmp_path):
 
     error = await expect(grpc.StatusCode.FAILED_PRECONDITION, pipeline.Ingest(requests(), CTX))
     assert "gateway.default_retrievers" in error.message and "'colbert'" in error.message
+
+
+async def test_a_broken_invariant_is_not_the_callers_error(settings, monkeypatch):
+    """The backend's own mistake (here: embeddings of the wrong width) is no INVALID_ARGUMENT: it stays a
+    plain error, which the server turns into INTERNAL and logs."""
+
+    def wrong_width(self, texts, batch_size=32):
+        return [np.zeros((3, 1), np.float16) for _ in texts]
+
+    monkeypatch.setattr(ColbertEncoder, "encode_documents", wrong_width)
+    with pytest.raises(ParamError, match=r"embeddings\[0\]"):
+        await RetrieverService(settings, ["colbert"]).Ingest(stream(ingest_req()), CTX)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from services.generator.retro.model import ChunkedCrossAttention, RetroConfig, RetroModel
+from services.generator.retro.model import ChunkedCrossAttention, Encoded, RetroConfig, RetroModel
 
 
 @pytest.fixture(autouse=True)
@@ -91,14 +91,14 @@ def test_cca_groups_follow_retro_alignment() -> None:
     encoded = torch.randn(2, 4, k, r, config.d_encoder)
     mask = torch.ones(2, 4, k, r, dtype=torch.bool)
     mask[0, 2, 1, 3:] = False
-    full = cca(hidden, encoded, mask)
+    full = cca(hidden, Encoded(encoded, mask))
     assert torch.equal(full[:, : m - 1], torch.zeros_like(full[:, : m - 1]))
     for start in (1, 3, 5, 9, 16):
-        part = cca(hidden[:, start:], encoded, mask, offset=start)
+        part = cca(hidden[:, start:], Encoded(encoded, mask), offset=start)
         torch.testing.assert_close(part, full[:, start:], atol=1e-6, rtol=0)
     # Group u attends only to chunk u: masking all of chunk 1's neighbours zeroes exactly positions 7..10.
     mask[:, 1] = False
-    out = cca(hidden, encoded, mask)
+    out = cca(hidden, Encoded(encoded, mask))
     assert torch.equal(out[:, 2 * m - 1 : 3 * m - 1], torch.zeros_like(out[:, 2 * m - 1 : 3 * m - 1]))
     torch.testing.assert_close(out[:, : 2 * m - 1], full[:, : 2 * m - 1], atol=1e-6, rtol=0)
     torch.testing.assert_close(out[:, 3 * m - 1 :], full[:, 3 * m - 1 :], atol=1e-6, rtol=0)

@@ -16,15 +16,9 @@ from safetensors.torch import load_file
 
 from services.generator.retro.data import load_tokenizer
 from services.generator.retro.model import WEIGHTS_FILE, RetroConfig, RetroModel
-from services.generator.retro.train import (
-    TRAIN_FILE,
-    Hit,
-    TrainProgress,
-    TrainSettings,
-    latest_checkpoint,
-    lr_at,
-    train_retro,
-)
+from services.generator.retro.neighbours import Hit
+from services.generator.retro.train import TRAIN_FILE, TrainProgress, TrainSettings, lr_at, train_retro
+from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints
 
 _WORD = re.compile(r"\w+")
 
@@ -93,6 +87,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _latest_step(out: Path) -> int:
+    latest = Checkpoints(out / CHECKPOINTS_DIR).latest()
+    assert latest is not None
+    return latest.step
+
+
 def _config(tokenizer) -> RetroConfig:
     return RetroConfig(
         vocab_size=len(tokenizer),
@@ -141,7 +141,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_model(tokenizer, tmp_pat
     model = RetroModel.load(tmp_path)
     assert model.config == _config(tokenizer)
     # Only `keep_checkpoints` checkpoints remain; the latest is the final step.
-    assert latest_checkpoint(tmp_path).name == "step-000030"
+    assert _latest_step(tmp_path) == 30
     assert len(list((tmp_path / "checkpoints").glob("step-*"))) == settings.keep_checkpoints
 
 
@@ -210,7 +210,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tokenizer, tmp_p
             settings=SETTINGS,
             progress=stop_at_10,
         )
-    assert latest_checkpoint(tmp_path / "cut").name == "step-000008"
+    assert _latest_step(tmp_path / "cut") == 8
     assert not (tmp_path / "cut" / TRAIN_FILE).exists()
     with pytest.raises(ValueError, match="^resume: "):
         train_retro(retrieval, docs, tmp_path / "cut", config=_config(tokenizer), settings=SETTINGS)
@@ -270,3 +270,16 @@ def test_the_demo_model_is_reused_only_for_the_current_corpus_and_recipe(tmp_pat
     (path / TRAIN_FILE).write_text(json.dumps({"demo_fingerprint": "an older corpus"}))
     with pytest.raises(LookupError):
         ensure_demo_model(NoFleet(), tmp_path, console)
+
+
+def test_cli_config_items_go_to_the_model_or_the_run_by_field_name() -> None:
+    from services.cli import _dataclass_overrides
+
+    items = ["d_model=128", "steps=5", "copy_head=true", "lr=1", "encoder_d_model=null"]
+    model, run = _dataclass_overrides(items, RetroConfig, TrainSettings)
+    assert model == {"d_model": 128, "copy_head": True, "encoder_d_model": None}
+    assert run == {"steps": 5, "lr": 1} and TrainSettings(**run).steps == 5
+    bad_items = (("bogus=1", "config"), ("steps", "config"), ("steps=abc", "steps"), ("seed=0.5", "seed"))
+    for bad, field in bad_items:
+        with pytest.raises(ValueError, match=f"^{field}: "):
+            _dataclass_overrides([bad], RetroConfig, TrainSettings)

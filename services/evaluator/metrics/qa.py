@@ -34,6 +34,14 @@ the best-threshold search an unanswered question is never credited, whatever the
 
 Version: `version=` when given ("1.1", "v1.1", "2.0", "v2.0"); otherwise the dataset's "version"
 field when it names v2.0, or any question carrying `is_impossible`, means v2.0; anything else v1.1.
+
+Why not import the official scripts: they are not a library. `evaluate-v1.1.py` and
+`evaluate-v2.0.py` are command-line files from the SQuAD site (the Hugging Face `evaluate` package
+fetches its copies from the hub when a metric is loaded, which an offline fleet cannot do); they
+return only dataset-wide totals, while the experiment runner and the Evaluator service score each
+question; and the v2.0 one cannot score a run that lacks predictions. So the semantics are written
+here, and tests/integration/test_squad_official.py checks them against the official figures of
+published SQuAD v1.1 dev predictions.
 """
 
 from __future__ import annotations
@@ -205,45 +213,6 @@ def _check_na_probs(
         )
 
 
-@dataclass(frozen=True)
-class _Scored:
-    """Per-question scores of one run: raw, and with the no-answer threshold applied."""
-
-    version: str
-    questions: list[_Question]
-    exact_raw: dict[str, float]
-    f1_raw: dict[str, float]
-    exact: dict[str, float]
-    f1: dict[str, float]
-
-
-def _score(
-    dataset: Mapping[str, Any],
-    predictions: Mapping[str, str],
-    na_probs: Mapping[str, float] | None,
-    na_prob_threshold: float,
-    version: str | None,
-) -> _Scored:
-    version = _resolve_version(version) if version is not None else detect_version(dataset)
-    if na_probs is not None and version != V2:
-        raise ValueError("na_probs apply to SQuAD v2.0 only")
-    questions = list(_questions(dataset, version))
-    if not questions:
-        raise ValueError("the dataset has no questions")
-    exact, f1 = _raw_scores(questions, predictions, version)
-    if na_probs is None:
-        return _Scored(version, questions, exact, f1, exact, f1)
-    _check_na_probs(na_probs, questions, predictions)
-    return _Scored(
-        version,
-        questions,
-        exact,
-        f1,
-        _apply_no_answer_threshold(exact, questions, predictions, na_probs, na_prob_threshold),
-        _apply_no_answer_threshold(f1, questions, predictions, na_probs, na_prob_threshold),
-    )
-
-
 def _mean_percent(scores: dict[str, float], ids: list[str]) -> float:
     return 100.0 * sum(scores[qid] for qid in ids) / len(ids)
 
@@ -261,10 +230,20 @@ def score_squad(
     `dataset` is the parsed dataset file ({"version", "data"}). `na_probs` ({question id: probability
     of no answer}) and `na_prob_threshold` are the v2.0 script's `--na-prob-file` / `--na-prob-thresh`.
     """
-    scored = _score(dataset, predictions, na_probs, na_prob_threshold, version)
-    questions, exact, f1 = scored.questions, scored.exact, scored.f1
+    version = _resolve_version(version) if version is not None else detect_version(dataset)
+    if na_probs is not None and version != V2:
+        raise ValueError("na_probs apply to SQuAD v2.0 only")
+    questions = list(_questions(dataset, version))
+    if not questions:
+        raise ValueError("the dataset has no questions")
+    exact_raw, f1_raw = _raw_scores(questions, predictions, version)
+    exact, f1 = exact_raw, f1_raw
+    if na_probs is not None:
+        _check_na_probs(na_probs, questions, predictions)
+        exact = _apply_no_answer_threshold(exact_raw, questions, predictions, na_probs, na_prob_threshold)
+        f1 = _apply_no_answer_threshold(f1_raw, questions, predictions, na_probs, na_prob_threshold)
     all_ids = [question.id for question in questions]
-    if scored.version == V1:
+    if version == V1:
         return {"exact_match": _mean_percent(exact, all_ids), "f1": _mean_percent(f1, all_ids)}
 
     result: dict[str, float | int] = {
@@ -280,29 +259,12 @@ def score_squad(
             result[f"{prefix}_total"] = len(ids)
     if na_probs is not None:
         result["best_exact"], result["best_exact_thresh"] = _best_threshold(
-            scored.exact_raw, questions, predictions, na_probs
+            exact_raw, questions, predictions, na_probs
         )
         result["best_f1"], result["best_f1_thresh"] = _best_threshold(
-            scored.f1_raw, questions, predictions, na_probs
+            f1_raw, questions, predictions, na_probs
         )
     return result
-
-
-def per_question_scores(
-    dataset: Mapping[str, Any],
-    predictions: Mapping[str, str],
-    *,
-    na_probs: Mapping[str, float] | None = None,
-    na_prob_threshold: float = 1.0,
-    version: str | None = None,
-) -> dict[str, dict[str, float]]:
-    """{question id: {"exact_match", "f1"}} in [0, 1] for every question, in dataset order.
-
-    The same per-question scores `score_squad` averages (no-answer threshold applied), e.g. for
-    paired significance tests between two systems.
-    """
-    scored = _score(dataset, predictions, na_probs, na_prob_threshold, version)
-    return {q.id: {"exact_match": scored.exact[q.id], "f1": scored.f1[q.id]} for q in scored.questions}
 
 
 def _load_json(path: Path, what: str) -> Any:

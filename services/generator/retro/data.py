@@ -1,5 +1,5 @@
 """Retro's data format: the tokenizer, the prompt layout, neighbours and chunks, shared by training
-(`retro.train`), decoding (`retro.decode`) and the demo, so the model is served exactly as it was trained.
+(`retro.examples`), decoding (`retro.decode`) and the demo, so the model is served exactly as it was trained.
 
 Tokens are WordPiece ids of MiniLM's tokenizer (bert-base-uncased vocabulary, offline) unless a path to
 another Hugging Face tokenizer is given. No [CLS] is used; the tokenizer's pad id pads.

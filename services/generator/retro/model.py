@@ -20,8 +20,8 @@ Layout (RETRO, Borgeaud et al. 2022; the alignment rules are in ../shared/design
   gate mixes with the LM head's softmax; `logits` are then the mixture's log-probabilities. The pointer
   also matches the decoder state against the token before each neighbour token, so copying walks through
   a span in order. Without a copy head a small model has to carry a token's identity through CCA's values
-  to copy it, and on the demo it memorised facts instead of learning to read them; with it, copying only
-  takes knowing where to look.
+  to copy it, which it learns far more slowly than remembering facts; with it, copying only takes knowing
+  where to look.
 
 Every attention goes through `kernels.attention.attention` (flash attention on a GPU, its PyTorch
 reference elsewhere). That kernel masks keys by length only, so arbitrary key masks (padding inside the
@@ -40,9 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +50,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from kernels.attention import attention
-from services.runtime.storage import fsync_dir, fsync_tree
+from services.runtime.artifacts import write_directory
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -159,6 +156,17 @@ class RetroCache:
     # Per CCA layer (and -1 for the copy head's pointer): `ChunkedCrossAttention.project` of `encoded`, so
     # each chunk is projected once.
     cca_projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class Encoded:
+    """Encoded neighbours of chunks 0…C−1 as a CCA sublayer reads them: `states` (B, C, k, r, d_enc), their
+    `mask` (B, C, k, r), and `projected`, that sublayer's `project(states)` when already computed (a
+    decoding cache keeps them, so each chunk is projected once)."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    projected: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -272,7 +280,7 @@ class ChunkedCrossAttention(nn.Module):
     def project(self, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated keys and values of encoded neighbours (B, C, k, r, d_enc), each (B, C, H, k·r, head_dim).
 
-        A decoder with a cache projects each chunk's neighbours once and passes them as `projected`.
+        A decoder with a cache projects each chunk's neighbours once and passes them as `Encoded.projected`.
         """
         b, c, k, r, d_enc = encoded.shape
         positions = torch.arange(r, device=encoded.device).repeat(k)
@@ -280,69 +288,46 @@ class ChunkedCrossAttention(nn.Module):
         return keys.view(b, c, *keys.shape[1:]), values.view(b, c, *values.shape[1:])
 
     def _queries_keys(
-        self,
-        hidden: torch.Tensor,
-        encoded: torch.Tensor,
-        mask: torch.Tensor,
-        offset: int,
-        projected: tuple[torch.Tensor, torch.Tensor] | None,
+        self, hidden: torch.Tensor, encoded: Encoded, offset: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
         m = self.chunk_size
         b, n, d = hidden.shape
         groups, start, first, lead = self._groups(self.norm(hidden), offset)
         n_groups = groups.shape[1]
-        if first + n_groups > mask.shape[1]:
+        if first + n_groups > encoded.mask.shape[1]:
             raise ValueError(
                 f"neighbours: tokens up to position {offset + n - 1} need {first + n_groups} encoded chunks, "
-                f"got {mask.shape[1]}"
+                f"got {encoded.mask.shape[1]}"
             )
         q_pos = torch.arange(m, device=hidden.device) + (m - 1)
         q = self.attn.queries(groups.reshape(b * n_groups, m, d), q_pos)
-        if projected is None:
-            keys, values = self.project(encoded[:, first : first + n_groups])
+        if encoded.projected is None:
+            keys, values = self.project(encoded.states[:, first : first + n_groups])
         else:
-            keys, values = (t[:, first : first + n_groups] for t in projected)
+            keys, values = (t[:, first : first + n_groups] for t in encoded.projected)
         keys, values = (t.reshape(b * n_groups, *t.shape[2:]) for t in (keys, values))
-        key_mask = mask[:, first : first + n_groups].reshape(b * n_groups, -1)
+        key_mask = encoded.mask[:, first : first + n_groups].reshape(b * n_groups, -1)
         return q, keys, values, key_mask, start, first, lead
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        encoded: torch.Tensor,
-        mask: torch.Tensor,
-        offset: int = 0,
-        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """hidden (B, n, d) at absolute positions offset…offset+n−1; encoded (B, C, k, r, d_enc) and its
-        mask (B, C, k, r) for chunks 0…C−1 (`projected`: `self.project(encoded)` if already computed).
-        Returns the CCA update (B, n, d): zero for the first m−1 positions and for groups whose neighbours
-        are all masked."""
+    def forward(self, hidden: torch.Tensor, encoded: Encoded, offset: int = 0) -> torch.Tensor:
+        """hidden (B, n, d) at absolute positions offset…offset+n−1; `encoded`: the neighbours of chunks
+        0…C−1. Returns the CCA update (B, n, d): zero for the first m−1 positions and for groups whose
+        neighbours are all masked."""
         b, n, d = hidden.shape
         if offset + n < self.chunk_size:
             return torch.zeros_like(hidden)
-        q, keys, values, key_mask, start, _, lead = self._queries_keys(
-            hidden, encoded, mask, offset, projected
-        )
+        q, keys, values, key_mask, start, _, lead = self._queries_keys(hidden, encoded, offset)
         out = self.attn.attend(q, keys, values, key_mask=key_mask).view(b, -1, d)[:, lead : lead + n - start]
         return F.pad(out, (0, 0, start, 0))
 
     def probabilities(
-        self,
-        hidden: torch.Tensor,
-        encoded: torch.Tensor,
-        mask: torch.Tensor,
-        offset: int = 0,
-        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
-        bias: torch.Tensor | None = None,
+        self, hidden: torch.Tensor, encoded: Encoded, offset: int = 0, bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, int, int, int]:
         """The attention of the tokens that get CCA over their group's k·r neighbour tokens, in plain torch
         (the kernel returns no probabilities): (probs (B, G, H, m, k·r), start, first_group, lead) with the
         layout of `_groups`; a group whose neighbours are all masked has all-zero rows. `bias` (B·G, 1 or H,
         m, k·r) is added to the attention scores."""
-        q, keys, _, key_mask, start, first, lead = self._queries_keys(
-            hidden, encoded, mask, offset, projected
-        )
+        q, keys, _, key_mask, start, first, lead = self._queries_keys(hidden, encoded, offset)
         scores = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if bias is not None:
             scores = scores + bias.float()
@@ -351,22 +336,15 @@ class ChunkedCrossAttention(nn.Module):
         return probs.view(hidden.shape[0], -1, *probs.shape[1:]), start, first, lead
 
     @torch.no_grad()
-    def neighbour_weights(
-        self,
-        hidden: torch.Tensor,
-        encoded: torch.Tensor,
-        mask: torch.Tensor,
-        offset: int = 0,
-        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    def neighbour_weights(self, hidden: torch.Tensor, encoded: Encoded, offset: int = 0) -> torch.Tensor:
         """(B, C, k): softmax mass each neighbour of chunk u got from the tokens of `hidden` in group u,
         averaged over heads and those tokens."""
         b, n, _ = hidden.shape
-        c, k, r = mask.shape[1:4]
+        c, k, r = encoded.mask.shape[1:4]
         weights = hidden.new_zeros(b, c, k, dtype=torch.float32)
         if offset + n < self.chunk_size:
             return weights
-        probs, start, first, lead = self.probabilities(hidden, encoded, mask, offset, projected)
+        probs, start, first, lead = self.probabilities(hidden, encoded, offset)
         m = self.chunk_size
         per_neighbour = probs.view(*probs.shape[:4], k, r).sum(-1).mean(2)  # (B, G, m, k)
         rows = torch.arange(per_neighbour.shape[1] * m, device=hidden.device).view(-1, m)
@@ -385,10 +363,9 @@ class CopyHead(nn.Module):
 
     The pointer's scores get a "follow" term: a bilinear match between the decoder state and the embedding
     of the token *before* each neighbour token. A decoder that has just written token x then finds the
-    neighbour token that follows x, so a multi-piece name is copied piece after piece; without it the
-    pointer found the right word but often repeated or skipped a piece ("honbaipepe"). A learned prior per
-    neighbour rank is added too: neighbours arrive best first, and without it the pointer, which is blind
-    to their order, copied from the runner-up as often as from the passage that answers.
+    neighbour token that follows x, so a multi-piece name is copied piece after piece instead of finding
+    the right word and repeating or skipping a piece. A learned prior per neighbour rank is added too:
+    neighbours arrive best first, and the pointer itself is blind to their order.
 
     `pointer` is a one-head CCA used for its queries, keys and alignment; its values are never read.
     `embed` is the decoder's token embedding (shared, not copied).
@@ -421,30 +398,27 @@ class CopyHead(nn.Module):
         hidden: torch.Tensor,
         logits: torch.Tensor,
         neighbours: torch.Tensor,
-        encoded: torch.Tensor,
-        mask: torch.Tensor,
+        encoded: Encoded,
         offset: int = 0,
-        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
         select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden (B, n, d) final states; logits (B, n, V), or (P, V) for the positions `select` (B, n)
-        picks; neighbours (B, C, k, r) ids; encoded/mask/offset/projected as for CCA → log-probabilities
-        shaped like `logits`, in float32."""
+        picks; neighbours (B, C, k, r) ids; encoded/offset as for CCA (`projected` by the pointer) →
+        log-probabilities shaped like `logits`, in float32."""
         b, n, _ = hidden.shape
         m = self.pointer.chunk_size
         log_probs = logits.float().log_softmax(-1)
         if offset + n < m:
             return log_probs
         follow = self._follow(hidden, neighbours, offset)
-        probs, start, first, lead = self.pointer.probabilities(
-            hidden, encoded, mask, offset, projected, follow
-        )
+        probs, start, first, lead = self.pointer.probabilities(hidden, encoded, offset, follow)
         groups = probs.shape[1]
         rows = slice(lead, lead + n - start)  # the group rows of this call's tokens hidden[:, start:]
         attention = probs[:, :, 0].reshape(b, groups * m, -1)[:, rows]
         ids = neighbours[:, first : first + groups].reshape(b, groups, 1, -1).expand(-1, -1, m, -1)
         ids = ids.reshape(b, groups * m, -1)[:, rows].long()
-        has_neighbours = mask[:, first : first + groups].flatten(2).any(-1).repeat_interleave(m, dim=1)
+        has_neighbours = encoded.mask[:, first : first + groups].flatten(2).any(-1)
+        has_neighbours = has_neighbours.repeat_interleave(m, dim=1)
         # Every position gets a row; the first `start` get no pointer.
         attention, ids = (F.pad(t, (0, 0, start, 0)) for t in (attention, ids))
         has_neighbours = F.pad(has_neighbours[:, rows], (start, 0))
@@ -672,9 +646,10 @@ class RetroModel(nn.Module):
                     encoded, encoded_mask = self._encode(x, neighbours, mask, cache, offset)
                 if encoded is not None:
                     projected = None if cache is None else self._projected(i, layer.cca, encoded, cache)
+                    reads = Encoded(encoded, encoded_mask, projected)
                     if i == last_cca and output_neighbour_weights:
-                        weights = layer.cca.neighbour_weights(x, encoded, encoded_mask, offset, projected)
-                    x = x + layer.cca(x, encoded, encoded_mask, offset, projected)
+                        weights = layer.cca.neighbour_weights(x, reads, offset)
+                    x = x + layer.cca(x, reads, offset)
             x = x + layer.mlp(layer.mlp_norm(x))
         if cache is not None:
             cache.length = total
@@ -686,7 +661,8 @@ class RetroModel(nn.Module):
             if neighbours is None:
                 raise ValueError("neighbours: a copy-head model needs the neighbour ids of every chunk")
             projected = None if cache is None else self._projected(-1, self.copy.pointer, encoded, cache)
-            logits = self.copy(x, logits, neighbours, encoded, encoded_mask, offset, projected, select)
+            reads = Encoded(encoded, encoded_mask, projected)
+            logits = self.copy(x, logits, neighbours, reads, offset, select)
         return RetroOutput(logits=logits, neighbour_weights=weights)
 
     @staticmethod
@@ -737,16 +713,17 @@ class RetroModel(nn.Module):
             return None, None
         return cache.encoded, cache.encoded_mask
 
-    def save(self, path: Path) -> None:
-        """Writes `path`/config.json and `path`/model.safetensors; `path` is replaced as a whole."""
+    def files(self) -> dict[str, bytes]:
+        """The model folder's files: config.json and model.safetensors (what `load` reads)."""
         weights = {name: p.detach().cpu().contiguous() for name, p in self.named_parameters()}
-        write_directory(
-            Path(path),
-            {
-                CONFIG_FILE: json.dumps(self.config.to_dict(), indent=2, sort_keys=True).encode(),
-                WEIGHTS_FILE: safetensors_bytes(weights),
-            },
-        )
+        return {
+            CONFIG_FILE: json.dumps(self.config.to_dict(), indent=2, sort_keys=True).encode(),
+            WEIGHTS_FILE: safetensors_bytes(weights),
+        }
+
+    def save(self, path: Path) -> None:
+        """Writes the model folder `path` (config.json, model.safetensors), replacing it as a whole."""
+        write_directory(path, self.files())
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu") -> RetroModel:
@@ -774,28 +751,3 @@ def load_parameters(module: nn.Module, params: dict[str, nn.Parameter], weights_
                     f"expected {tuple(p.shape)}"
                 )
             p.copy_(tensors[name])
-
-
-def write_directory(path: Path, files: dict[str, bytes]) -> None:
-    """Writes `files` into a fresh directory beside `path`, then swaps it in for `path`.
-
-    Readers see the old directory or the complete new one (between the two renames `path` is briefly
-    absent; a crash there leaves the old copy as `.<name>.old`).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        tmp.chmod(0o755)
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-        fsync_tree(tmp)
-        old = path.parent / f".{path.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from services.generator.retro.model import (
     ChunkedCrossAttention,
+    Encoded,
     NeighbourEncoder,
     RetroConfig,
     RetroOutput,
@@ -40,8 +41,8 @@ from services.generator.retro.model import (
     encode_chunks,
     init_weights,
     load_parameters,
-    write_directory,
 )
+from services.runtime.artifacts import write_directory
 
 CONFIG_FILE = "retrofit.json"
 WEIGHTS_FILE = "retrofit.safetensors"
@@ -153,10 +154,10 @@ class RetrofitModel(nn.Module):
                 )
             if call.encoded is None:
                 return None
-            cca = self.cca[str(index)]
+            cca, reads = self.cca[str(index)], Encoded(call.encoded, call.encoded_mask)
             if index == last and call.output_weights:
-                call.weights = cca.neighbour_weights(hidden, call.encoded, call.encoded_mask)
-            hidden = hidden + cca(hidden, call.encoded, call.encoded_mask)
+                call.weights = cca.neighbour_weights(hidden, reads)
+            hidden = hidden + cca(hidden, reads)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return after_block

@@ -1,140 +1,48 @@
-"""Training Retro (`ragfleet train retro`): data with retrieved neighbours, the loop, checkpoints, eval.
+"""Training Retro (`ragfleet train retro`): the loop, its checkpoints and the held-out evaluation.
 
-Data. Documents are tokenised (`retro.data`), each ended by [SEP] and cut into chunks of m tokens inside
-the document (its last chunk is padded; pads are never predicted). Consecutive chunks make training
-windows of `seq_len` tokens. Every chunk is a query to the Retro database, an index of ~64-token
-passages built through the Retriever: its top hits, **excluding passages of the chunk's own document**
-as RETRO does (held-out documents always; training ones unless `exclude_own_document` is off), become
-its k neighbours (`data.neighbour_ids`: passage + continuation, r tokens). Optional
-question/answer pairs add examples laid out as served (`data.prompt_ids` + `data.answer_ids`, loss on
-the answer only) whose every chunk has the question's top hits as neighbours (no exclusion: the
-Pipeline hands the Generator the passages it retrieved for the question). Neighbours are fetched once
-and cached in `<out>/neighbours/<key>.npz`, keyed by the corpus, the QA pairs, the index versions and the
-layout, so a resumed or repeated run does not query again.
+The rows come from `retro.examples` (token windows and QA prompts with their neighbours, which
+`retro.neighbours` retrieves and caches). AdamW (weight decay on matrices only), a warmup-stable-decay
+learning rate (`lr_at`), gradient clipping. The data order is a seeded permutation per epoch, so step s
+always sees the same batch. Every `checkpoint_every` steps a step checkpoint goes to `<out>/checkpoints/`
+(`runtime.artifacts.Checkpoints`: the parameters, the optimizer's state, the run's settings and losses);
+`resume` continues from the latest one. The finished model folder is `<out>/config.json` +
+`model.safetensors` + `train.json` (settings, losses, eval), published together, so a folder with
+train.json is complete.
 
-Retrieval goes through a `Retrieval` object; `PipelineRetrieval` asks a running fleet through the SDK.
-The Pipeline's SearchBatch carries no `with_continuation`, so it runs concurrent single searches.
-
-Loop. AdamW (weight decay on matrices only), a warmup-stable-decay learning rate (`lr_at`), gradient
-clipping. The data order is a seeded permutation per epoch, so step s always sees the same batch.
-Every `checkpoint_every` steps `<out>/checkpoints/step-<6-digit step>/` gets the model (`RetroModel.save`),
-the optimizer's tensors (safetensors) and the scalars (trainer.json); nothing is pickled. `resume`
-continues from the latest one. The final model is `<out>/config.json` + `model.safetensors`, then
-`<out>/train.json` (settings, losses, eval) written last, so a folder with train.json is complete.
-
-Eval. Perplexity on held-out documents (a seeded `eval_fraction` of them), with their retrieved
-neighbours and without retrieval (neighbours=None).
+Eval: perplexity on the held-out documents, with their retrieved neighbours and without retrieval
+(neighbours=None).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
-from transformers import PreTrainedTokenizerBase
 
-from services.generator.retro.data import (
-    answer_ids,
-    chunk_tokens,
-    encode,
-    end_of_answer_id,
-    load_tokenizer,
-    neighbour_ids,
-    prompt_ids,
-)
-from services.generator.retro.model import CONFIG_FILE, WEIGHTS_FILE, RetroConfig, RetroModel, load_parameters
-from services.runtime.storage import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree
+from services.generator.retro.data import load_tokenizer
+from services.generator.retro.examples import IGNORE, Examples, build_examples
+from services.generator.retro.model import RetroConfig, RetroModel, load_parameters
+from services.generator.retro.neighbours import NEIGHBOURS_DIR, PipelineRetrieval, Retrieval, prepare_index
+from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, write_directory
 
-IGNORE = -100  # label of positions that are not predicted
 TRAIN_FILE = "train.json"
-RETRO_CHUNKING = {"chunk_tokens": 48, "overlap_tokens": 0}  # 48 words ≈ 64 WordPiece tokens
-
-
-@dataclass(frozen=True)
-class Hit:
-    """A retrieved passage as a neighbour needs it."""
-
-    doc_id: str
-    text: str
-    continuation: str
-
-
-class Retrieval(Protocol):
-    """The Retro database: `search` returns each query's hits, best first."""
-
-    @property
-    def fingerprint(self) -> str:
-        """Changes whenever the database's content does (e.g. index versions)."""
-        ...
-
-    def search(self, queries: Sequence[str], top_k: int) -> list[list[Hit]]: ...
-
-
-class PipelineRetrieval:
-    """Searches `index` through a running Pipeline (`ragfleet.Client`), with continuations."""
-
-    def __init__(
-        self, client: Any, index: str, retrievers: Sequence[str] | None = ("dense",), workers: int = 4
-    ):
-        self.client, self.index, self.workers = client, index, workers
-        self.retrievers = list(retrievers) if retrievers else None
-
-    @property
-    def fingerprint(self) -> str:
-        described = self.client.describe_index(self.index)
-        versions = sorted(
-            f"{r.version.retriever}@{r.version.version}"
-            for r in described.retrievers
-            if self.retrievers is None or r.version.retriever in self.retrievers
-        )
-        return f"{self.index}:{','.join(versions)}:{','.join(self.retrievers or ['all'])}"
-
-    def _one(self, query: str, top_k: int) -> list[Hit]:
-        found = self.client.search(
-            query, index=self.index, top_k=top_k, retrievers=self.retrievers, with_continuation=True
-        )
-        return [Hit(r.passage.doc_id, r.passage.text, r.continuation.text) for r in found.results]
-
-    def search(self, queries: Sequence[str], top_k: int) -> list[list[Hit]]:
-        with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(lambda q: self._one(q, top_k), queries))
-
-
-def prepare_index(client: Any, index: str, documents: Sequence[dict], retrievers: Sequence[str]) -> bool:
-    """Ingests `documents` into `index` as Retro's ~64-token passages unless the index exists.
-
-    Returns whether it ingested.
-    """
-    import ragfleet
-
-    try:
-        client.describe_index(index)
-        return False
-    except ragfleet.errors.NotFound:
-        pass
-    client.ingest(documents, index=index, spec={"chunking": RETRO_CHUNKING, "retrievers": list(retrievers)})
-    return True
 
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """A run's recipe; `ragfleet train retro --config FIELD=VALUE` sets any field (and RetroConfig's)."""
+
     steps: int = 2000
     batch_size: int = 16
     seq_len: int = 512
@@ -198,212 +106,6 @@ class TrainProgress:
 ProgressFn = Callable[[TrainProgress], None]
 
 
-# --- data -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Examples:
-    """Fixed-length examples: tokens and labels (N, seq_len), neighbours (N, seq_len / m, k, r)."""
-
-    tokens: np.ndarray
-    labels: np.ndarray
-    neighbours: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            torch.from_numpy(self.tokens[rows]).long(),
-            torch.from_numpy(self.labels[rows]).long(),
-            torch.from_numpy(self.neighbours[rows]).long(),
-        )
-
-    @staticmethod
-    def concat(parts: Sequence[Examples], seq_len: int, k: int, r: int) -> Examples:
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            empty = np.zeros((0, seq_len), np.int32)
-            return Examples(empty, empty.copy(), np.zeros((0, 0, k, r), np.int32))
-        return Examples(
-            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Examples))
-        )
-
-
-@dataclass
-class _Chunk:
-    doc_id: str
-    ids: list[int]  # exactly m tokens, pads at the end of a document's last chunk
-    labels: list[int]
-
-
-def _document_chunks(tokenizer: PreTrainedTokenizerBase, doc: dict, m: int) -> list[_Chunk]:
-    ids = encode(tokenizer, doc["text"]) + [end_of_answer_id(tokenizer)]
-    pad = tokenizer.pad_token_id
-    return [
-        _Chunk(doc["id"], piece + [pad] * (m - len(piece)), piece + [IGNORE] * (m - len(piece)))
-        for piece in chunk_tokens(ids, m)
-    ]
-
-
-def _neighbour_block(tokenizer: PreTrainedTokenizerBase, hits: Sequence[Hit], k: int, r: int) -> np.ndarray:
-    """(k, r) neighbour ids from the first k hits; missing ones are all pad (masked by the model)."""
-    block = np.full((k, r), tokenizer.pad_token_id, np.int32)
-    for i, hit in enumerate(hits[:k]):
-        block[i] = neighbour_ids(tokenizer, hit.text, hit.continuation, r)
-    return block
-
-
-def _split_documents(documents: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held out): a seeded `fraction` of the documents (at least one when fraction > 0)."""
-    if fraction == 0 or len(documents) < 2:
-        return list(documents), []
-    order = np.random.default_rng(seed).permutation(len(documents))
-    held = set(order[: max(1, round(fraction * len(documents)))].tolist())
-    return (
-        [d for i, d in enumerate(documents) if i not in held],
-        [d for i, d in enumerate(documents) if i in held],
-    )
-
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-class _NeighbourCache:
-    """Neighbour blocks of every chunk and question, fetched once per key and kept in an npz file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> tuple[np.ndarray, np.ndarray] | None:
-        if not self.path.exists():
-            return None
-        with np.load(self.path, allow_pickle=False) as data:
-            return data["chunks"], data["questions"]
-
-    def save(self, chunks: np.ndarray, questions: np.ndarray) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, chunks=chunks, questions=questions)
-        atomic_write_bytes(self.path, buffer.getvalue())
-
-
-def build_examples(
-    tokenizer: PreTrainedTokenizerBase,
-    retrieval: Retrieval,
-    documents: Sequence[dict],
-    qa: Sequence[tuple[str, str]],
-    config: RetroConfig,
-    settings: TrainSettings,
-    cache_dir: Path,
-    progress: ProgressFn | None = None,
-) -> tuple[Examples, Examples, dict[str, Any]]:
-    """(train examples, held-out LM examples, data summary); neighbours come from `retrieval` or the cache."""
-    m, k, r, n = config.chunk_size, config.num_neighbours, config.neighbour_len, settings.seq_len
-    train_docs, eval_docs = _split_documents(documents, settings.eval_fraction, settings.seed)
-    splits = [
-        [c for d in docs for c in _document_chunks(tokenizer, d, m)] for docs in (train_docs, eval_docs)
-    ]
-    chunks = splits[0] + splits[1]
-    prompts, skipped = [], 0
-    for question, answer in qa:
-        ids = prompt_ids(tokenizer, question, m)
-        target = answer_ids(tokenizer, answer)
-        if len(ids) + len(target) > n:
-            skipped += 1
-            continue
-        prompts.append((question, ids, target))
-
-    key = _sha(
-        {
-            "retrieval": retrieval.fingerprint,
-            "tokenizer": tokenizer.name_or_path,
-            "layout": [m, k, r, settings.extra_hits, settings.exclude_own_document],
-            "chunks": _sha([(c.doc_id, c.ids) for c in chunks]),
-            "questions": _sha([q for q, _, _ in prompts]),
-        }
-    )
-    cache = _NeighbourCache(cache_dir / f"{key[:24]}.npz")
-    cached = cache.load()
-    if cached is None:
-        excluded = [c.doc_id if settings.exclude_own_document else None for c in splits[0]]
-        chunk_blocks = _search_blocks(
-            tokenizer,
-            retrieval,
-            [tokenizer.decode(c.ids, skip_special_tokens=True) for c in chunks],
-            excluded + [c.doc_id for c in splits[1]],
-            k + settings.extra_hits,
-            k,
-            r,
-            progress,
-        )
-        question_blocks = _search_blocks(
-            tokenizer, retrieval, [q for q, _, _ in prompts], [None] * len(prompts), k, k, r, progress
-        )
-        cache.save(chunk_blocks, question_blocks)
-    else:
-        chunk_blocks, question_blocks = cached
-
-    per_window = n // m
-    pad = tokenizer.pad_token_id
-    lm = []
-    offset = 0
-    for split in splits:
-        windows = len(split) // per_window
-        rows = range(offset, offset + windows * per_window)
-        tokens = np.array([chunks[i].ids for i in rows], np.int32).reshape(windows, n)
-        labels = np.array([chunks[i].labels for i in rows], np.int32).reshape(windows, n)
-        neighbours = chunk_blocks[offset : offset + windows * per_window].reshape(windows, per_window, k, r)
-        lm.append(Examples(tokens, labels, neighbours))
-        offset += len(split)
-
-    qa_tokens = np.full((len(prompts), n), pad, np.int32)
-    qa_labels = np.full((len(prompts), n), IGNORE, np.int32)
-    for row, (_, ids, target) in enumerate(prompts):
-        qa_tokens[row, : len(ids) + len(target)] = ids + target
-        qa_labels[row, len(ids) : len(ids) + len(target)] = target
-    qa_neighbours = np.repeat(question_blocks[:, None], per_window, axis=1)
-
-    train = Examples.concat([lm[0], Examples(qa_tokens, qa_labels, qa_neighbours)], n, k, r)
-    if len(train) == 0:
-        raise ValueError(f"seq_len: the corpus has no window of {n} tokens and there are no QA examples")
-    summary = {
-        "documents": len(train_docs),
-        "held_out_documents": len(eval_docs),
-        "lm_windows": len(lm[0]),
-        "eval_windows": len(lm[1]),
-        "qa_examples": len(prompts),
-        "qa_skipped_too_long": skipped,
-        "neighbour_cache": cache.path.name,
-        "neighbours_cached": cached is not None,
-    }
-    return train, lm[1], summary
-
-
-def _search_blocks(
-    tokenizer: PreTrainedTokenizerBase,
-    retrieval: Retrieval,
-    queries: list[str],
-    exclude_docs: list[str | None],
-    top_k: int,
-    k: int,
-    r: int,
-    progress: ProgressFn | None,
-    batch: int = 64,
-) -> np.ndarray:
-    """(len(queries), k, r) neighbour blocks; a blank query (a chunk of only [SEP] and pads) gets none."""
-    blocks = np.full((len(queries), k, r), tokenizer.pad_token_id, np.int32)
-    asked = [i for i, q in enumerate(queries) if q.strip()]
-    for start in range(0, len(asked), batch):
-        rows = asked[start : start + batch]
-        for i, hits in zip(rows, retrieval.search([queries[i] for i in rows], top_k), strict=True):
-            kept = [h for h in hits if h.doc_id != exclude_docs[i]]
-            blocks[i] = _neighbour_block(tokenizer, kept, k, r)
-        if progress:
-            progress(TrainProgress("retrieving", start + len(rows), len(asked)))
-    return blocks
-
-
 # --- the loop -------------------------------------------------------------------------------------
 
 
@@ -464,78 +166,10 @@ def _optimizer(model: RetroModel, s: TrainSettings) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95))
 
 
-def _step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:06d}"
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint under `<out>/checkpoints` (temp folders start with a dot)."""
-    root = out / "checkpoints"
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir()) if root.exists() else []
-    return steps[-1] if steps else None
-
-
-def _save_checkpoint(
-    out: Path, model: RetroModel, optimizer: torch.optim.AdamW, step: int, state: dict[str, Any], keep: int
-) -> None:
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = _step_dir(root, step)
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp / "model")
-    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, values in optimizer.state_dict()["state"].items():
-        for name, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value.contiguous()
-            else:
-                scalars.setdefault(str(index), {})[name] = value
-    (tmp / "optimizer.safetensors").write_bytes(safetensors_bytes(tensors))
-    groups = optimizer.state_dict()["param_groups"]
-    (tmp / "trainer.json").write_text(
-        json.dumps(
-            {**state, "step": step, "param_groups": groups, "optimizer_scalars": scalars}, sort_keys=True
-        )
-    )
-    fsync_tree(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(path: Path, model: RetroModel, optimizer: torch.optim.AdamW) -> dict[str, Any]:
-    """Restores the model, the optimizer and torch's RNG from `path`; returns the trainer state."""
-    state = json.loads((path / "trainer.json").read_text())
-    load_parameters(model, dict(model.named_parameters()), path / "model" / WEIGHTS_FILE)
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    per_param: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            per_param.setdefault(int(index), {})[name] = value
-    for index, values in state.pop("optimizer_scalars").items():
-        per_param.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
-    torch.set_rng_state(tensors["rng.torch"])
-    return state
-
-
 def _save_final(out: Path, model: RetroModel, record: dict[str, Any]) -> None:
-    """Replaces `<out>`'s model files, then writes train.json last (its presence marks a complete model)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / TRAIN_FILE).unlink(missing_ok=True)
-    staged = out / ".final.tmp"
-    shutil.rmtree(staged, ignore_errors=True)
-    model.save(staged)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        os.replace(staged / name, out / name)
-    shutil.rmtree(staged, ignore_errors=True)
-    fsync_dir(out)
-    atomic_write_json(out / TRAIN_FILE, record)
+    """Publishes `<out>` as the model folder with train.json, keeping the run's checkpoints and neighbours."""
+    record_bytes = json.dumps(record, indent=2, sort_keys=True).encode()
+    write_directory(out, {**model.files(), TRAIN_FILE: record_bytes}, carry=(CHECKPOINTS_DIR, NEIGHBOURS_DIR))
 
 
 def train_retro(
@@ -565,15 +199,31 @@ def train_retro(
     settings.check(config)
     if not documents and not qa:
         raise ValueError("documents: nothing to train on")
-    latest = latest_checkpoint(out)
+    checkpoints = Checkpoints(out / CHECKPOINTS_DIR, keep=settings.keep_checkpoints)
+    latest = checkpoints.latest()
     if latest is not None and not resume:
         raise ValueError(
-            f"resume: {out} holds checkpoints ({latest.name}); pass resume or choose another out"
+            f"resume: {out} holds checkpoints ({latest.path.name}); pass resume or choose another out"
         )
     started = time.perf_counter()
 
+    def retrieving(done: int, total: int) -> None:
+        if progress:
+            progress(TrainProgress("retrieving", done, total))
+
     train, held_out, data = build_examples(
-        tok, retrieval, documents, qa, config, settings, out / "neighbours", progress
+        tok,
+        retrieval,
+        documents,
+        qa,
+        config,
+        seq_len=settings.seq_len,
+        eval_fraction=settings.eval_fraction,
+        seed=settings.seed,
+        extra_hits=settings.extra_hits,
+        exclude_own_document=settings.exclude_own_document,
+        cache_dir=out / NEIGHBOURS_DIR,
+        progress=retrieving,
     )
     run_state = {
         "config": config.to_dict(),
@@ -587,12 +237,15 @@ def train_retro(
     losses: list[float] = []
     step = 0
     if latest is not None:
-        saved = json.loads((latest / "trainer.json").read_text())
+        saved = latest.state()
         for name in ("config", "settings", "tokenizer", "data"):
             if saved[name] != run_state[name]:
-                raise ValueError(f"resume: {latest} was made with a different {name}; train into another out")
-        saved = _load_checkpoint(latest, model, optimizer)
-        step, losses = saved["step"], saved["losses"]
+                raise ValueError(
+                    f"resume: {latest.path} was made with a different {name}; train into another out"
+                )
+        load_parameters(model, dict(model.named_parameters()), latest.weights_file)
+        latest.restore(optimizer)
+        step, losses = latest.step, saved["losses"]
 
     order = _Order(len(train), settings.seed)
     model.train()
@@ -608,9 +261,7 @@ def train_retro(
         step += 1
         losses.append(round(loss.item(), 5))
         if step % settings.checkpoint_every == 0 or step == settings.steps:
-            _save_checkpoint(
-                out, model, optimizer, step, {**run_state, "losses": losses}, settings.keep_checkpoints
-            )
+            checkpoints.save(step, dict(model.named_parameters()), optimizer, {**run_state, "losses": losses})
         if progress:
             progress(TrainProgress("training", step, settings.steps, losses[-1]))
     train_seconds = time.perf_counter() - started
@@ -637,21 +288,6 @@ def train_retro(
     return record
 
 
-def config_from_overrides(tokenizer: PreTrainedTokenizerBase, overrides: Sequence[str]) -> RetroConfig:
-    """RetroConfig's defaults for `tokenizer`, changed by "field=value" strings (values parsed as JSON,
-    else kept as text). Raises ValueError naming `config` or the field."""
-    values: dict[str, Any] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
-    for item in overrides:
-        name, sep, raw = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"config: expected FIELD=VALUE, got {item!r}")
-        try:
-            values[name.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[name.strip()] = raw
-    return RetroConfig.from_dict(values)
-
-
 def train_from_fleet(
     client: Any,
     *,
@@ -660,7 +296,7 @@ def train_from_fleet(
     out: Path,
     qa: str | os.PathLike[str] | None = None,
     retrievers: Sequence[str] = ("dense",),
-    config_overrides: Sequence[str] = (),
+    config_overrides: Mapping[str, Any] | None = None,
     settings: TrainSettings = TrainSettings(),
     tokenizer: str = "all-MiniLM-L6-v2",
     resume: bool = False,
@@ -669,7 +305,8 @@ def train_from_fleet(
     """What `ragfleet train retro` runs: reads the corpus (JSONL or BEIR folder) and the optional QA set
     (anything `services.evaluator.datasets.load_dataset` reads; each question with its first answer),
     ingests the corpus into `index` as ~64-token passages unless the index exists, then `train_retro`
-    with neighbours from the running fleet."""
+    with neighbours from the running fleet. `config_overrides` change RetroConfig's defaults for the
+    tokenizer."""
     from ragfleet._common import iter_documents
     from services.evaluator.datasets import load_dataset
 
@@ -680,7 +317,10 @@ def train_from_fleet(
         pairs = [
             (q, dataset.answers[qid][0]) for qid, q in dataset.queries.items() if dataset.answers.get(qid)
         ]
-    config = config_from_overrides(load_tokenizer(tokenizer), config_overrides)
+    tok = load_tokenizer(tokenizer)
+    config = RetroConfig.from_dict(
+        {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, **(config_overrides or {})}
+    )
     if progress:
         progress(TrainProgress("ingesting", 0, 1))
     prepare_index(client, index, documents, retrievers)

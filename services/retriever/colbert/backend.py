@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import grpc
 import numpy as np
 
 from services.retriever.backend import Backend, Hits, SearchOptions, passage_text
@@ -41,7 +40,8 @@ from services.retriever.colbert.codec import NBITS
 from services.retriever.colbert.encoder import ColbertEncoder
 from services.retriever.colbert.plaid import PlaidIndex, SearchParams
 from services.retriever.passages import Passage
-from services.runtime.errors import ServiceError, invalid_argument
+from services.runtime.errors import failed_precondition, invalid_argument
+from services.runtime.model_errors import ArtifactError, ParamError
 from services.runtime.settings import Settings
 
 MIN_DOC_MAXLEN = 8
@@ -54,8 +54,8 @@ _encoders_lock = threading.Lock()
 def load_encoder(model: str, doc_maxlen: int, device: str) -> ColbertEncoder:
     """The encoder for `model` with `doc_maxlen`, loaded once per process.
 
-    A checkpoint that is missing or broken is FAILED_PRECONDITION (the encoder says so); a doc_maxlen
-    beyond the model's positions is INVALID_ARGUMENT naming `spec.doc_maxlen`.
+    A checkpoint that is missing or broken is FAILED_PRECONDITION; a doc_maxlen beyond the model's
+    positions is INVALID_ARGUMENT naming `spec.doc_maxlen`.
     """
     key = (model, doc_maxlen, device)
     with _encoders_lock:
@@ -63,10 +63,10 @@ def load_encoder(model: str, doc_maxlen: int, device: str) -> ColbertEncoder:
         if encoder is None:
             try:
                 encoder = ColbertEncoder.load(model, device=device, doc_maxlen=doc_maxlen)
-            except ServiceError as err:
-                if err.code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise invalid_argument("spec.doc_maxlen", err.message.partition(": ")[2]) from err
-                raise
+            except ParamError as err:  # doc_maxlen is the only argument that comes from the request
+                raise invalid_argument(f"spec.{err.field}", err.problem) from err
+            except ArtifactError as err:
+                raise failed_precondition(str(err)) from err
             _encoders[key] = encoder
         return encoder
 
@@ -81,7 +81,10 @@ class ColbertBackend(Backend):
         if version_dir is None:
             self.index = PlaidIndex.empty(self.encoder.dim, spec["nbits"])
         else:
-            self.index = PlaidIndex.load(version_dir)
+            try:
+                self.index = PlaidIndex.load(version_dir)
+            except ArtifactError as err:
+                raise failed_precondition(str(err)) from err
 
     @classmethod
     def resolve_spec(cls, spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -108,13 +111,8 @@ class ColbertBackend(Backend):
     ) -> ColbertBackend:
         return cls(spec, settings, version_dir)
 
-    @property
-    def model_id(self) -> str:
-        return self.encoder.model_id
-
-    @property
-    def dimension(self) -> int:
-        return self.encoder.dim
+    model_id = property(lambda self: self.encoder.model_id)
+    dimension = property(lambda self: self.encoder.dim)
 
     def add(self, rows: Sequence[tuple[int, Passage]]) -> None:
         if rows:
@@ -124,8 +122,7 @@ class ColbertBackend(Backend):
             self.index.add(np.asarray([r for r, _ in rows], dtype=np.int64), embeddings)
 
     def remove(self, rowids: Sequence[int]) -> None:
-        if rowids:
-            self.index.remove(np.asarray(list(rowids), dtype=np.int64))
+        self.index.remove(list(rowids))
 
     def search(
         self,

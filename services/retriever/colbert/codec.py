@@ -20,6 +20,8 @@ from functools import cached_property
 
 import numpy as np
 
+from services.runtime.model_errors import ParamError
+
 NBITS = (1, 2, 4)
 KMEANS_NITER = 4  # ColBERTv2's default; k-means here only has to spread centroids over the space
 # k-means trains on at most this many sampled embeddings per centroid (faiss asks for 39 to be quiet; on a
@@ -35,7 +37,7 @@ def num_centroids(num_embeddings: int) -> int:
     """PLAID's 2^floor(log2(16·sqrt(#embeddings))), capped at the largest power of two <= #embeddings so
     that k-means has at least one point per centroid on a tiny first batch."""
     if num_embeddings < 1:
-        raise ValueError("num_embeddings: must be positive")
+        raise ParamError("num_embeddings", "must be positive")
     plaid = 2 ** int(np.floor(np.log2(16 * np.sqrt(num_embeddings))))
     return min(plaid, 2 ** int(np.floor(np.log2(num_embeddings))))
 
@@ -74,10 +76,10 @@ class ResidualCodec:
         import faiss
 
         if nbits not in NBITS:
-            raise ValueError(f"nbits: must be one of {NBITS}")
+            raise ParamError("nbits", f"must be one of {NBITS}")
         n, dim = embeddings.shape
         if dim * nbits % 8:
-            raise ValueError("dim: dim·nbits must be a multiple of 8")
+            raise ParamError("dim", "dim·nbits must be a multiple of 8")
         rng = np.random.default_rng(seed)
         n_heldout = min(HELDOUT_MAX, int(n * HELDOUT_FRACTION))
         k = min(num_centroids(n), num_centroids(n - n_heldout))

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import string
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -41,17 +39,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from services.runtime.errors import ServiceError, failed_precondition, invalid_argument
+from services.runtime.artifacts import CHECKPOINTS_DIR, publish_dir
+from services.runtime.model_errors import ArtifactError, ParamError
 from services.runtime.models import MINILM_ID, MINILM_NAMES, resolve_model
-from services.runtime.storage import fsync_dir, fsync_tree
 
 SAFETENSORS_FILE = "model.safetensors"
 PYTORCH_FILE = "pytorch_model.bin"
 METADATA_FILE = "artifact.metadata"
 LINEAR_KEY = "linear.weight"
 BERT_PREFIX = "bert."
-# Training state that `ragfleet train colbert` keeps inside its output folder; `save` carries it over.
-TRAINING_STATE_DIR = "checkpoints"
 UNTRAINED_PROJECTION_SEED = 0
 QUERY_BATCH_SIZE = 64
 
@@ -107,7 +103,7 @@ class ColbertEncoder:
         self.metadata = dict(metadata or {})
         hidden = bert.config.hidden_size
         if projection.shape != (settings.dim, hidden):
-            raise failed_precondition(
+            raise ArtifactError(
                 f"colbert model {model_id!r}: {LINEAR_KEY} has shape {tuple(projection.shape)}, "
                 f"expected (dim {settings.dim}, hidden {hidden})"
             )
@@ -116,10 +112,10 @@ class ColbertEncoder:
         vocab = tokenizer.get_vocab()
         for token in ("cls_token", "sep_token", "pad_token", "mask_token"):
             if getattr(tokenizer, token, None) not in vocab:
-                raise failed_precondition(f"colbert model {model_id!r}: the tokenizer has no {token}")
+                raise ArtifactError(f"colbert model {model_id!r}: the tokenizer has no {token}")
         for token in (settings.query_token_id, settings.doc_token_id):
             if token not in vocab:
-                raise failed_precondition(f"colbert model {model_id!r}: marker {token!r} is not in the vocab")
+                raise ArtifactError(f"colbert model {model_id!r}: marker {token!r} is not in the vocab")
         self._query_marker = vocab[settings.query_token_id]
         self._doc_marker = vocab[settings.doc_token_id]
         punctuation = tokenizer(list(string.punctuation), add_special_tokens=False)["input_ids"]
@@ -148,8 +144,8 @@ class ColbertEncoder:
     def load(cls, name_or_path: str, *, device: str = "cpu", doc_maxlen: int | None = None) -> ColbertEncoder:
         """A ColBERT checkpoint (folder or hub id), or "all-MiniLM-L6-v2" with an untrained projection.
 
-        Raises FAILED_PRECONDITION when the checkpoint is missing or broken, INVALID_ARGUMENT for a
-        `doc_maxlen` the model cannot take.
+        Raises ArtifactError when the checkpoint is missing or broken, ParamError for a `doc_maxlen` the
+        model cannot take.
         """
         from transformers import AutoModel, AutoTokenizer
 
@@ -168,18 +164,18 @@ class ColbertEncoder:
                 if minilm
                 else _read_linear(folder)
             )
-        except ServiceError:
+        except ArtifactError:
             raise
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, ValidationError) as err:
-            raise failed_precondition(f"colbert model {name_or_path!r} does not load: {err}") from err
+            raise ArtifactError(f"colbert model {name_or_path!r} does not load: {err}") from err
         broken = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
         if broken:
-            raise failed_precondition(
+            raise ArtifactError(
                 f"colbert model {name_or_path!r}: weights missing or of the wrong shape: {broken[:5]}"
             )
         if projection.shape[0] != settings.dim:
             if "dim" in metadata:
-                raise failed_precondition(
+                raise ArtifactError(
                     f"colbert model {name_or_path!r}: {METADATA_FILE} says dim {settings.dim}, "
                     f"{LINEAR_KEY} has {projection.shape[0]} rows"
                 )
@@ -187,26 +183,21 @@ class ColbertEncoder:
         limit = int(bert.config.max_position_embeddings)
         if doc_maxlen is not None:
             if not 3 <= doc_maxlen <= limit:
-                raise invalid_argument(
-                    "doc_maxlen", f"must be in [3, {limit}] for this model, got {doc_maxlen}"
-                )
+                raise ParamError("doc_maxlen", f"must be in [3, {limit}] for this model, got {doc_maxlen}")
             settings = settings.model_copy(update={"doc_maxlen": doc_maxlen})
         if max(settings.query_maxlen, settings.doc_maxlen) > limit:
-            raise failed_precondition(
+            raise ArtifactError(
                 f"colbert model {name_or_path!r}: {METADATA_FILE} asks for more than the model's {limit} "
                 "positions (query_maxlen / doc_maxlen)"
             )
         return cls(bert, tokenizer, projection, settings, model_id=model_id, device=device, metadata=metadata)
 
     def save(self, path: Path | str) -> None:
-        """Writes a checkpoint in the layout `load` reads, atomically: into a temporary sibling folder
-        that is then renamed to `path`. A folder already at `path` is replaced as a whole, except for its
-        `checkpoints/` (training state), which moves into the new folder."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
+        """Writes a checkpoint in the layout `load` reads, published whole (`artifacts.publish_dir`): a
+        folder already at `path` is replaced, except for its `checkpoints/` (the training state of
+        `ragfleet train colbert`), which moves into the new folder."""
+
+        def build(tmp: Path) -> None:
             config = self.bert.config.to_dict()
             config["architectures"] = ["HF_ColBERT"]
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -218,21 +209,8 @@ class ColbertEncoder:
             save_file(tensors, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
             metadata = {**self.metadata, **self.settings.model_dump()}
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-            fsync_tree(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if not path.exists():
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-            return
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        if (old / TRAINING_STATE_DIR).exists():
-            os.replace(old / TRAINING_STATE_DIR, path / TRAINING_STATE_DIR)
-        fsync_dir(path.parent)
-        shutil.rmtree(old)
+
+        publish_dir(path, build, carry=(CHECKPOINTS_DIR,))
 
     # --- encoding ---------------------------------------------------------------------------------
 
@@ -326,14 +304,14 @@ def _checkpoint_folder(name_or_path: str) -> Path:
     if path.is_dir():
         return path
     if path.exists() or name_or_path.startswith((".", "/", "~")):
-        raise failed_precondition(f"colbert model {name_or_path!r}: no such checkpoint folder")
+        raise ArtifactError(f"colbert model {name_or_path!r}: no such checkpoint folder")
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         return Path(snapshot_download(name_or_path, local_files_only=offline))
     except Exception as err:  # huggingface_hub raises many kinds: not cached, offline, bad repo id
-        raise failed_precondition(
+        raise ArtifactError(
             f"colbert model {name_or_path!r}: not a local folder and not available from the hub "
             f"({type(err).__name__}: {err})"
         ) from err
@@ -360,5 +338,5 @@ def _read_linear(folder: Path) -> torch.Tensor:
         if LINEAR_KEY in state:
             return state[LINEAR_KEY].float()
     else:
-        raise failed_precondition(f"{folder}: neither {SAFETENSORS_FILE} nor {PYTORCH_FILE}")
-    raise failed_precondition(f"{folder}: no {LINEAR_KEY} in the weights, so not a ColBERT checkpoint")
+        raise ArtifactError(f"{folder}: neither {SAFETENSORS_FILE} nor {PYTORCH_FILE}")
+    raise ArtifactError(f"{folder}: no {LINEAR_KEY} in the weights, so not a ColBERT checkpoint")

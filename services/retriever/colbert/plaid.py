@@ -42,6 +42,8 @@ and all of them are candidates, so a selective filter cannot starve the result.
 
 Searches read inverted lists and codes of candidates only; nothing loads a whole segment. In memory per
 passage stay its live flag and its first token's offset.
+
+Bad arguments raise `ParamError` naming the argument; a folder without a readable index, `ArtifactError`.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ import torch
 
 from kernels.maxsim import maxsim
 from services.retriever.colbert.codec import NBITS, ResidualCodec
-from services.runtime.errors import failed_precondition, invalid_argument
+from services.runtime.model_errors import ArtifactError, ParamError
 from services.runtime.storage import atomic_write_json, fsync_dir
 
 FORMAT = 1
@@ -85,16 +87,16 @@ class SearchParams:
 
     def __post_init__(self) -> None:
         if self.ncells < 1:
-            raise invalid_argument("params.ncells", "must be at least 1")
+            raise ParamError("ncells", "must be at least 1")
         if self.ndocs < 1:
-            raise invalid_argument("params.ndocs", "must be at least 1")
+            raise ParamError("ndocs", "must be at least 1")
 
     @classmethod
     def for_k(cls, k: int) -> SearchParams:
         """PLAID's defaults for a top-k search, with 4x its ndocs: on the 50k-passage bench the wider pool
         took the top-10 overlap with exhaustive search from 0.91 to 1.0 for 15 ms more per query."""
         if k < 1:
-            raise invalid_argument("k", "must be at least 1")
+            raise ParamError("k", "must be at least 1")
         if k <= 10:
             return cls(1, 0.5, 1024)
         if k <= 100:
@@ -273,9 +275,9 @@ class PlaidIndex:
     @classmethod
     def empty(cls, dim: int, nbits: int) -> PlaidIndex:
         if nbits not in NBITS:
-            raise invalid_argument("nbits", f"must be one of {NBITS}, got {nbits}")
+            raise ParamError("nbits", f"must be one of {NBITS}, got {nbits}")
         if dim < 1 or dim * nbits % 8:
-            raise invalid_argument("dim", f"must be positive with dim·nbits a multiple of 8, got {dim}")
+            raise ParamError("dim", f"must be positive with dim·nbits a multiple of 8, got {dim}")
         return cls(dim, nbits, None, -1, None, [], 0)
 
     @classmethod
@@ -285,9 +287,9 @@ class PlaidIndex:
         try:
             meta = json.loads((directory / META_FILE).read_text("utf-8"))
         except FileNotFoundError as exc:
-            raise failed_precondition(f"{directory} holds no PLAID index ({META_FILE} is missing)") from exc
+            raise ArtifactError(f"{directory} holds no PLAID index ({META_FILE} is missing)") from exc
         if meta.get("format") != FORMAT:
-            raise failed_precondition(f"{directory / META_FILE}: unknown format {meta.get('format')!r}")
+            raise ArtifactError(f"{directory / META_FILE}: unknown format {meta.get('format')!r}")
         codec = None
         if meta["codec"] is not None:  # small, and read whole by every search: not memory-mapped
             prefix = _codec_prefix(meta["codec"])
@@ -308,7 +310,7 @@ class PlaidIndex:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if any(directory.iterdir()):
-            raise failed_precondition(f"{directory}: a PLAID index is saved into an empty folder")
+            raise FileExistsError(f"{directory}: a PLAID index is saved into an empty folder")
         if self._codec is not None:
             codec_arrays = {name: getattr(self._codec, name) for name in CODEC_ARRAYS}
             _store(codec_arrays, _codec_prefix(self._codec_id), self._codec_source, directory)
@@ -369,24 +371,22 @@ class PlaidIndex:
         The first add to an untrained index trains the centroids and codec on its embeddings."""
         ids = np.asarray(rowids, dtype=np.int64).reshape(-1)
         if len(ids) != len(embeddings):
-            raise invalid_argument("embeddings", f"{len(embeddings)} matrices for {len(ids)} rowids")
+            raise ParamError("embeddings", f"{len(embeddings)} matrices for {len(ids)} rowids")
         if not len(ids):
             return
         for i, matrix in enumerate(embeddings):
             shape = getattr(matrix, "shape", ())
             if len(shape) != 2 or shape[1] != self.dim or shape[0] < 1:
-                raise invalid_argument(
-                    f"embeddings[{i}]", f"expected shape (tokens >= 1, {self.dim}), got {shape}"
-                )
+                raise ParamError(f"embeddings[{i}]", f"expected shape (tokens >= 1, {self.dim}), got {shape}")
             if not np.issubdtype(matrix.dtype, np.floating) or not np.isfinite(matrix).all():
-                raise invalid_argument(f"embeddings[{i}]", "expected finite floats")
+                raise ParamError(f"embeddings[{i}]", "expected finite floats")
         if len(np.unique(ids)) != len(ids):
-            raise invalid_argument("rowids", "contain duplicates")
+            raise ParamError("rowids", "contain duplicates")
         for segment in self._segments:
             held = segment.arrays["rowids"][segment.live]
             clash = held[np.isin(held, ids)]
             if len(clash):
-                raise invalid_argument("rowids", f"{int(clash[0])} is already in the index")
+                raise ParamError("rowids", f"{int(clash[0])} is already in the index")
         vectors = np.concatenate([np.asarray(m, np.float16) for m in embeddings])
         doclens = np.array([len(m) for m in embeddings], np.int32)
         if self._codec is None:
@@ -500,9 +500,9 @@ class PlaidIndex:
 
     def _check_query(self, q: torch.Tensor, k: int) -> np.ndarray:
         if not isinstance(q, torch.Tensor) or q.dim() != 2 or q.shape[1] != self.dim or q.shape[0] < 1:
-            raise invalid_argument("q", f"expected a tensor of shape (tokens >= 1, {self.dim})")
+            raise ParamError("q", f"expected a tensor of shape (tokens >= 1, {self.dim})")
         if k < 1:
-            raise invalid_argument("k", "must be at least 1")
+            raise ParamError("k", "must be at least 1")
         return q.detach().float().cpu().numpy()
 
     def _maxsim(self, q: torch.Tensor, d: torch.Tensor, lengths: np.ndarray) -> np.ndarray:

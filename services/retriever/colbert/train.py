@@ -25,13 +25,13 @@ ColBERTv2): KL(softmax(teacher / T) || softmax(s)) + ce_weight * (-log of the so
 positives). AdamW on the projection; batches follow a fixed per-epoch permutation of the examples drawn
 from (seed, epoch), so a run is deterministic.
 
-Checkpoints go to `out/checkpoints/step-NNNNNNNN/` (projection and AdamW state as safetensors, step and
-run settings as JSON) every `checkpoint_every` steps and at the end; `resume=True` continues from the
-last one and ends with the same weights as an uninterrupted run. The precomputed inputs (teacher scores,
-transformer outputs; ~0.8 GB for SciFact) are kept in `out/checkpoints/inputs.safetensors`, keyed by the
-data and the model names, so a resumed run skips both transformer passes; delete `out/checkpoints` to
-reclaim the space once no more training is planned. The result is a full ColBERT checkpoint at `out` in
-the Hugging Face layout `ColbertEncoder.load` reads.
+Checkpoints go to `out/checkpoints/step-NNNNNNNN/` (`runtime.artifacts.Checkpoints`: the projection, the
+AdamW state, the run settings and losses) every `checkpoint_every` steps and at the end, only the last one
+kept; `resume=True` continues from it and ends with the same weights as an uninterrupted run. The
+precomputed inputs (teacher scores, transformer outputs; ~0.8 GB for SciFact) are kept in
+`out/checkpoints/inputs.safetensors`, keyed by the data and the model names, so a resumed run skips both
+transformer passes; delete `out/checkpoints` to reclaim the space once no more training is planned. The
+result is a full ColBERT checkpoint at `out` in the Hugging Face layout `ColbertEncoder.load` reads.
 """
 
 from __future__ import annotations
@@ -40,9 +40,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,15 +49,15 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from kernels.maxsim import maxsim_reference
-from services.evaluator.beir import load_beir
+from services.evaluator.datasets import load_beir
 from services.retriever.backend import passage_text
-from services.retriever.colbert.encoder import TRAINING_STATE_DIR, ColbertEncoder, project_tokens
+from services.retriever.colbert.encoder import ColbertEncoder, project_tokens
 from services.retriever.passages import Passage
+from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoint, Checkpoints, publish_file
 from services.runtime.errors import invalid_argument
-from services.runtime.storage import atomic_write_json, fsync_dir, fsync_tree
+from services.ui import progress_bar
 
 DEFAULT_BASE = "all-MiniLM-L6-v2"
 DEFAULT_DENSE_MODEL = "all-MiniLM-L6-v2"
@@ -70,7 +68,6 @@ MIN_QUERY_WORDS = 4
 # Documents whose transformer outputs are computed per progress-bar update.
 ENCODE_CHUNK = 256
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-_CHECKPOINT = re.compile(r"step-(\d{8})")
 # The precomputed training inputs, beside the step checkpoints (large: the transformer outputs).
 INPUTS_FILE = "inputs.safetensors"
 
@@ -244,12 +241,12 @@ class DistillationInputs:
     def compute(cls, encoder: ColbertEncoder, data: TrainingSet, progress: bool) -> DistillationInputs:
         used, slots = np.unique(data.candidates, return_inverse=True)
         parts: list[torch.Tensor] = []
-        bar = tqdm(total=len(used), desc="transformer outputs", unit="doc", disable=not progress)
-        for start in range(0, len(used), ENCODE_CHUNK):
-            chunk = [data.texts[i] for i in used[start : start + ENCODE_CHUNK]]
-            parts.extend(encoder.document_hidden_states(chunk, dtype=torch.float16))
-            bar.update(len(chunk))
-        bar.close()
+        with progress_bar(enabled=progress) as bar:
+            task = bar.add_task("transformer outputs", total=len(used))
+            for start in range(0, len(used), ENCODE_CHUNK):
+                chunk = [data.texts[i] for i in used[start : start + ENCODE_CHUNK]]
+                parts.extend(encoder.document_hidden_states(chunk, dtype=torch.float16))
+                bar.update(task, advance=len(chunk))
         lengths = torch.tensor([len(p) for p in parts], dtype=torch.int64)
         parts.append(torch.zeros(1, encoder.hidden_size, dtype=torch.float16))
         return cls(
@@ -265,10 +262,8 @@ class DistillationInputs:
         )
 
     def save(self, path: Path, key: str) -> None:
-        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata={"key": key})
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        tensors = {k: v.contiguous() for k, v in self.tensors.items()}
+        publish_file(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
 
     @classmethod
     def load(cls, path: Path, key: str) -> DistillationInputs | None:
@@ -374,11 +369,11 @@ def train_colbert(
         raise invalid_argument("ce_weight", f"must not be negative, got {ce_weight}")
     _check_teacher(teacher)
     out = Path(out)
-    checkpoints = out / TRAINING_STATE_DIR
-    latest = _latest_checkpoint(checkpoints)
+    checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
+    latest = checkpoints.latest()
     if latest is not None and not resume:
         raise invalid_argument(
-            "resume", f"{checkpoints} holds a run; resume it or choose another output folder"
+            "resume", f"{checkpoints.root} holds a run; resume it or choose another output folder"
         )
 
     pairs = (
@@ -396,33 +391,31 @@ def train_colbert(
     optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=0.0)
     step, losses = 0, []
     if latest is not None:
-        step, losses = _load_checkpoint(latest, run, weight, optimizer)
+        step, losses = _resume(latest, run, weight, optimizer)
     start_step = step
-    inputs = DistillationInputs.load(checkpoints / INPUTS_FILE, key)
+    inputs = DistillationInputs.load(checkpoints.root / INPUTS_FILE, key)
     if inputs is None:
         data = build_training_set(
             pairs, dense_model=dense_model, teacher=teacher, candidates=candidates, progress=progress
         )
         inputs = DistillationInputs.compute(encoder, data, progress)
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        inputs.save(checkpoints / INPUTS_FILE, key)
+        inputs.save(checkpoints.root / INPUTS_FILE, key)
 
     n = len(inputs)
-    bar = tqdm(total=steps, initial=min(step, steps), desc="train colbert", unit="step", disable=not progress)
-    while step < steps:
-        loss = distillation_loss(
-            weight, inputs, batch_indices(step, batch_size, n, seed), temperature, ce_weight
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if step % checkpoint_every == 0 or step == steps:
-            _save_checkpoint(checkpoints, step, run, weight, optimizer, losses)
-    bar.close()
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("train colbert", total=steps, completed=min(step, steps))
+        while step < steps:
+            loss = distillation_loss(
+                weight, inputs, batch_indices(step, batch_size, n, seed), temperature, ce_weight
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            bar.update(task, advance=1, description=f"train colbert (loss {losses[-1]:.4f})")
+            if step % checkpoint_every == 0 or step == steps:
+                checkpoints.save(step, {"weight": weight}, optimizer, {"run": run, "losses": losses})
 
     metrics = {
         "steps": step,
@@ -456,56 +449,19 @@ def _curve(losses: list[float], points: int = 20) -> list[list[float]]:
     return [[end, round(float(np.mean(losses[s:end])), 5)] for s, end in zip(starts, ends, strict=True)]
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
-    found = (
-        sorted(p for p in folder.glob("step-*") if _CHECKPOINT.fullmatch(p.name)) if folder.is_dir() else []
-    )
-    return found[-1] if found else None
-
-
-def _save_checkpoint(
-    folder: Path,
-    step: int,
-    run: dict[str, Any],
-    weight: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    losses: list[float],
-) -> None:
-    """step-NNNNNNNN/ written in a temporary folder and renamed; older checkpoints are then removed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    (state,) = optimizer.state_dict()["state"].values()
-    save_file({"weight": weight.detach().contiguous()}, tmp / "projection.safetensors")
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "optimizer.safetensors")
-    atomic_write_json(tmp / "state.json", {"step": step, "run": run, "losses": losses})
-    fsync_tree(tmp)
-    final = folder / f"step-{step:08d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(folder)
-    for old in folder.iterdir():
-        if old != final and (_CHECKPOINT.fullmatch(old.name) or old.name.startswith(".tmp-")):
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-
-
-def _load_checkpoint(
-    folder: Path, run: dict[str, Any], weight: torch.Tensor, optimizer: torch.optim.Optimizer
+def _resume(
+    checkpoint: Checkpoint, run: dict[str, Any], weight: torch.Tensor, optimizer: torch.optim.Optimizer
 ) -> tuple[int, list[float]]:
-    state = json.loads((folder / "state.json").read_text())
+    """Loads the projection and the optimizer of `checkpoint`; returns its step and losses."""
+    state = checkpoint.state()
     changed = sorted(k for k in run if state["run"].get(k) != run[k])
     if changed:
         raise invalid_argument(
             "resume",
-            f"{folder} was trained with other settings or data ({', '.join(changed)}); "
+            f"{checkpoint.path} was trained with other settings or data ({', '.join(changed)}); "
             "a resumed run must use the same ones",
         )
     with torch.no_grad():
-        weight.copy_(load_file(folder / "projection.safetensors")["weight"])
-    adam = load_file(folder / "optimizer.safetensors")
-    optimizer.load_state_dict({"state": {0: adam}, "param_groups": optimizer.state_dict()["param_groups"]})
-    return int(state["step"]), [float(x) for x in state["losses"]]
+        weight.copy_(load_file(checkpoint.weights_file)["weight"])
+    checkpoint.restore(optimizer)
+    return checkpoint.step, [float(x) for x in state["losses"]]

@@ -1,7 +1,7 @@
-"""Runs ragfleet services as local `ragfleet serve` processes on loopback ports.
+"""Runs ragfleet services as local `ragfleet serve` processes on loopback ports: a test harness.
 
-Used by the integration tests and the benchmarks to stand up a real fleet without Ray: the same
-processes docker-compose runs, with the gateway pointed at the retrievers by environment variables.
+The integration tests and the benchmarks use it to stand up a real fleet without Ray: the same processes
+docker-compose runs, with the gateway pointed at the retrievers by environment variables.
 """
 
 from __future__ import annotations
