@@ -48,7 +48,7 @@ bench-gpu: $(STAMP)
 	$(BIN)/python -m bench.maxsim
 
 lint: $(STAMP)
-	$(BIN)/ruff check services kernels clients/python/ragfleet bench tests
+	$(BIN)/ruff check services kernels clients/python/ragfleet bench tools tests
 
 clean:
 	rm -rf $(VENV) .ragfleet

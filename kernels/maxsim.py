@@ -18,7 +18,8 @@ running max per query token in registers and writes one float per pair, so it re
 writes almost nothing. It also stops at each document's true length instead of its padded one.
 
 On a CPU the kernel runs only in Triton's interpreter, for tests: TRITON_INTERPRET=1 must be set before
-triton is first imported. Bad input raises ValueError with a message that starts with the argument's name.
+triton is first imported. Bad input raises `KernelInputError` (a ValueError) with a message that starts with
+the argument's name.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common import BACKENDS, INTERPRETED, KernelInputError, check_backend, check_triton_device, dot
+
 __all__ = ["BACKENDS", "DTYPES", "maxsim", "maxsim_reference"]
 
-BACKENDS = ("auto", "triton", "torch")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The reference computes this many similarities (fp32) at most at once; documents are taken in chunks.
@@ -41,24 +43,24 @@ _MAX_TRITON_DIM = 512
 def _check_inputs(q: torch.Tensor, q_lengths: torch.Tensor, d: torch.Tensor, d_lengths: torch.Tensor) -> None:
     for name, x in (("q", q), ("d", d)):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"{name}: expected a 3-D tensor (count, tokens, dim)")
+            raise KernelInputError(name, "expected a 3-D tensor (count, tokens, dim)")
         if x.dtype not in DTYPES:
-            raise ValueError(f"{name}: dtype {x.dtype} is not one of {DTYPES}")
+            raise KernelInputError(name, f"dtype {x.dtype} is not one of {DTYPES}")
     if d.dtype != q.dtype:
-        raise ValueError(f"d: dtype {d.dtype} differs from q's {q.dtype}")
+        raise KernelInputError("d", f"dtype {d.dtype} differs from q's {q.dtype}")
     if d.shape[2] != q.shape[2]:
-        raise ValueError(f"d: token dim {d.shape[2]} differs from q's {q.shape[2]}")
+        raise KernelInputError("d", f"token dim {d.shape[2]} differs from q's {q.shape[2]}")
     if d.device != q.device:
-        raise ValueError(f"d: on {d.device}, q on {q.device}")
+        raise KernelInputError("d", f"on {d.device}, q on {q.device}")
     for name, lengths, x in (("q_lengths", q_lengths, q), ("d_lengths", d_lengths, d)):
         if not isinstance(lengths, torch.Tensor) or lengths.shape != (x.shape[0],):
-            raise ValueError(f"{name}: expected a tensor of shape ({x.shape[0]},)")
+            raise KernelInputError(name, f"expected a tensor of shape ({x.shape[0]},)")
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-            raise ValueError(f"{name}: expected an integer dtype, got {lengths.dtype}")
+            raise KernelInputError(name, f"expected an integer dtype, got {lengths.dtype}")
         if lengths.device != q.device:
-            raise ValueError(f"{name}: on {lengths.device}, q on {q.device}")
+            raise KernelInputError(name, f"on {lengths.device}, q on {q.device}")
         if lengths.numel() and ((lengths < 0) | (lengths > x.shape[1])).any():
-            raise ValueError(f"{name}: every length must be in [0, {x.shape[1]}]")
+            raise KernelInputError(name, f"every length must be in [0, {x.shape[1]}]")
 
 
 def maxsim_reference(
@@ -85,9 +87,6 @@ def maxsim_reference(
     return scores
 
 
-# Triton decides between compiling and interpreting when it is imported (its own tl.* helpers are decorated
-# then), so TRITON_INTERPRET=1 has to be set before `import triton`; this is the mode in force.
-_INTERPRETED = triton.knobs.runtime.interpret
 # On a GPU the tile over document tokens and the launch shape are tuned per dtype and tile size; the
 # interpreter runs one small tile (it costs per operation, and small tiles exercise the tiling in tests).
 _GPU_CONFIGS = [
@@ -99,7 +98,17 @@ _GPU_CONFIGS = [
 _INTERPRETER_CONFIGS = [triton.Config({"BLOCK_T": 16})]
 
 
-@triton.autotune(configs=_INTERPRETER_CONFIGS if _INTERPRETED else _GPU_CONFIGS, key=["BLOCK_Q", "BLOCK_DIM"])
+@triton.jit
+def _load_tokens(base, offs, length, stride_t, cols, dim, stride_e):
+    """The token vectors `offs` of one (tokens, dim) matrix: zeros past `length` tokens and `dim` columns."""
+    return tl.load(
+        base + offs[:, None] * stride_t + cols[None, :] * stride_e,
+        mask=(offs < length)[:, None] & (cols < dim)[None, :],
+        other=0.0,
+    )
+
+
+@triton.autotune(configs=_INTERPRETER_CONFIGS if INTERPRETED else _GPU_CONFIGS, key=["BLOCK_Q", "BLOCK_DIM"])
 @triton.jit
 def _maxsim_kernel(
     q_ptr,
@@ -119,7 +128,6 @@ def _maxsim_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     # One program scores one (query, document) pair. Neighbouring programs share the document, so it is
     # read from memory once and from L2 by the other queries of a batch.
@@ -129,52 +137,37 @@ def _maxsim_kernel(
     q_len = tl.load(q_len_ptr + qi).to(tl.int32)
     d_len = tl.load(d_len_ptr + di).to(tl.int32)
     cols = tl.arange(0, BLOCK_DIM)
-    col_ok = cols < dim
     total = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     for q_start in range(0, q_len, BLOCK_Q):
         rows = q_start + tl.arange(0, BLOCK_Q)
-        row_ok = rows < q_len
-        q_tile = tl.load(
-            q_ptr + qi * stride_qn + rows[:, None] * stride_qt + cols[None, :] * stride_qe,
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
+        q_tile = _load_tokens(q_ptr + qi * stride_qn, rows, q_len, stride_qt, cols, dim, stride_qe)
         best = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
         for t_start in range(0, d_len, BLOCK_T):
             toks = t_start + tl.arange(0, BLOCK_T)
-            tok_ok = toks < d_len
-            d_tile = tl.load(
-                d_ptr + di * stride_dn + toks[:, None] * stride_dt + cols[None, :] * stride_de,
-                mask=tok_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            sim = tl.dot(q_tile, tl.trans(d_tile), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_T) fp32
-            sim = tl.where(tok_ok[None, :], sim, float("-inf"))
+            d_tile = _load_tokens(d_ptr + di * stride_dn, toks, d_len, stride_dt, cols, dim, stride_de)
+            sim = dot(q_tile, tl.trans(d_tile))  # (BLOCK_Q, BLOCK_T) fp32
+            sim = tl.where((toks < d_len)[None, :], sim, float("-inf"))
             best = tl.maximum(best, tl.max(sim, axis=1))
         # An empty document leaves best at -inf; it scores 0, like padded query tokens.
-        total += tl.where(row_ok & (d_len > 0), best, 0.0)
+        total += tl.where((rows < q_len) & (d_len > 0), best, 0.0)
     tl.store(out_ptr + qi * nd + di, tl.sum(total, axis=0))
 
 
 def _maxsim_triton(
     q: torch.Tensor, q_lengths: torch.Tensor, d: torch.Tensor, d_lengths: torch.Tensor
 ) -> torch.Tensor:
-    if not q.is_cuda and not _INTERPRETED:
-        raise ValueError(
-            f"backend: 'triton' needs CUDA tensors (got {q.device}); on a CPU it runs only when "
-            "TRITON_INTERPRET=1 was set before triton was imported"
-        )
+    check_triton_device(q, "q")
     nq, lq, dim = q.shape
     nd = d.shape[0]
     if dim > _MAX_TRITON_DIM:
-        raise ValueError(
-            f"q: token dim {dim} is above the Triton kernel's limit {_MAX_TRITON_DIM} (use 'torch')"
+        raise KernelInputError(
+            "q", f"token dim {dim} is above the Triton kernel's limit {_MAX_TRITON_DIM} (use 'torch')"
         )
     out = torch.empty(nq, nd, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
     # tl.dot needs tiles of at least 16 rows/columns; the dim tile is padded (masked) to a power of two.
-    block_q = 16 if _INTERPRETED else min(64, max(16, triton.next_power_of_2(lq)))
+    block_q = 16 if INTERPRETED else min(64, max(16, triton.next_power_of_2(lq)))
     block_dim = max(16, triton.next_power_of_2(dim))
     _maxsim_kernel[(nq * nd,)](
         q,
@@ -189,8 +182,6 @@ def _maxsim_triton(
         *d.stride(),
         BLOCK_Q=block_q,
         BLOCK_DIM=block_dim,
-        # fp32 inputs are multiplied exactly ("ieee"), not rounded to TF32; fp16/bf16 keep Triton's default.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out
 
@@ -206,9 +197,8 @@ def maxsim(
     """MaxSim scores `(nq, nd)` float32 of padded queries `q (nq, Lq, dim)` against padded documents
     `d (nd, Ld, dim)` (see the module docstring). backend: "auto" runs the Triton kernel on CUDA tensors
     and the torch reference elsewhere; "triton" forces the kernel (on a CPU only under TRITON_INTERPRET=1);
-    "torch" forces the reference. Raises ValueError naming the argument on bad input."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    "torch" forces the reference. Raises KernelInputError naming the argument on bad input."""
+    check_backend(backend)
     if backend == "torch" or (backend == "auto" and not (isinstance(q, torch.Tensor) and q.is_cuda)):
         return maxsim_reference(q, q_lengths, d, d_lengths)
     _check_inputs(q, q_lengths, d, d_lengths)

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from services.evaluator.datasets import EvalDataset
+from services.datasets.collections import EvalDataset
 
 # Queries scored against the whole corpus at once in the exact dense search.
 _QUERY_BLOCK = 256

@@ -75,7 +75,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from services.evaluator.datasets import DEMO, EvalDataset, load_dataset
+from services.datasets.collections import DEMO, EvalDataset, load_dataset
 from services.evaluator.metrics import ir
 from services.runtime.storage import atomic_write_json, utc_now
 from services.ui import progress_bar

@@ -39,7 +39,6 @@ from services.generator.retro.decode import (
     DecodeParams,
     DecodeResult,
     Neighbour,
-    ParamError,
     Retrieve,
     generate,
 )
@@ -48,6 +47,7 @@ from services.generator.retro.train import TRAIN_FILE
 from services.runtime import validation
 from services.runtime.context import CallContext
 from services.runtime.errors import failed_precondition, invalid_argument
+from services.runtime.model_errors import ParamError
 from services.runtime.remote import Remote, relay
 from services.runtime.settings import Settings
 

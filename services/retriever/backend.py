@@ -51,6 +51,17 @@ class SearchOptions:
         return [f.name for f in fields(self) if getattr(self, f.name) != f.default]
 
 
+@dataclass(frozen=True)
+class Query:
+    """One search call to a backend: the query texts, hits wanted per text, the rowids a filter allows
+    (None: every passage) and the options (only fields the backend names in SEARCH_OPTIONS are set)."""
+
+    texts: Sequence[str]
+    k: int
+    allowed: set[int] | None = None
+    options: SearchOptions = SearchOptions()
+
+
 class Backend(ABC):
     """One backend index at one version."""
 
@@ -91,17 +102,8 @@ class Backend(ABC):
     def remove(self, rowids: Sequence[int]) -> None: ...
 
     @abstractmethod
-    def search(
-        self,
-        queries: Sequence[str],
-        k: int,
-        allowed_rowids: set[int] | None = None,
-        options: SearchOptions | None = None,
-    ) -> list[Hits]:
-        """Top-k (rowid, score) per query, best first; only rowids in `allowed_rowids` when given.
-
-        `options` sets only fields named in SEARCH_OPTIONS (the service checks that).
-        """
+    def search(self, query: Query) -> list[Hits]:
+        """Top-k (rowid, score) per query text, best first; only rowids in `query.allowed` when given."""
 
     def rebuild(self) -> bool:
         """Rebuilds the search structure from the vectors the index holds, as a fresh build would make

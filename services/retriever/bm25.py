@@ -22,7 +22,7 @@ import bm25s
 import numpy as np
 import Stemmer
 
-from services.retriever.backend import Backend, Hits, SearchOptions, passage_text
+from services.retriever.backend import Backend, Hits, Query, passage_text
 from services.retriever.passages import Passage
 from services.runtime.settings import Settings
 
@@ -118,20 +118,14 @@ class BM25Backend(Backend):
         bm25.index((corpus, vocab), create_empty_token=False, show_progress=False)
         self._bm25 = bm25
 
-    def search(
-        self,
-        queries: Sequence[str],
-        k: int,
-        allowed_rowids: set[int] | None = None,
-        options: SearchOptions | None = None,
-    ) -> list[Hits]:
+    def search(self, query: Query) -> list[Hits]:
         if self._bm25 is None:
-            return [[] for _ in queries]
+            return [[] for _ in query.texts]
         mask = None
-        if allowed_rowids is not None:
-            mask = np.isin(self.rowids, np.fromiter(allowed_rowids, dtype=np.int64)).astype(np.float32)
+        if query.allowed is not None:
+            mask = np.isin(self.rowids, np.fromiter(query.allowed, dtype=np.int64)).astype(np.float32)
         results: list[Hits] = []
-        for words in self._tokenize(list(queries)):
+        for words in self._tokenize(list(query.texts)):
             ids = [self.vocab[w] for w in words if w in self.vocab]
             if not ids:
                 results.append([])
@@ -139,7 +133,7 @@ class BM25Backend(Backend):
             scores = self._bm25.get_scores_from_ids(ids)
             if mask is not None:
                 scores = scores * mask
-            results.append(_top_k(self.rowids, scores, k))
+            results.append(_top_k(self.rowids, scores, query.k))
         return results
 
     def save(self, version_dir: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from services.retriever.backend import Backend, Hits, SearchOptions, passage_text
+from services.retriever.backend import Backend, Hits, Query, passage_text
 from services.retriever.passages import Passage
 from services.runtime.errors import failed_precondition, invalid_argument
 from services.runtime.models import load_sentence_transformer, model_id
@@ -346,14 +346,8 @@ class DenseBackend(Backend):
         if rowids:
             self.store.remove(np.asarray(list(rowids), dtype=np.int64))
 
-    def search(
-        self,
-        queries: Sequence[str],
-        k: int,
-        allowed_rowids: set[int] | None = None,
-        options: SearchOptions | None = None,
-    ) -> list[Hits]:
-        return self.store.search(self.encode(queries), k, allowed_rowids)
+    def search(self, query: Query) -> list[Hits]:
+        return self.store.search(self.encode(query.texts), query.k, query.allowed)
 
     def save(self, version_dir: Path) -> dict[str, Any]:
         self.store.save(version_dir)

@@ -40,7 +40,7 @@ from google.protobuf import json_format
 
 from ragfleet.metadata import RETRIEVER_KEY
 from ragfleet.v1 import common_pb2, retriever_pb2
-from services.retriever.backend import BACKENDS, Backend, SearchOptions, backend_class
+from services.retriever.backend import BACKENDS, Backend, Query, SearchOptions, backend_class
 from services.retriever.passages import Passage, PassageStore
 from services.runtime import validation
 from services.runtime.context import CallContext
@@ -145,8 +145,8 @@ class RetrieverService:
         return name
 
     @staticmethod
-    def _options(backend_name: str, proto: common_pb2.SearchOptions) -> SearchOptions | None:
-        """The request's search options, checked against what the backend uses; None when none is set."""
+    def _options(backend_name: str, proto: common_pb2.SearchOptions) -> SearchOptions:
+        """The request's search options, checked against what the backend uses."""
         validation.search_options(proto, "options")
         options = SearchOptions(
             exhaustive=proto.exhaustive,
@@ -165,7 +165,7 @@ class RetrieverService:
         if options.exhaustive and len(set_fields) > 1:
             tuned = next(name for name in set_fields if name != "exhaustive")
             raise invalid_argument(f"options.{tuned}", "tunes the approximate search that exhaustive skips")
-        return options if set_fields else None
+        return options
 
     def _passage(self, i: int, p: common_pb2.Passage) -> Passage:
         name = f"passages[{i}]"
@@ -390,7 +390,7 @@ class RetrieverService:
         top_k: int,
         filters: Mapping[str, str],
         with_continuation: bool,
-        options: SearchOptions | None,
+        options: SearchOptions,
     ) -> tuple[Snapshot, list[list[common_pb2.ScoredPassage]]]:
         snapshot = handle.snapshot
         assert snapshot is not None and handle.store is not None
@@ -398,7 +398,7 @@ class RetrieverService:
         if handle.store.count(version) == 0:
             raise failed_precondition(f"index {handle.index!r} is empty")
         allowed = handle.store.rowids_matching(version, filters) if filters else None
-        hits = snapshot.backend.search(queries, top_k, allowed, options)
+        hits = snapshot.backend.search(Query(queries, top_k, allowed, options))
         passages = handle.store.by_rowids(version, sorted({r for h in hits for r, _ in h}))
         results = []
         for query_hits in hits:

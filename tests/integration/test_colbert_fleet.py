@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 import ragfleet
 from services.cli import app
 from services.demo.corpus import demo_documents, demo_questions
-from tools.fleet import LocalFleet, start_local_fleet
 from services.runtime.settings import get_settings
+from tools.fleet import LocalFleet, start_local_fleet
 
 pytestmark = pytest.mark.integration
 

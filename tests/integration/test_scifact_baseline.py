@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from services.datasets.collections import load_beir
 from services.evaluator.baseline import bm25_run
-from services.evaluator.datasets import load_beir
 from services.evaluator.metrics.ir import evaluate_run
 
 SCIFACT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scifact"

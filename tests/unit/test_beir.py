@@ -1,4 +1,4 @@
-"""services.evaluator.beir (and datasets.load_beir over it) on tiny BEIR folders written in tmp_path."""
+"""services.datasets.beir (and datasets.load_beir over it) on tiny BEIR folders written in tmp_path."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.evaluator.beir import iter_corpus, load_qrels
-from services.evaluator.datasets import load_beir
+from services.datasets.beir import iter_corpus, load_qrels
+from services.datasets.collections import load_beir
 
 
 def write_beir(root: Path, corpus: list, queries: list, qrels: dict[str, str]) -> Path:

@@ -1,4 +1,4 @@
-"""services.evaluator.datasets on tiny hand-made files in tmp_path, and the demo set."""
+"""services.datasets.collections on tiny hand-made files in tmp_path, and the demo set."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.evaluator.datasets import (
+from services.datasets.collections import (
     load_beir,
     load_dataset,
     load_demo,

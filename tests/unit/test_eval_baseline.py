@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from services.datasets.collections import EvalDataset
 from services.evaluator.baseline import bm25_run, minilm_exact_cosine_run
-from services.evaluator.datasets import EvalDataset
 
 DATASET = EvalDataset(
     name="five",

@@ -6,13 +6,13 @@ sets TRITON_INTERPRET=1 before anything imports triton. bf16 is compared on a GP
 computes bf16 wrongly).
 """
 
-import grpc
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels.attention as attn
-from services.runtime.errors import ServiceError
+import kernels.common
+from kernels.common import KernelInputError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -152,7 +152,7 @@ def test_backend_triton_runs_the_kernel_not_the_reference(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the reference ran")
 
-    monkeypatch.setattr(attn, "attention_reference", forbidden)
+    monkeypatch.setattr(attn, "_attention_torch", forbidden)
     assert attn.resolve_backend("triton", q) == "triton"
     got = attn.attention(q, k, v, backend="triton")
     assert not torch.equal(got, want)  # computed differently...
@@ -162,35 +162,34 @@ def test_backend_triton_runs_the_kernel_not_the_reference(monkeypatch):
 def test_auto_on_cpu_runs_the_reference(monkeypatch):
     q, k, v, _ = _inputs(1, 1, 8, 8, 32, device="cpu")
     calls = []
-    reference = attn.attention_reference
-    monkeypatch.setattr(attn, "attention_reference", lambda *a, **kw: calls.append(1) or reference(*a, **kw))
+    reference = attn._attention_torch
+    monkeypatch.setattr(attn, "_attention_torch", lambda *a, **kw: calls.append(1) or reference(*a, **kw))
     assert attn.resolve_backend("auto", q) == "torch"
     attn.attention(q, k, v)
     assert calls == [1]
 
 
-def _raises(code, fn, *args, **kwargs):
-    with pytest.raises(ServiceError) as err:
+def _raises(field, fn, *args, **kwargs):
+    with pytest.raises(KernelInputError) as err:
         fn(*args, **kwargs)
-    assert err.value.code == code
-    return err.value.message
+    assert err.value.field == field and str(err.value).startswith(f"{field}: ")
+    return err.value.problem
 
 
 def test_bad_arguments_are_rejected_by_name(monkeypatch):
     q, k, v, _ = _inputs(2, 1, 4, 6, 32)
-    invalid, precondition = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
-    assert _raises(invalid, attn.attention, q, k, v, backend="cuda").startswith("backend:")
-    assert _raises(invalid, attn.attention, q, k[:, :, :, :16], v).startswith("k, v:")
-    assert _raises(invalid, attn.attention, q, k, v.double()).startswith("k, v:")
-    assert _raises(invalid, attn.attention, q, k, v, k_lengths=torch.tensor([7, 1])).startswith("k_lengths:")
-    assert _raises(invalid, attn.attention, q, k, v, k_lengths=torch.tensor([1])).startswith("k_lengths:")
-    assert _raises(invalid, attn.attention, q[0], k, v).startswith("q:")
+    _raises("backend", attn.attention, q, k, v, backend="cuda")
+    _raises("k, v", attn.attention, q, k[:, :, :, :16], v)
+    _raises("k, v", attn.attention, q, k, v.double())
+    _raises("k_lengths", attn.attention, q, k, v, k_lengths=torch.tensor([7, 1]))
+    _raises("k_lengths", attn.attention, q, k, v, k_lengths=torch.tensor([1]))
+    _raises("q", attn.attention, q[0], k, v)
     q48, k48, v48, _ = _inputs(1, 1, 4, 4, 48)
-    assert "head dims" in _raises(invalid, attn.attention, q48, k48, v48, backend="triton")
+    assert "head dims" in _raises("q", attn.attention, q48, k48, v48, backend="triton")
     assert attn.attention(q48, k48, v48).shape == q48.shape  # auto falls back to the reference
     cpu = [t.cpu() for t in (q, k, v)]
-    if attn.INTERPRETED:
+    if kernels.common.INTERPRETED:
         bf16 = [t.bfloat16() for t in cpu]
-        assert "bfloat16" in _raises(precondition, attn.attention, *bf16, backend="triton")
-    monkeypatch.setattr(attn, "INTERPRETED", False)
-    assert "CUDA" in _raises(precondition, attn.attention, *cpu, backend="triton")
+        assert "bfloat16" in _raises("q", attn.attention, *bf16, backend="triton")
+    monkeypatch.setattr(kernels.common, "INTERPRETED", False)
+    assert "CUDA" in _raises("backend", attn.attention, *cpu, backend="triton")

@@ -18,6 +18,7 @@ if DEVICE == "cpu":
 
 import triton  # noqa: E402
 
+import kernels.common  # noqa: E402
 import kernels.maxsim as maxsim_module  # noqa: E402
 from kernels.maxsim import maxsim, maxsim_reference  # noqa: E402
 
@@ -183,7 +184,7 @@ def test_auto_runs_the_kernel_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(maxsim_module, "_INTERPRETED", False)
+    monkeypatch.setattr(kernels.common, "INTERPRETED", False)
     q, ql, d, dl = random_batch(2, 5, 3, 7, 32)
     with pytest.raises(ValueError, match="^backend: 'triton' needs CUDA tensors .*TRITON_INTERPRET=1"):
         maxsim(q, ql, d, dl, backend="triton")

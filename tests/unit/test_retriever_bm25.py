@@ -1,5 +1,6 @@
 """The bm25 backend on a handful of passages."""
 
+from services.retriever.backend import Query
 from services.retriever.bm25 import BM25Backend
 from services.retriever.passages import Passage
 from services.runtime.settings import Settings
@@ -22,7 +23,7 @@ def make(tmp_path, docs=DOCS):
 
 def test_search_ranks_and_stems(tmp_path):
     backend, _, _ = make(tmp_path)
-    hits = backend.search(["cats", "qubit computing", "zebra"], k=2)
+    hits = backend.search(Query(["cats", "qubit computing", "zebra"], 2))
     assert hits[0][0][0] in (1, 4) and {r for r, _ in hits[0]} == {1, 4}
     assert hits[1][0][0] == 3 and len(hits[1]) == 1
     assert hits[2] == []
@@ -30,14 +31,14 @@ def test_search_ranks_and_stems(tmp_path):
 
 def test_filter_add_remove_and_round_trip(tmp_path):
     backend, spec, settings = make(tmp_path)
-    assert [r for r, _ in backend.search(["cat"], 5, allowed_rowids={4})[0]] == [4]
+    assert [r for r, _ in backend.search(Query(["cat"], 5, allowed={4}))[0]] == [4]
     backend.remove([1])
-    assert [r for r, _ in backend.search(["cat"], 5)[0]] == [4]
+    assert [r for r, _ in backend.search(Query(["cat"], 5))[0]] == [4]
     backend.add([(9, Passage("n", "n", 0, "Cat facts", "A cat purrs."))])
-    before = backend.search(["cat purring"], 5)
+    before = backend.search(Query(["cat purring"], 5))
     assert before[0][0][0] == 9
     version_dir = tmp_path / "v1"
     version_dir.mkdir()
     backend.save(version_dir)
     reopened = BM25Backend.open(tmp_path, spec, settings, version_dir)
-    assert reopened.search(["cat purring"], 5) == before
+    assert reopened.search(Query(["cat purring"], 5)) == before

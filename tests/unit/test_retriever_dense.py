@@ -7,6 +7,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from services.retriever import dense
+from services.retriever.backend import Query
 from services.retriever.dense import DenseBackend
 from services.retriever.passages import Passage
 from services.runtime.errors import ServiceError
@@ -46,11 +47,11 @@ def test_search_filter_remove_and_round_trip(tmp_path, spec_settings):
     v1.mkdir()
     backend.save(v1)
     backend = DenseBackend.open(tmp_path, spec, settings, v1)
-    hits = backend.search(list(QUERIES), k=3)
+    hits = backend.search(Query(list(QUERIES), 3))
     assert [h[0][0] for h in hits] == list(QUERIES.values())
     assert all(len(h) == 3 and h[0][1] >= h[1][1] >= h[2][1] for h in hits)
     # Filters are exact whatever the store: only allowed rowids, all of them when k is large.
-    filtered = backend.search(["Which bird can't fly?"], k=10, allowed_rowids={1, 3})[0]
+    filtered = backend.search(Query(["Which bird can't fly?"], 10, allowed={1, 3}))[0]
     assert sorted(r for r, _ in filtered) == [1, 3]
     backend.remove([4])
     backend.add(rows(["Emperor penguins huddle in the Antarctic winter."], start=7))
@@ -58,7 +59,7 @@ def test_search_filter_remove_and_round_trip(tmp_path, spec_settings):
     v2.mkdir()
     backend.save(v2)
     reopened = DenseBackend.open(tmp_path, spec, settings, v2)
-    top = reopened.search(["Which bird can't fly?"], k=10)[0]
+    top = reopened.search(Query(["Which bird can't fly?"], 10))[0]
     assert top[0][0] == 7 and 4 not in {r for r, _ in top} and len(top) == 6
     if spec["vector_store"] == "faiss" and spec["faiss_index"] == "ivf":
         import faiss

@@ -40,6 +40,7 @@ from transformers import PreTrainedTokenizerBase
 
 from services.generator.retro.data import decode_answer, end_of_answer_id, neighbour_ids
 from services.generator.retro.model import RetroCache, RetroModel
+from services.runtime.model_errors import ParamError
 
 FINISH_REASONS = ("stop", "length", "stop_string")
 
@@ -53,15 +54,6 @@ class Neighbour:
     title: str
     text: str
     continuation: str = ""
-
-
-class ParamError(ValueError):
-    """A decoding parameter out of range; `field` names it (e.g. "top_p")."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
 
 
 @dataclass(frozen=True)

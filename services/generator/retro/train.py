@@ -303,12 +303,12 @@ def train_from_fleet(
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """What `ragfleet train retro` runs: reads the corpus (JSONL or BEIR folder) and the optional QA set
-    (anything `services.evaluator.datasets.load_dataset` reads; each question with its first answer),
+    (anything `services.datasets.collections.load_dataset` reads; each question with its first answer),
     ingests the corpus into `index` as ~64-token passages unless the index exists, then `train_retro`
     with neighbours from the running fleet. `config_overrides` change RetroConfig's defaults for the
     tokenizer."""
     from ragfleet._common import iter_documents
-    from services.evaluator.datasets import load_dataset
+    from services.datasets.collections import load_dataset
 
     documents = [{"id": d.id, "title": d.title, "text": d.text} for d in iter_documents(corpus)]
     pairs: list[tuple[str, str]] = []

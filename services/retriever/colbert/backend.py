@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from services.retriever.backend import Backend, Hits, SearchOptions, passage_text
+from services.retriever.backend import Backend, Hits, Query, SearchOptions, passage_text
 from services.retriever.colbert.codec import NBITS
 from services.retriever.colbert.encoder import ColbertEncoder
 from services.retriever.colbert.plaid import PlaidIndex, SearchParams
@@ -124,25 +124,19 @@ class ColbertBackend(Backend):
     def remove(self, rowids: Sequence[int]) -> None:
         self.index.remove(list(rowids))
 
-    def search(
-        self,
-        queries: Sequence[str],
-        k: int,
-        allowed_rowids: set[int] | None = None,
-        options: SearchOptions | None = None,
-    ) -> list[Hits]:
-        options = options or SearchOptions()
+    def search(self, query: Query) -> list[Hits]:
+        options, k = query.options, query.k
         params = None
         if not options.exhaustive:
             tuned = {name: getattr(options, name) for name in options.set_fields()}
             params = dataclasses.replace(SearchParams.for_k(k), **tuned)
-        encoded, lengths = self.encoder.encode_queries(list(queries))
+        encoded, lengths = self.encoder.encode_queries(list(query.texts))
         results: list[Hits] = []
         for q, length in zip(encoded, lengths.tolist()):
             if params is None:
-                results.append(self.index.search_exhaustive(q[:length], k, allowed=allowed_rowids))
+                results.append(self.index.search_exhaustive(q[:length], k, allowed=query.allowed))
             else:
-                results.append(self.index.search(q[:length], k, params, allowed=allowed_rowids))
+                results.append(self.index.search(q[:length], k, params, allowed=query.allowed))
         return results
 
     def rebuild(self) -> bool:

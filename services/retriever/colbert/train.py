@@ -51,12 +51,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kernels.maxsim import maxsim_reference
-from services.evaluator.datasets import load_beir
+from services.datasets.collections import load_beir
 from services.retriever.backend import passage_text
 from services.retriever.colbert.encoder import ColbertEncoder, project_tokens
 from services.retriever.passages import Passage
 from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoint, Checkpoints, publish_file
-from services.runtime.errors import invalid_argument
+from services.runtime.model_errors import ParamError
 from services.ui import progress_bar
 
 DEFAULT_BASE = "all-MiniLM-L6-v2"
@@ -166,7 +166,7 @@ def build_training_set(
 
     _check_teacher(teacher)
     if not pairs.queries:
-        raise invalid_argument(
+        raise ParamError(
             "data",
             "no training queries (no judged query with a relevant document in the "
             "corpus, or no passage with two sentences)",
@@ -188,7 +188,7 @@ def build_training_set(
         lists.append(positives + others[: candidates - len(positives)])
     width = min(map(len, lists))
     if width < 2:
-        raise invalid_argument("data", "the corpus is too small: every query needs at least 2 candidates")
+        raise ParamError("data", "the corpus is too small: every query needs at least 2 candidates")
     chosen = np.array([c[:width] for c in lists], dtype=np.int64)
     is_positive = np.array([np.isin(c, p) for p, c in zip(pairs.positives, chosen, strict=True)])
 
@@ -201,7 +201,7 @@ def build_training_set(
 
 def _check_teacher(teacher: str) -> None:
     if not (teacher == "dense" or teacher.startswith(CROSS_ENCODER_PREFIX)):
-        raise invalid_argument("teacher", f"expected 'dense' or 'cross-encoder:PATH', got {teacher!r}")
+        raise ParamError("teacher", f"expected 'dense' or 'cross-encoder:PATH', got {teacher!r}")
 
 
 def _cross_encoder_scores(path: str, pairs: Pairs, chosen: np.ndarray, progress: bool) -> np.ndarray:
@@ -351,9 +351,7 @@ def train_colbert(
     """Trains the projection of `base` (see the module docstring); returns the run's metrics."""
     started = time.perf_counter()
     if (beir is None) == (corpus is None):
-        raise invalid_argument(
-            "beir", "give exactly one of a BEIR folder (--beir) or a JSONL corpus (--corpus)"
-        )
+        raise ParamError("beir", "give exactly one of a BEIR folder (--beir) or a JSONL corpus (--corpus)")
     for field, value, low in (
         ("steps", steps, 1),
         ("batch_size", batch_size, 1),
@@ -361,18 +359,18 @@ def train_colbert(
         ("checkpoint_every", checkpoint_every, 1),
     ):
         if value < low:
-            raise invalid_argument(field, f"must be at least {low}, got {value}")
+            raise ParamError(field, f"must be at least {low}, got {value}")
     for field, value in (("lr", lr), ("temperature", temperature)):
         if value is not None and value <= 0:
-            raise invalid_argument(field, f"must be positive, got {value}")
+            raise ParamError(field, f"must be positive, got {value}")
     if ce_weight < 0:
-        raise invalid_argument("ce_weight", f"must not be negative, got {ce_weight}")
+        raise ParamError("ce_weight", f"must not be negative, got {ce_weight}")
     _check_teacher(teacher)
     out = Path(out)
     checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
     latest = checkpoints.latest()
     if latest is not None and not resume:
-        raise invalid_argument(
+        raise ParamError(
             "resume", f"{checkpoints.root} holds a run; resume it or choose another output folder"
         )
 
@@ -456,7 +454,7 @@ def _resume(
     state = checkpoint.state()
     changed = sorted(k for k in run if state["run"].get(k) != run[k])
     if changed:
-        raise invalid_argument(
+        raise ParamError(
             "resume",
             f"{checkpoint.path} was trained with other settings or data ({', '.join(changed)}); "
             "a resumed run must use the same ones",

@@ -1,4 +1,4 @@
-"""Evaluation datasets: one shape for BEIR folders, SQuAD files, QA JSON lines and the demo set.
+"""Datasets as one shape for the evaluator and the trainers: BEIR, SQuAD, QA JSON lines, the demo set.
 
 An `EvalDataset` is either
 
@@ -8,7 +8,7 @@ An `EvalDataset` is either
 
 Loaders:
 
-- `load_beir(folder, split)`: a BEIR folder (read by `services.evaluator.beir`); name
+- `load_beir(folder, split)`: a BEIR folder (read by `services.datasets.beir`); name
   `<folder>-<split>`; the queries judged in the split. Documents keep their metadata; there are no
   answers or contexts. Every judged query must be in `queries.jsonl`.
 - `load_squad(path)`: SQuAD v1.1 or v2.0 JSON, as open-domain QA: every paragraph is a document
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from services.evaluator import beir
+from services.datasets import beir
 
 DatasetKind = Literal["ir", "qa"]
 LOADER_KINDS = ("beir", "squad", "jsonl", "demo")
