@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv protos demo test test-unit bench bench-gpu lint clean
+.PHONY: venv protos demo test test-unit reliability bench bench-gpu lint clean
 
 venv: $(STAMP)
 
@@ -33,10 +33,14 @@ demo: $(STAMP)
 	$(BIN)/ragfleet demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not reliability"
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+# The long forms of the reliability checks (races, ...); bounded in count and time, loopback only.
+reliability: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m reliability tests/reliability
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.search_latency

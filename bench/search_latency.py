@@ -78,8 +78,8 @@ def bench_in_process(home: Path, docs: list[dict], qs: list[str], top_k: int) ->
     from services.runtime.settings import Settings
 
     settings = Settings(home=home / "in-process")
-    chunking = ChunkSettings.from_spec(common_pb2.ChunkingSpec(), settings.gateway)
-    passages = [p for d in docs for p in chunk_document(common_pb2.Document(**d), chunking)]
+    chunking = ChunkSettings.from_spec(common_pb2.ChunkingSpec(), settings.gateway, settings.limits)
+    passages = [p for d in docs for p in chunk_document(common_pb2.Document(**d), chunking, settings.limits)]
     return {
         name: _time_service(RetrieverService(settings, backends=[name]), passages, qs, top_k)
         for name in RETRIEVERS

@@ -35,6 +35,12 @@ def _generator(settings: Settings) -> Any:
     return GeneratorService(settings)
 
 
+def _reranker(settings: Settings) -> Any:
+    from services.reranker.service import RerankerService
+
+    return RerankerService(settings)
+
+
 def _evaluator(settings: Settings) -> Any:
     from services.evaluator.service import EvaluatorService
 
@@ -66,6 +72,12 @@ SERVICES: dict[str, ServiceSpec] = {
     ),
     "retriever-colbert": ServiceSpec(
         "retriever-colbert", "ragfleet.v1.Retriever", _retriever(["colbert"]), _RETRIEVER_FN
+    ),
+    "reranker": ServiceSpec(
+        "reranker",
+        "ragfleet.v1.Reranker",
+        _reranker,
+        "ragfleet.v1.reranker_pb2_grpc.add_RerankerServicer_to_server",
     ),
     "generator": ServiceSpec(
         "generator",

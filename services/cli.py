@@ -46,6 +46,10 @@ console = Console()
 AddressOpt = Annotated[str | None, typer.Option(help="Pipeline address host:port.")]
 TokenOpt = Annotated[str | None, typer.Option(envvar="RAGFLEET_TOKEN", help="Bearer token.")]
 IndexOpt = Annotated[str, typer.Option(help="Index name.")]
+RerankDepthOpt = Annotated[int, typer.Option(help="Passages reranked (0: top-k).")]
+RerankerModelOpt = Annotated[
+    str | None, typer.Option(help="Reranker checkpoint path or id (default: the Reranker's).")
+]
 
 
 def _client(address: str | None, token: str | None, timeout: float = 120.0) -> Any:
@@ -310,10 +314,13 @@ def search(
     compressed_rerank: Annotated[
         bool, typer.Option(help="ColBERT/PLAID: final scores from decompressed residuals, not fp16 tokens.")
     ] = False,
+    rerank: Annotated[bool, typer.Option(help="Rerank the fused list.")] = False,
+    rerank_depth: RerankDepthOpt = 0,
+    reranker_model: RerankerModelOpt = None,
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Retrieve and fuse, without generation."""
+    """Retrieve and fuse (and rerank), without generation."""
     import ragfleet
 
     options = {
@@ -332,10 +339,28 @@ def search(
                 fusion=fusion,
                 retrievers=_names(retrievers) if retrievers else None,
                 options=options,
+                rerank=_rerank(rerank, rerank_depth, reranker_model),
             )
         except ragfleet.errors.RagfleetError as err:
             _fail(err)
     console.print(passage_table(found.results, query))
+    if found.HasField("rerank"):
+        console.print(_rerank_line(found.rerank))
+
+
+def _rerank(enabled: bool, depth: int, model: str | None) -> dict[str, Any] | None:
+    """The SDK's `rerank` argument from the --rerank, --rerank-depth and --reranker-model flags."""
+    return {"depth": depth, "model": model or ""} if enabled else None
+
+
+def _rerank_line(report: Any) -> str:
+    """What a RerankReport says, in one line."""
+    if not report.model_id:
+        return f"not reranked: {escape(report.note)}"
+    return (
+        f"reranked by {escape(report.model_id)}: {report.truncated} of {report.candidates} passages "
+        f"cut at {report.max_length} tokens"
+    )
 
 
 @app.command()
@@ -345,6 +370,8 @@ def ask(
     top_k: Annotated[int, typer.Option(help="Passages to retrieve.")] = 5,
     retrievers: Annotated[str | None, typer.Option(help="Comma-separated retrievers (default: all).")] = None,
     rerank: Annotated[bool, typer.Option(help="Rerank when a reranker is configured.")] = False,
+    rerank_depth: RerankDepthOpt = 0,
+    reranker_model: RerankerModelOpt = None,
     generate: Annotated[bool, typer.Option(help="Generate an answer when a generator is configured.")] = True,
     max_tokens: Annotated[int | None, typer.Option(help="Most tokens to generate.")] = None,
     temperature: Annotated[float, typer.Option(help="0 decodes greedily.")] = 0.0,
@@ -367,7 +394,7 @@ def ask(
                 question,
                 index=index,
                 top_k=top_k,
-                rerank=rerank,
+                rerank=_rerank(rerank, rerank_depth, reranker_model),
                 retrievers=_names(retrievers) if retrievers else None,
                 generate=generate,
                 params=params,
@@ -381,6 +408,8 @@ def _print_event(event: Any) -> None:
     kind = event.WhichOneof("event")
     if kind in ("retrieved", "reranked"):
         console.print(passage_table(getattr(event, kind).passages, kind))
+        if kind == "reranked":
+            console.print(_rerank_line(event.reranked.rerank))
     elif kind == "token":
         # Raw text as it comes: no markup, highlighting or wrapping; the console flushes every write.
         console.out(event.token, end="", highlight=False)
@@ -630,6 +659,70 @@ def train_colbert_command(
         _fail(err)
     print(json.dumps(metrics))
     console.print(f"ColBERT checkpoint written to {out}")
+
+
+@train_app.command("cross-encoder")
+def train_cross_encoder_command(
+    beir: Annotated[Path | None, typer.Option(help="BEIR folder: its split's queries and qrels.")] = None,
+    split: Annotated[str, typer.Option(help="qrels split of --beir.")] = "train",
+    corpus: Annotated[
+        Path | None, typer.Option(help="JSONL file or BEIR folder without queries: trains on pseudo-queries.")
+    ] = None,
+    index: Annotated[
+        str | None,
+        typer.Option(help="Index to mine negatives in (default: the data's name); ingested if it is new."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: RAGFLEET_HOME/models/cross-encoder).")
+    ] = None,
+    base: Annotated[str, typer.Option(help="Student transformer: MiniLM or a path.")] = "all-MiniLM-L6-v2",
+    teacher: Annotated[str, typer.Option(help="'none', 'dense' or 'cross-encoder:PATH'.")] = "none",
+    steps: Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Examples (query + positive + negatives) per step.")] = 8,
+    negatives: Annotated[int, typer.Option(help="Hard negatives per example.")] = 3,
+    max_length: Annotated[int, typer.Option(help="Tokens of a (query, passage) input.")] = 256,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 5e-5,
+    mine_depth: Annotated[int, typer.Option(help="Hits per retriever searched for negatives.")] = 30,
+    max_queries: Annotated[int | None, typer.Option(help="Train on at most this many queries.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data order, the head and pseudo-queries.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
+    resume: Annotated[bool, typer.Option(help="Continue from the last one in OUT/checkpoints.")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Train the default reranker: a cross-encoder on MiniLM, with hard negatives from the running fleet."""
+    import ragfleet
+    from services.reranker.train import train_cross_encoder
+
+    out = out or get_settings().home / "models" / "cross-encoder"
+    with _client(address, token, timeout=3600.0) as client:
+        try:
+            metrics = train_cross_encoder(
+                client,
+                out=out,
+                beir=beir,
+                split=split,
+                corpus=corpus,
+                index=index,
+                base=base,
+                teacher=teacher,
+                steps=steps,
+                batch_size=batch_size,
+                negatives=negatives,
+                max_length=max_length,
+                lr=lr,
+                mine_depth=mine_depth,
+                max_queries=max_queries,
+                seed=seed,
+                checkpoint_every=checkpoint_every,
+                resume=resume,
+                device=device,
+            )
+        except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError) as err:
+            _fail(err)
+    print(json.dumps(metrics))
+    console.print(f"cross-encoder written to {out}")
 
 
 @train_app.command("retro")

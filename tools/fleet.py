@@ -116,8 +116,8 @@ def start_local_fleet(
     **env_overrides: str,
 ) -> LocalFleet:
     """Starts the named services at once and waits until each is healthy; `env_overrides` are extra
-    environment variables (settings) for all of them. The gateway finds the retrievers and the generator,
-    and the generator the dense retriever, on their loopback ports."""
+    environment variables (settings) for all of them. The gateway finds the retrievers, the reranker and
+    the generator, and the generator the dense retriever, on their loopback ports."""
     fleet = LocalFleet(home=home)
     ports = {name: free_port() for name in names}
     retrievers = {
@@ -129,6 +129,9 @@ def start_local_fleet(
     if "pipeline" in ports:
         pipeline = json.dumps({"address": f"127.0.0.1:{ports['pipeline']}"})
         env.setdefault("RAGFLEET_EVALUATOR__PIPELINE", pipeline)
+    if "reranker" in ports:
+        reranker = json.dumps({"address": f"127.0.0.1:{ports['reranker']}"})
+        env.setdefault("RAGFLEET_GATEWAY__RERANKER", reranker)
     if "generator" in ports:
         generator = json.dumps({"address": f"127.0.0.1:{ports['generator']}"})
         env.setdefault("RAGFLEET_GATEWAY__GENERATOR", generator)

@@ -124,7 +124,7 @@ def _check_ir_metric(metric: str) -> None:
 
 
 def _cutoff(metric: str) -> int:
-    match = _CUTOFF.match(metric)
+    match = _CUTOFF.fullmatch(metric)
     return int(match["k"]) if match else 0
 
 

@@ -1,18 +1,24 @@
 """Pipeline service (the gateway): what users talk to.
 
-Ingest chunks each document once and streams the passages to every chosen retriever (those the spec
-names, else `gateway.default_retrievers`, else all), each on its own client-streaming call, so every
-retriever commits one new index version or none. Search fans out to
-the chosen retrievers concurrently and fuses their lists; Ask adds reranking and generation when those
-services are configured, and otherwise answers plainly that it is retrieval-only. Other services are
-reached only through the generated `ragfleet` stubs.
+Ingest chunks each document once (in worker threads, within the chunking limits) and streams the
+passages to every chosen retriever (those the spec names, else `gateway.default_retrievers`, else all),
+each on its own client-streaming call of messages bounded in passages and bytes, so every retriever
+commits one new index version or none. Search fans out to
+the chosen retrievers concurrently and fuses their lists; Ask adds generation when a generator is
+configured, and otherwise answers plainly that it is retrieval-only. Other services are reached only
+through the generated `ragfleet` stubs.
+
+Reranking (Search, SearchBatch and Ask, when their RerankSpec is enabled): the fused list is retrieved
+`depth` deep and the Reranker returns its best top_k. When no reranker is configured, or it has no
+model yet (FAILED_PRECONDITION), the list keeps retrieval order and the RerankReport (Ask: the answer)
+says why, unless the spec is `required`, which makes that an error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,7 +41,8 @@ from services.runtime import validation
 from services.runtime.context import CallContext
 from services.runtime.errors import ServiceError, failed_precondition, invalid_argument
 from services.runtime.remote import Remote, relay
-from services.runtime.settings import Settings
+from services.runtime.settings import GatewaySettings, Settings
+from services.runtime.threads import Stop, run_in_thread
 
 T = TypeVar("T")
 
@@ -138,60 +145,38 @@ class PipelineService:
     async def Ingest(
         self, requests: AsyncIterator[pipeline_pb2.PipelineIngestRequest], ctx: CallContext
     ) -> pipeline_pb2.PipelineIngestReport:
+        """Checks and chunks the documents in worker threads, a batch at a time, so that other calls
+        are served meanwhile, and streams the passages on to the retrievers."""
         start = time.perf_counter()
         stream = aiter(requests)
         first = await anext(stream, None)
         if first is None:
             raise invalid_argument("documents", "the ingest stream was empty")
-        validation.name(first.index, "index", self.limits)
-        chunking = ChunkSettings.from_spec(first.spec.chunking, self.settings.gateway)
+        index = validation.name(first.index, "index", self.limits)
+        chunking = ChunkSettings.from_spec(first.spec.chunking, self.settings.gateway, self.limits)
         remotes = self._ingest_targets(first.spec.retrievers)
-
-        queues = {name: asyncio.Queue(maxsize=4) for name in remotes}
-
-        async def outgoing(name: str) -> AsyncIterator[retriever_pb2.IngestRequest]:
-            while (message := await queues[name].get()) is not None:
-                yield message
-
-        calls = {
-            name: remote.stub.Ingest(
-                outgoing(name),
-                metadata=remote.metadata(ctx),
-                timeout=self._timeout(ctx),
-            )
-            for name, remote in remotes.items()
-        }
-        batch: list[common_pb2.Passage] = []
-        header_sent = False
+        streams = _IngestStreams(remotes, first, ctx, self._timeout(ctx), self.settings.gateway)
+        stop = Stop(ctx.deadline)
         seen: set[str] = set()
         documents = passages = 0
-
-        async def flush(last: bool = False) -> None:
-            nonlocal header_sent, batch
-            for name in remotes:
-                message = retriever_pb2.IngestRequest(passages=batch, upsert=first.upsert, last=last)
-                if not header_sent:
-                    message.index = first.index
-                    message.spec.CopyFrom(first.spec)
-                await _put(queues[name], message, calls[name], name)
-            header_sent = True
-            batch = []
-
         try:
             message = first
             finished = False
             while message is not None:
                 if finished:
                     raise invalid_argument("last", "a message followed the one marked last")
+                if message.index and message.index != index:
+                    raise invalid_argument("index", f"{message.index!r} differs from the stream's {index!r}")
                 finished = message.last
-                for doc in message.documents:
-                    self._check_document(doc, f"documents[{documents}]", seen)
-                    documents += 1
-                    for passage in chunk_document(doc, chunking):
-                        batch.append(passage)
-                        passages += 1
-                    if len(batch) >= self.settings.gateway.ingest_batch:
-                        await flush()
+                done = 0
+                while done < len(message.documents):
+                    batch, cut = await run_in_thread(
+                        stop, self._chunk, message.documents[done:], documents, chunking, seen, stop
+                    )
+                    done += cut
+                    documents += cut
+                    passages += len(batch)
+                    await streams.send(batch)
                 message = await anext(stream, None)
             if not finished:
                 raise invalid_argument(
@@ -199,13 +184,10 @@ class PipelineService:
                 )
             if documents == 0:
                 raise invalid_argument("documents", "no documents were sent")
-            await flush(last=True)
-            for name in remotes:
-                await _put(queues[name], None, calls[name], name)
+            calls = await streams.finish()
             reports = await self._fan_out(remotes, lambda name, _: calls[name])
         except BaseException:
-            for call in calls.values():
-                call.cancel()
+            streams.cancel()
             raise
         return pipeline_pb2.PipelineIngestReport(
             documents=documents,
@@ -213,6 +195,30 @@ class PipelineService:
             retrievers=list(reports.values()),
             timings=[common_pb2.Timing(stage="ingest", millis=_ms(start))],
         )
+
+    def _chunk(
+        self,
+        docs: Sequence[common_pb2.Document],
+        numbered_from: int,
+        chunking: ChunkSettings,
+        seen: set[str],
+        stop: Stop,
+    ) -> tuple[list[common_pb2.Passage], int]:
+        """Checks and chunks documents from the start of `docs` (the first is the stream's document
+        `numbered_from`) until their passages fill a message (`gateway.ingest_batch_bytes`); returns
+        those passages and how many documents they came from. Runs in a worker thread."""
+        passages: list[common_pb2.Passage] = []
+        size = cut = 0
+        for doc in docs:
+            stop.check("Ingest")
+            self._check_document(doc, f"documents[{numbered_from + cut}]", seen)
+            cut += 1
+            for passage in chunk_document(doc, chunking, self.limits):
+                passages.append(passage)
+                size += passage.ByteSize()
+            if size >= self.settings.gateway.ingest_batch_bytes:
+                break
+        return passages, cut
 
     def _check_document(self, doc: common_pb2.Document, field: str, seen: set[str]) -> None:
         validation.identifier(doc.id, f"{field}.id", self.limits)
@@ -226,6 +232,8 @@ class PipelineService:
         if not doc.text.strip():
             raise invalid_argument(f"{field}.text", f"document {doc.id!r} has no text")
         validation.text_size(doc.title + doc.text, f"{field}.text", self.limits, f"document {doc.id!r}")
+        validation.title_size(doc.title, f"{field}.title", self.limits)
+        validation.metadata_size(doc.metadata, f"{field}.metadata", self.limits)
 
     # --- Search -----------------------------------------------------------------------------------
 
@@ -236,6 +244,8 @@ class PipelineService:
         path of Search, SearchBatch and Ask. Returns the fused lists, the index versions and timings."""
         remotes = self._choose(spec.retrievers, "retrieval.retrievers")
         depth = self._candidates(spec, len(remotes))
+        # Each retriever is asked for `depth` per query: the batch must fit what the retrievers accept.
+        validation.batch_results(len(queries), depth, "queries", self.limits)
         start = time.perf_counter()
 
         async def search(name: str, remote: Remote) -> retriever_pb2.SearchBatchResponse:
@@ -260,24 +270,90 @@ class PipelineService:
         timings.append(common_pb2.Timing(stage="fuse", millis=_ms(start) - retrieved))
         return fused, [b.version for b in batches.values()], timings
 
+    async def _rerank(
+        self,
+        query: str,
+        passages: list[common_pb2.ScoredPassage],
+        top_k: int,
+        rerank: pipeline_pb2.RerankSpec,
+        ctx: CallContext,
+    ) -> tuple[list[common_pb2.ScoredPassage], pipeline_pb2.RerankReport, list[common_pb2.Timing]]:
+        """The Reranker's best `top_k` of `passages` (a checked, enabled spec), what it did, and timings;
+        retrieval order with a note when there is no reranker or no model and the spec is not required."""
+        reranker = self._remotes().reranker
+        if reranker is None:
+            note = "no reranker is configured, so passages are in retrieval order"
+            if rerank.required:
+                raise failed_precondition(f"reranking.required: {note}")
+            return passages[:top_k], pipeline_pb2.RerankReport(note=note), []
+        if not passages:
+            return [], pipeline_pb2.RerankReport(), []
+        start = time.perf_counter()
+        request = reranker_pb2.RerankRequest(
+            query=query,
+            candidates=passages,
+            top_k=min(top_k, len(passages)),
+            model=rerank.model,
+            backend=rerank.backend,
+        )
+        try:
+            reply = await reranker.stub.Rerank(
+                request, metadata=reranker.metadata(ctx), timeout=self._timeout(ctx)
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION and not rerank.required:
+                note = f"the reranker has no model ({err.details()}), so passages are in retrieval order"
+                return passages[:top_k], pipeline_pb2.RerankReport(note=note), []
+            field, _, problem = (err.details() or "").partition(": ")
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT and field in ("model", "backend"):
+                raise invalid_argument(f"reranking.{field}", f"{problem} (reranker)") from err
+            raise relay(err, "reranker") from err
+        report = pipeline_pb2.RerankReport(
+            model_id=reply.model_id,
+            backend=reply.backend,
+            candidates=len(passages),
+            truncated=reply.truncated,
+            max_length=reply.max_length,
+        )
+        timings = [common_pb2.Timing(stage="rerank", millis=_ms(start)), *reply.timings]
+        return list(reply.results), report, timings
+
     async def Search(
         self, request: pipeline_pb2.PipelineSearchRequest, ctx: CallContext
     ) -> pipeline_pb2.PipelineSearchResponse:
         query = validation.query(request.query, "query", self.limits)
         spec = validation.retrieval(request.retrieval, self.limits)
-        (results,), versions, timings = await self._retrieve([query], spec, ctx)
-        return pipeline_pb2.PipelineSearchResponse(results=results, versions=versions, timings=timings)
+        rerank = validation.reranking(request.reranking, spec.top_k, self.limits)
+        (results,), versions, timings = await self._retrieve([query], _deepened(spec, rerank), ctx)
+        response = pipeline_pb2.PipelineSearchResponse(versions=versions)
+        if rerank is not None:
+            results, report, more = await self._rerank(query, results, spec.top_k, rerank, ctx)
+            response.rerank.CopyFrom(report)
+            timings += more
+        response.results.extend(results)
+        response.timings.extend(timings)
+        return response
 
     async def SearchBatch(
         self, request: pipeline_pb2.PipelineSearchBatchRequest, ctx: CallContext
     ) -> pipeline_pb2.PipelineSearchBatchResponse:
         queries = validation.queries(request.queries, "queries", self.limits)
         spec = validation.retrieval(request.retrieval, self.limits)
-        fused, versions, _ = await self._retrieve(queries, spec, ctx)
-        return pipeline_pb2.PipelineSearchBatchResponse(
-            responses=[pipeline_pb2.PipelineSearchResponse(results=r, versions=versions) for r in fused],
-            versions=versions,
-        )
+        rerank = validation.reranking(request.reranking, spec.top_k, self.limits)
+        fused, versions, _ = await self._retrieve(queries, _deepened(spec, rerank), ctx)
+        responses = [pipeline_pb2.PipelineSearchResponse(versions=versions) for _ in queries]
+        if rerank is None:
+            for response, results in zip(responses, fused):
+                response.results.extend(results)
+        else:
+            reranked = await asyncio.gather(
+                *(self._rerank(q, r, spec.top_k, rerank, ctx) for q, r in zip(queries, fused))
+            )
+            for response, (results, report, timings) in zip(responses, reranked):
+                response.results.extend(results)
+                response.rerank.CopyFrom(report)
+                response.timings.extend(timings)
+        return pipeline_pb2.PipelineSearchBatchResponse(responses=responses, versions=versions)
 
     # --- Ask --------------------------------------------------------------------------------------
 
@@ -297,36 +373,28 @@ class PipelineService:
     ) -> AsyncIterator[pipeline_pb2.AskEvent]:
         question = validation.query(request.question, "question", self.limits)
         spec = validation.retrieval(request.retrieval, self.limits, default_top_k=5)
+        rerank = validation.reranking(request.reranking, spec.top_k, self.limits, enabled=request.rerank)
         # Retro's neighbours are a passage followed by its continuation.
         spec.with_continuation |= request.generate
         start = time.perf_counter()
-        (passages,), versions, _ = await self._retrieve([question], spec, ctx)
+        (passages,), versions, _ = await self._retrieve([question], _deepened(spec, rerank), ctx)
         timings = [common_pb2.Timing(stage="retrieve", millis=_ms(start))]
         yield pipeline_pb2.AskEvent(retrieved=pipeline_pb2.PassageList(passages=passages, timings=timings))
         notes: list[str] = []
         model_ids = sorted({v.model_id for v in versions if v.model_id})
 
-        remotes = self._remotes()
-        reranker, generator = remotes.reranker, remotes.generator
-        if request.rerank and reranker is None:
-            notes.append("no reranker is configured, so passages are in retrieval order")
-        elif request.rerank and passages:
-            stage = time.perf_counter()
-            try:
-                reranked = await reranker.stub.Rerank(
-                    reranker_pb2.RerankRequest(query=question, candidates=passages, top_k=spec.top_k),
-                    metadata=reranker.metadata(ctx),
-                    timeout=self._timeout(ctx),
+        if rerank is not None:
+            passages, report, more = await self._rerank(question, passages, spec.top_k, rerank, ctx)
+            if report.model_id:
+                model_ids.append(report.model_id)
+                timings += more
+                yield pipeline_pb2.AskEvent(
+                    reranked=pipeline_pb2.PassageList(passages=passages, timings=more, rerank=report)
                 )
-            except grpc.aio.AioRpcError as err:
-                raise relay(err, "reranker") from err
-            passages = list(reranked.results)
-            model_ids.append(reranked.model_id)
-            timings.append(common_pb2.Timing(stage="rerank", millis=_ms(stage)))
-            yield pipeline_pb2.AskEvent(
-                reranked=pipeline_pb2.PassageList(passages=passages, timings=timings[-1:])
-            )
+            elif report.note:
+                notes.append(report.note)
 
+        generator = self._remotes().generator
         if request.generate and generator is not None and passages:
             generate = generator_pb2.GenerateRequest(
                 question=question, context=passages, retrieval=spec, params=request.params
@@ -463,11 +531,83 @@ class PipelineService:
         )
 
 
+def _deepened(
+    spec: common_pb2.RetrievalSpec, rerank: pipeline_pb2.RerankSpec | None
+) -> common_pb2.RetrievalSpec:
+    """The spec to retrieve with: `rerank.depth` results deep when reranking follows."""
+    if rerank is None or rerank.depth == spec.top_k:
+        return spec
+    deeper = common_pb2.RetrievalSpec()
+    deeper.CopyFrom(spec)
+    deeper.top_k = rerank.depth
+    return deeper
+
+
 def _lists(
     batches: dict[str, retriever_pb2.SearchBatchResponse], i: int
 ) -> dict[str, list[common_pb2.ScoredPassage]]:
     """Each retriever's ranked list for the i-th query of a batch."""
     return {name: list(batch.responses[i].results) for name, batch in batches.items()}
+
+
+class _IngestStreams:
+    """One client-streaming Ingest call per retriever, fed batches of at most `gateway.ingest_batch`
+    passages and `gateway.ingest_batch_bytes` bytes (a larger passage goes alone). The first message
+    to each carries the stream's index and spec."""
+
+    def __init__(
+        self,
+        remotes: dict[str, Remote],
+        first: pipeline_pb2.PipelineIngestRequest,
+        ctx: CallContext,
+        timeout: float,
+        gateway: GatewaySettings,
+    ) -> None:
+        self._first = first
+        self._most_passages = gateway.ingest_batch
+        self._most_bytes = gateway.ingest_batch_bytes
+        self._queues: dict[str, asyncio.Queue] = {name: asyncio.Queue(maxsize=4) for name in remotes}
+        self._calls = {
+            name: remote.stub.Ingest(self._outgoing(name), metadata=remote.metadata(ctx), timeout=timeout)
+            for name, remote in remotes.items()
+        }
+        self._batch: list[common_pb2.Passage] = []
+        self._bytes = 0
+        self._header_sent = False
+
+    async def _outgoing(self, name: str) -> AsyncIterator[retriever_pb2.IngestRequest]:
+        while (message := await self._queues[name].get()) is not None:
+            yield message
+
+    async def send(self, passages: list[common_pb2.Passage]) -> None:
+        for passage in passages:
+            size = passage.ByteSize()
+            full = len(self._batch) >= self._most_passages or self._bytes + size > self._most_bytes
+            if self._batch and full:
+                await self._flush(last=False)
+            self._batch.append(passage)
+            self._bytes += size
+
+    async def finish(self) -> dict[str, grpc.aio.StreamUnaryCall]:
+        """Sends the last batch and ends every stream; returns the calls, to await their reports."""
+        await self._flush(last=True)
+        for name, call in self._calls.items():
+            await _put(self._queues[name], None, call, name)
+        return self._calls
+
+    def cancel(self) -> None:
+        for call in self._calls.values():
+            call.cancel()
+
+    async def _flush(self, last: bool) -> None:
+        for name, call in self._calls.items():
+            message = retriever_pb2.IngestRequest(passages=self._batch, upsert=self._first.upsert, last=last)
+            if not self._header_sent:
+                message.index = self._first.index
+                message.spec.CopyFrom(self._first.spec)
+            await _put(self._queues[name], message, call, name)
+        self._header_sent = True
+        self._batch, self._bytes = [], 0
 
 
 async def _put(queue: asyncio.Queue, message: Any, call: grpc.aio.StreamUnaryCall, name: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.runtime.model_errors import ArtifactError
+from services.runtime.model_errors import ArtifactError, ParamError
 from services.runtime.storage import atomic_write_json, fsync_dir, fsync_tree
 
 CHECKPOINTS_DIR = "checkpoints"  # a trainer's step checkpoints, inside its output folder
@@ -122,6 +122,18 @@ class Checkpoint:
     def state(self) -> dict[str, Any]:
         """The trainer state given to `Checkpoints.save`."""
         return self._record()["state"]
+
+    def check_run(self, run: Mapping[str, Any]) -> None:
+        """ParamError naming `resume` unless the trainer state's "run" (the settings and data a run saved
+        with every checkpoint) equals `run` on each of its keys: a resumed run must be the same run."""
+        saved = self.state().get("run", {})
+        changed = sorted(k for k in run if saved.get(k) != run[k])
+        if changed:
+            raise ParamError(
+                "resume",
+                f"{self.path} was trained with other settings or data ({', '.join(changed)}); "
+                "a resumed run must use the same ones",
+            )
 
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
         """Loads the optimizer's state and torch's RNG state as they were when this step was saved."""

@@ -82,6 +82,23 @@ def checked(request: Any, method: RpcMethod) -> Any:
     return request
 
 
+def _text_metadata(metadata: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """The caller's text metadata by lower-case key. Binary entries (keys ending in "-bin", bytes by
+    definition) are left out: ragfleet reads none. A text value that is not UTF-8 is refused."""
+    md: dict[str, str] = {}
+    for key, value in metadata:
+        key = key.lower()
+        if key.endswith("-bin"):
+            continue
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise invalid_argument(key, "metadata values must be UTF-8 text") from None
+        md[key] = value
+    return md
+
+
 class CallGate:
     """Everything that happens around a service method call, shared by both server adapters."""
 
@@ -91,7 +108,7 @@ class CallGate:
         self.tenants_by_token = dict(settings.auth.tokens)
 
     def context(self, metadata: Iterable[tuple[str, Any]], grpc_time_remaining: float | None) -> CallContext:
-        md = {k.lower(): v if isinstance(v, str) else v.decode() for k, v in metadata}
+        md = _text_metadata(metadata)
         tenant = "default"
         if self.tenants_by_token:
             auth = md.get(AUTHORIZATION_KEY, "")

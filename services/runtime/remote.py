@@ -13,7 +13,7 @@ import grpc
 import ragfleet
 from ragfleet.metadata import APPLICATION_KEY, RETRIEVER_KEY
 from services.runtime.context import CallContext
-from services.runtime.errors import ServiceError
+from services.runtime.errors import ServiceError, unavailable
 from services.runtime.settings import Endpoint
 
 
@@ -37,9 +37,17 @@ class Remote:
         return md
 
 
+# The status grpc.aio gives a call itself when sending a message fails in its core: the connection
+# broke (the peer died) before the peer's own status arrived (grpc/grpc#34148).
+_LOCAL_SEND_FAILURE = "Internal error from Core"
+
+
 def relay(err: grpc.aio.AioRpcError, who: str) -> ServiceError:
-    """A downstream failure keeps its status code; the message says which service answered."""
+    """A downstream failure keeps its status code; the message says which service answered. A peer
+    that vanished is UNAVAILABLE, even when grpc.aio noticed it while sending."""
     code = err.code()
+    if code == grpc.StatusCode.INTERNAL and err.details() == _LOCAL_SEND_FAILURE:
+        return unavailable(f"{who}: the connection broke while sending to it ({_LOCAL_SEND_FAILURE})")
     if code == grpc.StatusCode.UNKNOWN:
         code = grpc.StatusCode.INTERNAL
     return ServiceError(code, f"{who}: {err.details()}")

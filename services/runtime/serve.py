@@ -27,8 +27,16 @@ from services.runtime.settings import Endpoint, Settings
 
 log = logging.getLogger("ragfleet.serve")
 
-# The applications `ragfleet up` deploys, in start order (retrievers and generator before the gateway).
-FLEET = ("retriever-dense", "retriever-bm25", "retriever-colbert", "generator", "pipeline", "evaluator")
+# The applications `ragfleet up` deploys, in start order (what the gateway calls before the gateway).
+FLEET = (
+    "retriever-dense",
+    "retriever-bm25",
+    "retriever-colbert",
+    "reranker",
+    "generator",
+    "pipeline",
+    "evaluator",
+)
 # Where an ingest that names no retrievers goes in the fleet: colbert (the slowest to encode) is
 # deployed but indexes only what is sent to it by name (`--retrievers colbert`).
 DEFAULT_INGEST_RETRIEVERS = ["dense", "bm25"]
@@ -85,8 +93,9 @@ def deployment_class(spec: ServiceSpec) -> type:
 
 
 def fleet_settings(settings: Settings) -> Settings:
-    """Settings as the deployments see them: an absolute home, the gateway reaching the retrievers
-    and the generator, and the generator reaching the dense retriever, through Serve's gRPC proxy."""
+    """Settings as the deployments see them: an absolute home, the gateway reaching the retrievers,
+    the reranker and the generator, and the generator reaching the dense retriever, through Serve's
+    gRPC proxy."""
     proxy = f"127.0.0.1:{settings.ray.grpc_port}"
     gateway = settings.gateway.model_copy(
         update={
@@ -95,6 +104,7 @@ def fleet_settings(settings: Settings) -> Settings:
                 for name in FLEET
                 if name.startswith("retriever-")
             },
+            "reranker": Endpoint(address=proxy, application="reranker"),
             "generator": Endpoint(address=proxy, application="generator"),
             "default_retrievers": settings.gateway.default_retrievers or DEFAULT_INGEST_RETRIEVERS,
         }

@@ -13,6 +13,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -122,12 +123,21 @@ async def start_server(
     return server, bound
 
 
+def start_metrics(settings: Settings) -> WSGIServer | None:
+    """Serves Prometheus metrics on server.metrics_port (None: not at all), on the same host as the
+    gRPC server, so a service kept on loopback keeps its metrics there too."""
+    if not settings.server.metrics_port:
+        return None
+    httpd, _ = start_http_server(settings.server.metrics_port, addr=settings.server.host)
+    log.info("metrics on http://%s:%d/metrics", settings.server.host, settings.server.metrics_port)
+    return httpd
+
+
 async def serve_forever(
     service_full_name: str, impl: Any, settings: Settings, *, port: int | None = None
 ) -> None:
     """Runs until SIGINT/SIGTERM, then drains in-flight calls for server.grace_seconds."""
-    if settings.server.metrics_port:
-        start_http_server(settings.server.metrics_port)
+    start_metrics(settings)
     server, _ = await start_server(service_full_name, impl, settings, port=port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -52,9 +52,27 @@ class Limits(BaseModel):
     max_query_chars: int = 4096
     max_top_k: int = 1000
     max_batch_queries: int = 4096
+    # Results one SearchBatch may ask for: queries x top_k (the reply's size grows with it).
+    max_batch_results: int = 100_000
+    # Metadata key=value pairs one search may filter on.
+    max_filters: int = 64
     max_document_bytes: int = 2 * 1024 * 1024
     max_id_chars: int = 512
     max_index_name_chars: int = 128
+    # UTF-8 bytes of one document's or passage's title.
+    max_title_bytes: int = 4096
+    # One Retriever Ingest stream: its messages' bytes and its passages, counted as they arrive
+    # (past either the stream fails with RESOURCE_EXHAUSTED and nothing is committed).
+    max_ingest_bytes: int = 256 * 1024 * 1024
+    max_ingest_passages: int = 500_000
+    # UTF-8 bytes of one document's or passage's metadata, keys and values together.
+    max_metadata_bytes: int = 64 * 1024
+    # Ingest chunking: the largest chunk_tokens (and so overlap_tokens) a spec may ask for, the most
+    # passages one document may be cut into, and the bytes of those passages together (each passage's
+    # text, title and metadata counted).
+    max_chunk_tokens: int = 8192
+    max_passages_per_document: int = 10_000
+    max_chunked_document_bytes: int = 16 * 1024 * 1024
 
 
 class RetrieverSettings(BaseModel):
@@ -95,8 +113,10 @@ class GatewaySettings(BaseModel):
     rrf_k: int = 60
     # Seconds a call to another service may take when the caller sent no deadline.
     default_timeout: float = 60.0
-    # Documents per Ingest message sent on to each retriever.
+    # Most passages, and bytes, of one Ingest message sent on to each retriever (a passage larger than
+    # ingest_batch_bytes goes alone); keep the bytes well under the retrievers' server.max_message_bytes.
     ingest_batch: int = 256
+    ingest_batch_bytes: int = 4 * 1024 * 1024
 
 
 class GeneratorSettings(BaseModel):
@@ -111,6 +131,27 @@ class GeneratorSettings(BaseModel):
     device: str = "cpu"
     max_tokens_limit: int = 512
     default_max_tokens: int = 64
+
+
+class RerankerSettings(BaseModel):
+    # Backend of a call that names none: "cross_encoder" or "first".
+    backend: str = "cross_encoder"
+    # Cross-encoder checkpoint (a folder or hub id); None means <home>/models/cross-encoder, what
+    # `ragfleet train cross-encoder` writes.
+    cross_encoder_model: str | None = None
+    # FIRST: a causal LM (a folder or hub id); None means <home>/models/first. Passages per window
+    # (each labelled by a letter), the window's step up the list, and the most tokens of a passage.
+    first_model: str | None = None
+    first_window: int = Field(20, ge=2, le=26)
+    first_stride: int = Field(10, ge=1)
+    first_passage_tokens: int = Field(300, ge=8)
+    device: str = "cpu"
+    # (query, passage) pairs per forward pass.
+    batch_size: int = 32
+    # Most candidates one call may send.
+    max_candidates: int = 1000
+    # Checkpoints kept loaded at once (calls may name their own); the least recently used is dropped.
+    max_loaded_models: int = 2
 
 
 class EvaluatorSettings(BaseModel):
@@ -148,6 +189,7 @@ class Settings(BaseSettings):
     retriever: RetrieverSettings = RetrieverSettings()
     gateway: GatewaySettings = GatewaySettings()
     generator: GeneratorSettings = GeneratorSettings()
+    reranker: RerankerSettings = RerankerSettings()
     evaluator: EvaluatorSettings = EvaluatorSettings()
     auth: AuthSettings = AuthSettings()
     tls: TlsSettings = TlsSettings()

@@ -9,6 +9,7 @@ names a complete version: the previous one until the rename, the new one after i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -61,6 +62,16 @@ def fsync_tree(path: Path | str) -> None:
             finally:
                 os.close(fd)
         fsync_dir(root)
+
+
+def tree_size(path: Path | str) -> int:
+    """Bytes of the files under `path`; files and folders that a writer removes meanwhile count 0."""
+    size = 0
+    for root, _dirs, files in os.walk(path):  # os.walk skips folders that vanish
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                size += os.stat(os.path.join(root, name)).st_size
+    return size
 
 
 def utc_now() -> str:

@@ -14,7 +14,7 @@ from services.runtime.artifacts import (
     publish_file,
     write_directory,
 )
-from services.runtime.model_errors import ArtifactError
+from services.runtime.model_errors import ArtifactError, ParamError
 
 
 def _names(folder: Path) -> list[str]:
@@ -102,6 +102,16 @@ def test_restore_continues_exactly_where_the_saved_run_was(tmp_path: Path) -> No
         m(torch.ones(1, 3)).sum().backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
+
+
+def test_check_run_refuses_a_resume_with_other_settings(tmp_path: Path) -> None:
+    model, optimizer = _trained(1)
+    run = {"lr": 0.1, "data": "abc"}
+    saved = Checkpoints(tmp_path).save(1, dict(model.named_parameters()), optimizer, {"run": run})
+    saved.check_run(run)
+    with pytest.raises(ParamError, match=r"other settings or data \(data, lr\)") as err:
+        saved.check_run({"lr": 0.2, "data": "xyz"})
+    assert err.value.field == "resume"
 
 
 def test_a_step_folder_of_another_layout_is_refused(tmp_path: Path) -> None:

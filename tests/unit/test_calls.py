@@ -1,14 +1,20 @@
-"""CallGate: authentication, deadlines and error mapping shared by both server adapters."""
+"""CallGate: authentication, deadlines, metadata and error mapping shared by both server adapters;
+the grpc.aio server's handling of binary metadata and where its metrics endpoint listens."""
 
 import asyncio
+import socket
 import time
+import urllib.request
 
 import grpc
 import pytest
 
+from ragfleet.v1 import pipeline_pb2_grpc, retriever_pb2
+from services.gateway.service import PipelineService
 from services.runtime.calls import CallGate, rpc_methods
 from services.runtime.errors import ServiceError, not_found
-from services.runtime.settings import AuthSettings, Settings
+from services.runtime.server import start_metrics, start_server
+from services.runtime.settings import AuthSettings, GatewaySettings, ServerSettings, Settings
 
 SEARCH = next(m for m in rpc_methods("ragfleet.v1.Retriever") if m.name == "Search")
 
@@ -93,3 +99,51 @@ async def test_streams_map_errors_the_same_way() -> None:
             got.append(item)
     assert got == [1, 2]
     assert err.value.code == grpc.StatusCode.INTERNAL and "secret" not in err.value.message
+
+
+def test_undecodable_metadata_is_an_invalid_argument_naming_the_key() -> None:
+    with pytest.raises(ServiceError) as err:
+        gate().context([("x-request-id", b"\xff\xfe")], None)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.message.startswith("x-request-id:")
+
+
+def test_binary_metadata_is_left_out_of_the_text_metadata() -> None:
+    ctx = gate().context([("x-a-bin", b"\xff"), ("x-request-id", "abc")], None)
+    assert ctx.metadata == {"x-request-id": "abc"}
+
+
+@pytest.fixture
+async def pipeline_server():
+    """A Pipeline with no retrievers (ListIndexes answers an empty list) behind the real grpc.aio
+    server, requiring the token 's3cret'; yields a stub."""
+    settings = Settings(auth=AuthSettings(tokens={"s3cret": "acme"}), gateway=GatewaySettings(retrievers={}))
+    server, port = await start_server("ragfleet.v1.Pipeline", PipelineService(settings), settings, port=0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield pipeline_pb2_grpc.PipelineStub(channel)
+    await server.stop(None)
+
+
+async def test_binary_metadata_that_is_not_utf8_is_accepted_over_grpc(pipeline_server) -> None:
+    request = retriever_pb2.ListIndexesRequest()
+    authorized = [("authorization", "Bearer s3cret"), ("x-a-bin", b"\xff")]
+    assert list((await pipeline_server.ListIndexes(request, metadata=authorized)).indexes) == []
+    # It does not get past authentication either.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await pipeline_server.ListIndexes(request, metadata=[("x-a-bin", b"\xff")])
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_metrics_endpoint_listens_on_the_server_host() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    httpd = start_metrics(Settings(server=ServerSettings(host="127.0.0.1", metrics_port=port)))
+    try:
+        assert httpd.server_address[:2] == ("127.0.0.1", port)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert b"ragfleet_rpc_total" in reply.read()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert start_metrics(Settings(server=ServerSettings(metrics_port=None))) is None

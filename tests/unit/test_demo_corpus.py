@@ -7,6 +7,7 @@ import pytest
 from ragfleet.v1 import common_pb2
 from services.demo.corpus import demo_documents, demo_questions, generated_archipelago
 from services.gateway.chunking import ChunkSettings, chunk_document
+from services.runtime.settings import Limits
 
 
 def test_documents_are_deterministic_and_well_formed() -> None:
@@ -69,7 +70,7 @@ def test_unique_facts_appear_in_one_document_only() -> None:
 def test_the_corpus_chunks_into_passages() -> None:
     spec = ChunkSettings(chunk_tokens=200, overlap_tokens=40)
     for document in demo_documents():
-        passages = chunk_document(common_pb2.Document(**document), spec)
+        passages = chunk_document(common_pb2.Document(**document), spec, Limits())
         assert [p.id for p in passages] == [f"{document['id']}#0"]
 
 

@@ -29,6 +29,7 @@ APPLICATIONS = {
     "retriever-dense",
     "retriever-bm25",
     "retriever-colbert",
+    "reranker",
     "generator",
     "evaluator",
 }
@@ -121,6 +122,22 @@ def test_pipeline_finds_the_generator_and_the_generator_the_dense_retriever() ->
     retriever = services["generator"]["environment"]["RAGFLEET_GENERATOR__RETRIEVER__ADDRESS"]
     assert retriever == f"retriever-dense:{DEFAULT_PORTS['retriever-dense']}"
     assert services["generator"]["depends_on"]["retriever-dense"] == {"condition": "service_healthy"}
+
+
+def test_pipeline_finds_the_reranker_in_compose_and_in_the_fleet() -> None:
+    from services.runtime.serve import FLEET, fleet_settings
+    from services.runtime.settings import Settings
+
+    pipeline = compose_services()["pipeline"]
+    reranker = GatewaySettings(
+        reranker=json.loads(pipeline["environment"]["RAGFLEET_GATEWAY__RERANKER"])
+    ).reranker
+    assert reranker is not None and reranker.address == f"reranker:{DEFAULT_PORTS['reranker']}"
+    assert pipeline["depends_on"]["reranker"] == {"condition": "service_healthy"}
+    deployed = fleet_settings(Settings()).gateway.reranker
+    assert deployed is not None and deployed.application == "reranker"
+    assert FLEET.index("reranker") < FLEET.index("pipeline")
+    assert SERVICES["reranker"].servicer_function.endswith("add_RerankerServicer_to_server")
 
 
 def test_fleet_settings_route_generation_through_the_serve_proxy() -> None:

@@ -178,3 +178,14 @@ async def test_ask_rejects_a_bad_spec_by_field(backends) -> None:
         with pytest.raises(ServiceError) as err:
             await service.Ask(pipeline_pb2.AskRequest(question="q", retrieval=retrieval), CallContext())
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.message.startswith(field)
+
+
+async def test_search_batch_is_bounded_by_what_the_retrievers_accept(backends) -> None:
+    address, retriever = backends
+    service = gateway(address, rerank=False, generate=False)
+    retrieval = common_pb2.RetrievalSpec(index="kb", top_k=1000)
+    request = pipeline_pb2.PipelineSearchBatchRequest(queries=["q"] * 101, retrieval=retrieval)
+    with pytest.raises(ServiceError) as err:
+        await service.SearchBatch(request, CallContext())
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "max_batch_results" in err.value.message
+    assert retriever.requests == []

@@ -22,6 +22,9 @@ MODEL_CODE = (
     "services/retriever/colbert/encoder.py",
     "services/retriever/colbert/plaid.py",
     "services/retriever/colbert/codec.py",
+    "services/reranker/backend.py",
+    "services/reranker/cross_encoder.py",
+    "services/reranker/first.py",
 )
 GRPC_BOUND = (
     "grpc",

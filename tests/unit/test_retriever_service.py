@@ -1,9 +1,11 @@
 """RetrieverService called directly: ingest, search, delete, validation, versions, recovery."""
 
+import asyncio
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import grpc
@@ -16,6 +18,7 @@ from services.retriever.service import RetrieverService
 from services.runtime.context import CallContext
 from services.runtime.errors import ServiceError
 from services.runtime.settings import Settings
+from tests.reliability.races import run_races
 
 ROOT = Path(__file__).resolve().parents[2]
 CTX = CallContext(tenant="acme")
@@ -134,7 +137,7 @@ async def test_add_delete_upsert_visible_at_once_and_persisted(bm25, settings):
 async def test_validation_errors(bm25, settings):
     INVALID = grpc.StatusCode.INVALID_ARGUMENT
     limits = settings.limits
-    for bad in ["", "a/b", "..", "x" * (limits.max_index_name_chars + 1)]:
+    for bad in ["", "a/b", "..", "idx\n", "x" * (limits.max_index_name_chars + 1)]:
         await expect(INVALID, bm25.Search(search_req(index=bad), CTX), "index")
     await expect(INVALID, bm25.Search(search_req(query=""), CTX), "query")
     await expect(INVALID, bm25.Search(search_req(query="q" * (limits.max_query_chars + 1)), CTX), "query")
@@ -317,3 +320,78 @@ async def test_a_stream_without_its_last_message_commits_nothing(bm25):
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "last" in err.value.message
     after = await svc.DescribeIndex(retriever_pb2.DescribeIndexRequest(index="idx"), CTX)
     assert after.version.version == before.version.version and after.passages == before.passages
+
+
+async def test_concurrent_changes_keep_every_index_whole(tmp_path):
+    report = await run_races(tmp_path, rounds=6, calls_per_round=40, seconds=20)
+    assert report.rounds >= 2
+    assert report.broken == 0, report.broken_calls[:5] + report.broken_invariants[:5]
+
+
+async def test_a_deadline_or_a_cancel_stops_a_search_between_slices(bm25, monkeypatch):
+    from services.retriever.bm25 import BM25Backend
+
+    searched = []
+    search = BM25Backend.search
+
+    def slow(self, query):
+        time.sleep(0.02)
+        searched.append(len(query.texts))
+        return search(self, query)
+
+    monkeypatch.setattr(BM25Backend, "search", slow)
+    request = retriever_pb2.SearchBatchRequest(index="idx", queries=["cat"] * 640, top_k=1)
+    late = CallContext(tenant="acme", deadline=time.time() + 0.05)
+    await expect(grpc.StatusCode.DEADLINE_EXCEEDED, bm25.SearchBatch(request, late))
+    assert sum(searched) < 640 / 2
+    searched.clear()
+    task = asyncio.create_task(bm25.SearchBatch(request, CTX))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    done = sum(searched)  # the call ended only once its thread did: no work goes on behind it
+    await asyncio.sleep(0.1)
+    assert sum(searched) == done < 640 / 2
+
+
+async def test_request_sizes_are_limited(bm25, settings):
+    INVALID = grpc.StatusCode.INVALID_ARGUMENT
+    limits = settings.limits
+    filters = {f"k{i}": "v" for i in range(limits.max_filters + 1)}
+    err = await expect(INVALID, bm25.Search(search_req(filters=filters), CTX), "filters")
+    assert "limits.max_filters" in err.message
+    queries = ["cat"] * (limits.max_batch_results // limits.max_top_k + 1)
+    request = retriever_pb2.SearchBatchRequest(index="idx", queries=queries, top_k=limits.max_top_k)
+    err = await expect(INVALID, bm25.SearchBatch(request, CTX), "top_k")
+    assert "limits.max_batch_results" in err.message
+    cases = [
+        (common_pb2.Passage(id="t#0", text="x", title="t" * (limits.max_title_bytes + 1)), "title"),
+        (common_pb2.Passage(id="t#0", text="x", metadata={"k": "v" * limits.max_metadata_bytes}), "metadata"),
+    ]
+    for passage, field in cases:
+        err = await expect(
+            INVALID, bm25.Ingest(stream(ingest_req(items=[passage])), CTX), f"passages[0].{field}"
+        )
+        assert f"limits.max_{field}_bytes" in err.message
+
+
+async def test_ingest_streams_are_capped_as_they_arrive(tmp_path):
+    settings = Settings(home=tmp_path, limits={"max_ingest_passages": 10, "max_ingest_bytes": 4096})
+    service = RetrieverService(settings, ["bm25"])
+    sent = []
+
+    async def messages(n, words):
+        for i in range(n):
+            sent.append(i)
+            passage = common_pb2.Passage(id=f"p{i}", text="word " * words)
+            yield retriever_pb2.IngestRequest(index="capped", passages=[passage], last=i == n - 1)
+
+    for words, limit, received in [(1, "max_ingest_passages", 11), (200, "max_ingest_bytes", 5)]:
+        sent.clear()
+        err = await expect(grpc.StatusCode.RESOURCE_EXHAUSTED, service.Ingest(messages(50, words), CTX))
+        assert f"limits.{limit}" in err.message and len(sent) == received, (err.message, len(sent))
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        service.DescribeIndex(retriever_pb2.DescribeIndexRequest(index="capped"), CTX),
+    )

@@ -43,3 +43,21 @@ def test_manifest_round_trip(tmp_path):
     loaded = load_manifest(tmp_path)
     assert loaded == manifest
     assert loaded.version_dir_name == "v000003"
+
+
+def test_tree_size_skips_what_vanishes(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_bytes(b"12345")
+    (tmp_path / "g").write_bytes(b"123")
+    (tmp_path / "gone").write_bytes(b"1")
+    assert storage.tree_size(tmp_path) == 9
+    stat = os.stat
+
+    def racing_stat(path, *args, **kwargs):
+        if str(path).endswith("gone"):
+            raise FileNotFoundError(path)
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage.os, "stat", racing_stat)
+    assert storage.tree_size(tmp_path) == 8
+    assert storage.tree_size(tmp_path / "missing") == 0

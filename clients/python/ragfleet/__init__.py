@@ -26,6 +26,7 @@ from ragfleet.v1.common_pb2 import (
     RetrievalSpec,
     SearchOptions,
 )
+from ragfleet.v1.pipeline_pb2 import RerankSpec
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "GenerationParams",
     "IndexSpec",
     "RagfleetError",
+    "RerankSpec",
     "RetrievalSpec",
     "SearchOptions",
     "call_metadata",

@@ -18,6 +18,9 @@ Decisions worth knowing:
   every attempt carries the same metadata (so the same request id). gRPC caps a call at 5 attempts.
 - A retrieval is one `RetrievalSpec`: `retrieval_spec` builds it from a spec (message or dict) and
   the keyword arguments the client methods take (`RetrievalArgs`), the same for every method.
+- Reranking (`rerank=` of search, search_batch and ask) is one `RerankSpec`: True reranks with the
+  Reranker's defaults; a dict of RerankSpec's fields ({"backend", "model", "depth", "required"})
+  reranks with those ("enabled" defaults to True); a RerankSpec goes as it is.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ ParamsLike = common_pb2.GenerationParams | Mapping[str, Any] | None
 # approximate retrievers (colbert).
 OptionsLike = common_pb2.SearchOptions | Mapping[str, Any] | None
 RetrievalLike = common_pb2.RetrievalSpec | Mapping[str, Any] | None
+RerankLike = bool | pipeline_pb2.RerankSpec | Mapping[str, Any] | None
 Filters = Mapping[str, Any] | None
 Names = str | Sequence[str] | None
 ChannelOptions = Sequence[tuple[str, Any]] | None
@@ -92,10 +96,15 @@ class RetrievalArgs(TypedDict, total=False):
     with_continuation: bool
 
 
-class AskArgs(RetrievalArgs, total=False):
-    """Ask's keyword arguments: the retrieval's, plus reranking and generation."""
+class SearchArgs(RetrievalArgs, total=False):
+    """Search's keyword arguments: the retrieval's, plus `rerank` (see the module docstring)."""
 
-    rerank: bool
+    rerank: RerankLike
+
+
+class AskArgs(SearchArgs, total=False):
+    """Ask's keyword arguments: the search's, plus generation."""
+
     generate: bool
     params: ParamsLike
 
@@ -315,24 +324,48 @@ def _retrieval_from_mapping(fields: Mapping[str, Any]) -> common_pb2.RetrievalSp
     return spec
 
 
-def search_request(query: str, fields: RetrievalArgs) -> pipeline_pb2.PipelineSearchRequest:
-    return pipeline_pb2.PipelineSearchRequest(query=query, retrieval=retrieval_spec(fields, top_k=10))
+def to_rerank_spec(rerank: RerankLike) -> pipeline_pb2.RerankSpec | None:
+    """None (or False) for no reranking, else the RerankSpec of `rerank` (see the module docstring)."""
+    if rerank is None or rerank is False:
+        return None
+    if rerank is True:
+        return pipeline_pb2.RerankSpec(enabled=True)
+    if isinstance(rerank, Mapping):
+        rerank = {"enabled": True, **rerank}
+    return _message(pipeline_pb2.RerankSpec, rerank, "rerank")
 
 
-def search_batch_request(queries: Names, fields: RetrievalArgs) -> pipeline_pb2.PipelineSearchBatchRequest:
-    spec = retrieval_spec(fields, top_k=10)
-    return pipeline_pb2.PipelineSearchBatchRequest(queries=_names(queries), retrieval=spec)
+def _without_rerank(fields: SearchArgs) -> tuple[dict[str, Any], pipeline_pb2.RerankSpec | None]:
+    """A call's other keyword arguments, and its RerankSpec."""
+    rest: dict[str, Any] = dict(fields)
+    return rest, to_rerank_spec(rest.pop("rerank", None))
+
+
+def search_request(query: str, fields: SearchArgs) -> pipeline_pb2.PipelineSearchRequest:
+    rest, reranking = _without_rerank(fields)
+    return pipeline_pb2.PipelineSearchRequest(
+        query=query, retrieval=retrieval_spec(rest, top_k=10), reranking=reranking
+    )
+
+
+def search_batch_request(queries: Names, fields: SearchArgs) -> pipeline_pb2.PipelineSearchBatchRequest:
+    rest, reranking = _without_rerank(fields)
+    return pipeline_pb2.PipelineSearchBatchRequest(
+        queries=_names(queries), retrieval=retrieval_spec(rest, top_k=10), reranking=reranking
+    )
 
 
 def ask_request(question: str, fields: AskArgs) -> pipeline_pb2.AskRequest:
-    """Ask's request; rerank defaults to False, generate to True."""
-    asked: dict[str, Any] = dict(fields)
-    rerank, generate = asked.pop("rerank", False), asked.pop("generate", True)
+    """Ask's request; rerank defaults to off, generate to True. `rerank` also sets the request's
+    `rerank` flag, so servers older than RerankSpec rerank too."""
+    asked, reranking = _without_rerank(fields)
+    generate = asked.pop("generate", True)
     params = _message(common_pb2.GenerationParams, asked.pop("params", None), "params")
     return pipeline_pb2.AskRequest(
         question=question,
         retrieval=retrieval_spec(asked, top_k=5),
-        rerank=rerank,
+        rerank=reranking is not None and reranking.enabled,
+        reranking=reranking,
         generate=generate,
         params=params,
     )

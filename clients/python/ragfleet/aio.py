@@ -20,7 +20,15 @@ import grpc
 import grpc.aio
 
 from ragfleet import _common
-from ragfleet._common import AskArgs, BaseClient, CallBudget, DeleteArgs, IngestArgs, Names, RetrievalArgs
+from ragfleet._common import (
+    AskArgs,
+    BaseClient,
+    CallBudget,
+    DeleteArgs,
+    IngestArgs,
+    Names,
+    SearchArgs,
+)
 from ragfleet.errors import Unavailable
 from ragfleet.v1 import pipeline_pb2, retriever_pb2
 
@@ -58,14 +66,14 @@ class AsyncClient(BaseClient):
             raise budget.error(err) from err
 
     async def search(
-        self, query: str, *, timeout: float | None = None, **fields: Unpack[RetrievalArgs]
+        self, query: str, *, timeout: float | None = None, **fields: Unpack[SearchArgs]
     ) -> pipeline_pb2.PipelineSearchResponse:
         """Retrieves and fuses; arguments as in `Client.search`."""
         request = _common.search_request(query, fields)
         return await self._unary(self._stub.Search, request, timeout)
 
     async def search_batch(
-        self, queries: Names, *, timeout: float | None = None, **fields: Unpack[RetrievalArgs]
+        self, queries: Names, *, timeout: float | None = None, **fields: Unpack[SearchArgs]
     ) -> pipeline_pb2.PipelineSearchBatchResponse:
         request = _common.search_batch_request(queries, fields)
         return await self._unary(self._stub.SearchBatch, request, timeout)

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from ragfleet import _common
-from ragfleet._common import AskArgs, BaseClient, CallBudget, DeleteArgs, IngestArgs, Names, RetrievalArgs
+from ragfleet._common import (
+    AskArgs,
+    BaseClient,
+    CallBudget,
+    DeleteArgs,
+    IngestArgs,
+    Names,
+    SearchArgs,
+)
 from ragfleet.errors import Unavailable
 from ragfleet.v1 import pipeline_pb2, retriever_pb2
 
@@ -83,17 +91,18 @@ class Client(SyncClientBase):
             future.cancel()
 
     def search(
-        self, query: str, *, timeout: float | None = None, **fields: Unpack[RetrievalArgs]
+        self, query: str, *, timeout: float | None = None, **fields: Unpack[SearchArgs]
     ) -> pipeline_pb2.PipelineSearchResponse:
         """Retrieves and fuses: `index` and the keyword arguments of `RetrievalArgs` (top_k=10,
         retrievers, fusion, filters, candidates, options, with_continuation) over `retrieval`, a
         RetrievalSpec or dict. `options` tunes approximate retrievers (colbert), e.g.
-        {"exhaustive": True} or {"ncells": 4, "ndocs": 4096}."""
+        {"exhaustive": True} or {"ncells": 4, "ndocs": 4096}. `rerank=True` (or a dict such as
+        {"depth": 30, "model": PATH}) reranks the fused list; the response's `rerank` says how."""
         request = _common.search_request(query, fields)
         return self._unary(self._stub.Search, request, timeout)
 
     def search_batch(
-        self, queries: Names, *, timeout: float | None = None, **fields: Unpack[RetrievalArgs]
+        self, queries: Names, *, timeout: float | None = None, **fields: Unpack[SearchArgs]
     ) -> pipeline_pb2.PipelineSearchBatchResponse:
         """`search` for many queries with one spec, in one call."""
         request = _common.search_batch_request(queries, fields)

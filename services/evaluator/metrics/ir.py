@@ -55,7 +55,7 @@ def parse_measure(measure: str) -> tuple[str, str]:
         return "recip_rank", f"mrr@{MRR_CUTOFF}"
     if measure in pytrec_eval.supported_measures:
         return measure, measure
-    match = _CUTOFF_MEASURE.match(measure)
+    match = _CUTOFF_MEASURE.fullmatch(measure)
     if match and match["family"] in pytrec_eval.supported_measures:
         family, k = match["family"], match["k"]
         return f"{family}.{k}", f"{_READABLE_FAMILY.get(family, family)}@{k}"

@@ -27,7 +27,7 @@ from ragfleet.v1 import retriever_pb2 as ragfleet_dot_v1_dot_retriever__pb2
 from ragfleet.v1 import generator_pb2 as ragfleet_dot_v1_dot_generator__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aragfleet/v1/pipeline.proto\x12\x0bragfleet.v1\x1a\x18ragfleet/v1/common.proto\x1a\x1bragfleet/v1/retriever.proto\x1a\x1bragfleet/v1/generator.proto\"\x94\x01\n\x15PipelineIngestRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.ragfleet.v1.IndexSpec\x12(\n\tdocuments\x18\x03 \x03(\x0b\x32\x15.ragfleet.v1.Document\x12\x0e\n\x06upsert\x18\x04 \x01(\x08\x12\x0c\n\x04last\x18\x05 \x01(\x08\"\x90\x01\n\x14PipelineIngestReport\x12\x11\n\tdocuments\x18\x01 \x01(\x03\x12\x10\n\x08passages\x18\x02 \x01(\x03\x12-\n\nretrievers\x18\x03 \x03(\x0b\x32\x19.ragfleet.v1.IngestReport\x12$\n\x07timings\x18\x04 \x03(\x0b\x32\x13.ragfleet.v1.Timing\"\xae\x01\n\x15PipelineSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12-\n\tretrieval\x18\n \x01(\x0b\x32\x1a.ragfleet.v1.RetrievalSpecJ\x04\x08\x02\x10\nR\x05indexR\x05top_kR\nretrieversR\x06\x66usionR\x07\x66iltersR\x11with_continuationR\ncandidatesR\x07options\"\x98\x01\n\x16PipelineSearchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12+\n\x08versions\x18\x02 \x03(\x0b\x32\x19.ragfleet.v1.IndexVersion\x12$\n\x07timings\x18\x03 \x03(\x0b\x32\x13.ragfleet.v1.Timing\"\xa2\x01\n\x1aPipelineSearchBatchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12-\n\tretrieval\x18\t \x01(\x0b\x32\x1a.ragfleet.v1.RetrievalSpecJ\x04\x08\x02\x10\tR\x05indexR\x05top_kR\nretrieversR\x06\x66usionR\x07\x66iltersR\ncandidatesR\x07options\"\x82\x01\n\x1bPipelineSearchBatchResponse\x12\x36\n\tresponses\x18\x01 \x03(\x0b\x32#.ragfleet.v1.PipelineSearchResponse\x12+\n\x08versions\x18\x02 \x03(\x0b\x32\x19.ragfleet.v1.IndexVersion\"\xd5\x01\n\nAskRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12-\n\tretrieval\x18\n \x01(\x0b\x32\x1a.ragfleet.v1.RetrievalSpec\x12\x0e\n\x06rerank\x18\x06 \x01(\x08\x12\x10\n\x08generate\x18\x07 \x01(\x08\x12-\n\x06params\x18\x08 \x01(\x0b\x32\x1d.ragfleet.v1.GenerationParamsJ\x04\x08\x02\x10\x06J\x04\x08\t\x10\nR\x05indexR\x05top_kR\nretrieversR\x06\x66usionR\x07\x66ilters\"\xbe\x01\n\x06\x41nswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\tcitations\x18\x02 \x03(\x0b\x32\x15.ragfleet.v1.Citation\x12$\n\x07timings\x18\x03 \x03(\x0b\x32\x13.ragfleet.v1.Timing\x12\x16\n\x0eretrieval_only\x18\x04 \x01(\x08\x12+\n\x08versions\x18\x05 \x03(\x0b\x32\x19.ragfleet.v1.IndexVersion\x12\x11\n\tmodel_ids\x18\x06 \x03(\t\"`\n\x0b\x41skResponse\x12,\n\x08passages\x18\x01 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12#\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x13.ragfleet.v1.Answer\"\xa8\x01\n\x08\x41skEvent\x12-\n\tretrieved\x18\x01 \x01(\x0b\x32\x18.ragfleet.v1.PassageListH\x00\x12,\n\x08reranked\x18\x02 \x01(\x0b\x32\x18.ragfleet.v1.PassageListH\x00\x12\x0f\n\x05token\x18\x03 \x01(\tH\x00\x12%\n\x06\x61nswer\x18\x04 \x01(\x0b\x32\x13.ragfleet.v1.AnswerH\x00\x42\x07\n\x05\x65vent\"a\n\x0bPassageList\x12,\n\x08passages\x18\x01 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12$\n\x07timings\x18\x02 \x03(\x0b\x32\x13.ragfleet.v1.Timing\"I\n\x16PipelineDeleteResponse\x12/\n\nretrievers\x18\x01 \x03(\x0b\x32\x1b.ragfleet.v1.DeleteResponse\";\n\x16PipelineRebuildRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x12\n\nretrievers\x18\x02 \x03(\t\"K\n\x17PipelineRebuildResponse\x12\x30\n\nretrievers\x18\x01 \x03(\x0b\x32\x1c.ragfleet.v1.RebuildResponse\"\\\n\x18PipelineIndexDescription\x12\r\n\x05index\x18\x01 \x01(\t\x12\x31\n\nretrievers\x18\x02 \x03(\x0b\x32\x1d.ragfleet.v1.IndexDescription\"U\n\x1bPipelineListIndexesResponse\x12\x36\n\x07indexes\x18\x01 \x03(\x0b\x32%.ragfleet.v1.PipelineIndexDescription\"\x11\n\x0f\x44\x65scribeRequest\"Q\n\x0fServiceEndpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x8c\x01\n\x10\x44\x65scribeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\x08services\x18\x02 \x03(\x0b\x32\x1c.ragfleet.v1.ServiceEndpoint\x12\x12\n\nretrievers\x18\x03 \x03(\t\x12\x10\n\x08reranker\x18\x04 \x01(\x08\x12\x11\n\tgenerator\x18\x05 \x01(\x08\x32\xaa\x06\n\x08Pipeline\x12Q\n\x06Ingest\x12\".ragfleet.v1.PipelineIngestRequest\x1a!.ragfleet.v1.PipelineIngestReport(\x01\x12Q\n\x06Search\x12\".ragfleet.v1.PipelineSearchRequest\x1a#.ragfleet.v1.PipelineSearchResponse\x12`\n\x0bSearchBatch\x12\'.ragfleet.v1.PipelineSearchBatchRequest\x1a(.ragfleet.v1.PipelineSearchBatchResponse\x12\x38\n\x03\x41sk\x12\x17.ragfleet.v1.AskRequest\x1a\x18.ragfleet.v1.AskResponse\x12=\n\tAskStream\x12\x17.ragfleet.v1.AskRequest\x1a\x15.ragfleet.v1.AskEvent0\x01\x12I\n\x06\x44\x65lete\x12\x1a.ragfleet.v1.DeleteRequest\x1a#.ragfleet.v1.PipelineDeleteResponse\x12T\n\x07Rebuild\x12#.ragfleet.v1.PipelineRebuildRequest\x1a$.ragfleet.v1.PipelineRebuildResponse\x12Y\n\rDescribeIndex\x12!.ragfleet.v1.DescribeIndexRequest\x1a%.ragfleet.v1.PipelineIndexDescription\x12X\n\x0bListIndexes\x12\x1f.ragfleet.v1.ListIndexesRequest\x1a(.ragfleet.v1.PipelineListIndexesResponse\x12G\n\x08\x44\x65scribe\x12\x1c.ragfleet.v1.DescribeRequest\x1a\x1d.ragfleet.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aragfleet/v1/pipeline.proto\x12\x0bragfleet.v1\x1a\x18ragfleet/v1/common.proto\x1a\x1bragfleet/v1/retriever.proto\x1a\x1bragfleet/v1/generator.proto\"\x94\x01\n\x15PipelineIngestRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.ragfleet.v1.IndexSpec\x12(\n\tdocuments\x18\x03 \x03(\x0b\x32\x15.ragfleet.v1.Document\x12\x0e\n\x06upsert\x18\x04 \x01(\x08\x12\x0c\n\x04last\x18\x05 \x01(\x08\"\x90\x01\n\x14PipelineIngestReport\x12\x11\n\tdocuments\x18\x01 \x01(\x03\x12\x10\n\x08passages\x18\x02 \x01(\x03\x12-\n\nretrievers\x18\x03 \x03(\x0b\x32\x19.ragfleet.v1.IngestReport\x12$\n\x07timings\x18\x04 \x03(\x0b\x32\x13.ragfleet.v1.Timing\"\xda\x01\n\x15PipelineSearchRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12-\n\tretrieval\x18\n \x01(\x0b\x32\x1a.ragfleet.v1.RetrievalSpec\x12*\n\treranking\x18\x0b \x01(\x0b\x32\x17.ragfleet.v1.RerankSpecJ\x04\x08\x02\x10\nR\x05indexR\x05top_kR\nretrieversR\x06\x66usionR\x07\x66iltersR\x11with_continuationR\ncandidatesR\x07options\"\xc3\x01\n\x16PipelineSearchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12+\n\x08versions\x18\x02 \x03(\x0b\x32\x19.ragfleet.v1.IndexVersion\x12$\n\x07timings\x18\x03 \x03(\x0b\x32\x13.ragfleet.v1.Timing\x12)\n\x06rerank\x18\x04 \x01(\x0b\x32\x19.ragfleet.v1.RerankReport\"\xce\x01\n\x1aPipelineSearchBatchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12-\n\tretrieval\x18\t \x01(\x0b\x32\x1a.ragfleet.v1.RetrievalSpec\x12*\n\treranking\x18\n \x01(\x0b\x32\x17.ragfleet.v1.RerankSpecJ\x04\x08\x02\x10\tR\x05indexR\x05top_kR\nretrieversR\x06\x66usionR\x07\x66iltersR\ncandidatesR\x07options\"\x82\x01\n\x1bPipelineSearchBatchResponse\x12\x36\n\tresponses\x18\x01 \x03(\x0b\x32#.ragfleet.v1.PipelineSearchResponse\x12+\n\x08versions\x18\x02 \x03(\x0b\x32\x19.ragfleet.v1.IndexVersion\"\x81\x02\n\nAskRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12-\n\tretrieval\x18\n \x01(\x0b\x32\x1a.ragfleet.v1.RetrievalSpec\x12\x0e\n\x06rerank\x18\x06 \x01(\x08\x12*\n\treranking\x18\x0b \x01(\x0b\x32\x17.ragfleet.v1.RerankSpec\x12\x10\n\x08generate\x18\x07 \x01(\x08\x12-\n\x06params\x18\x08 \x01(\x0b\x32\x1d.ragfleet.v1.GenerationParamsJ\x04\x08\x02\x10\x06J\x04\x08\t\x10\nR\x05indexR\x05top_kR\nretrieversR\x06\x66usionR\x07\x66ilters\"\xbe\x01\n\x06\x41nswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\tcitations\x18\x02 \x03(\x0b\x32\x15.ragfleet.v1.Citation\x12$\n\x07timings\x18\x03 \x03(\x0b\x32\x13.ragfleet.v1.Timing\x12\x16\n\x0eretrieval_only\x18\x04 \x01(\x08\x12+\n\x08versions\x18\x05 \x03(\x0b\x32\x19.ragfleet.v1.IndexVersion\x12\x11\n\tmodel_ids\x18\x06 \x03(\t\"`\n\x0b\x41skResponse\x12,\n\x08passages\x18\x01 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12#\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x13.ragfleet.v1.Answer\"\xa8\x01\n\x08\x41skEvent\x12-\n\tretrieved\x18\x01 \x01(\x0b\x32\x18.ragfleet.v1.PassageListH\x00\x12,\n\x08reranked\x18\x02 \x01(\x0b\x32\x18.ragfleet.v1.PassageListH\x00\x12\x0f\n\x05token\x18\x03 \x01(\tH\x00\x12%\n\x06\x61nswer\x18\x04 \x01(\x0b\x32\x13.ragfleet.v1.AnswerH\x00\x42\x07\n\x05\x65vent\"\x8c\x01\n\x0bPassageList\x12,\n\x08passages\x18\x01 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12$\n\x07timings\x18\x02 \x03(\x0b\x32\x13.ragfleet.v1.Timing\x12)\n\x06rerank\x18\x03 \x01(\x0b\x32\x19.ragfleet.v1.RerankReport\"^\n\nRerankSpec\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x04 \x01(\x05\x12\x10\n\x08required\x18\x05 \x01(\x08\"z\n\x0cRerankReport\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\ncandidates\x18\x03 \x01(\x05\x12\x11\n\ttruncated\x18\x04 \x01(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\x0c\n\x04note\x18\x06 \x01(\t\"I\n\x16PipelineDeleteResponse\x12/\n\nretrievers\x18\x01 \x03(\x0b\x32\x1b.ragfleet.v1.DeleteResponse\";\n\x16PipelineRebuildRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x12\n\nretrievers\x18\x02 \x03(\t\"K\n\x17PipelineRebuildResponse\x12\x30\n\nretrievers\x18\x01 \x03(\x0b\x32\x1c.ragfleet.v1.RebuildResponse\"\\\n\x18PipelineIndexDescription\x12\r\n\x05index\x18\x01 \x01(\t\x12\x31\n\nretrievers\x18\x02 \x03(\x0b\x32\x1d.ragfleet.v1.IndexDescription\"U\n\x1bPipelineListIndexesResponse\x12\x36\n\x07indexes\x18\x01 \x03(\x0b\x32%.ragfleet.v1.PipelineIndexDescription\"\x11\n\x0f\x44\x65scribeRequest\"Q\n\x0fServiceEndpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x8c\x01\n\x10\x44\x65scribeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\x08services\x18\x02 \x03(\x0b\x32\x1c.ragfleet.v1.ServiceEndpoint\x12\x12\n\nretrievers\x18\x03 \x03(\t\x12\x10\n\x08reranker\x18\x04 \x01(\x08\x12\x11\n\tgenerator\x18\x05 \x01(\x08\x32\xaa\x06\n\x08Pipeline\x12Q\n\x06Ingest\x12\".ragfleet.v1.PipelineIngestRequest\x1a!.ragfleet.v1.PipelineIngestReport(\x01\x12Q\n\x06Search\x12\".ragfleet.v1.PipelineSearchRequest\x1a#.ragfleet.v1.PipelineSearchResponse\x12`\n\x0bSearchBatch\x12\'.ragfleet.v1.PipelineSearchBatchRequest\x1a(.ragfleet.v1.PipelineSearchBatchResponse\x12\x38\n\x03\x41sk\x12\x17.ragfleet.v1.AskRequest\x1a\x18.ragfleet.v1.AskResponse\x12=\n\tAskStream\x12\x17.ragfleet.v1.AskRequest\x1a\x15.ragfleet.v1.AskEvent0\x01\x12I\n\x06\x44\x65lete\x12\x1a.ragfleet.v1.DeleteRequest\x1a#.ragfleet.v1.PipelineDeleteResponse\x12T\n\x07Rebuild\x12#.ragfleet.v1.PipelineRebuildRequest\x1a$.ragfleet.v1.PipelineRebuildResponse\x12Y\n\rDescribeIndex\x12!.ragfleet.v1.DescribeIndexRequest\x1a%.ragfleet.v1.PipelineIndexDescription\x12X\n\x0bListIndexes\x12\x1f.ragfleet.v1.ListIndexesRequest\x1a(.ragfleet.v1.PipelineListIndexesResponse\x12G\n\x08\x44\x65scribe\x12\x1c.ragfleet.v1.DescribeRequest\x1a\x1d.ragfleet.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,39 +39,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PIPELINEINGESTREPORT']._serialized_start=279
   _globals['_PIPELINEINGESTREPORT']._serialized_end=423
   _globals['_PIPELINESEARCHREQUEST']._serialized_start=426
-  _globals['_PIPELINESEARCHREQUEST']._serialized_end=600
-  _globals['_PIPELINESEARCHRESPONSE']._serialized_start=603
-  _globals['_PIPELINESEARCHRESPONSE']._serialized_end=755
-  _globals['_PIPELINESEARCHBATCHREQUEST']._serialized_start=758
-  _globals['_PIPELINESEARCHBATCHREQUEST']._serialized_end=920
-  _globals['_PIPELINESEARCHBATCHRESPONSE']._serialized_start=923
-  _globals['_PIPELINESEARCHBATCHRESPONSE']._serialized_end=1053
-  _globals['_ASKREQUEST']._serialized_start=1056
-  _globals['_ASKREQUEST']._serialized_end=1269
-  _globals['_ANSWER']._serialized_start=1272
-  _globals['_ANSWER']._serialized_end=1462
-  _globals['_ASKRESPONSE']._serialized_start=1464
-  _globals['_ASKRESPONSE']._serialized_end=1560
-  _globals['_ASKEVENT']._serialized_start=1563
-  _globals['_ASKEVENT']._serialized_end=1731
-  _globals['_PASSAGELIST']._serialized_start=1733
-  _globals['_PASSAGELIST']._serialized_end=1830
-  _globals['_PIPELINEDELETERESPONSE']._serialized_start=1832
-  _globals['_PIPELINEDELETERESPONSE']._serialized_end=1905
-  _globals['_PIPELINEREBUILDREQUEST']._serialized_start=1907
-  _globals['_PIPELINEREBUILDREQUEST']._serialized_end=1966
-  _globals['_PIPELINEREBUILDRESPONSE']._serialized_start=1968
-  _globals['_PIPELINEREBUILDRESPONSE']._serialized_end=2043
-  _globals['_PIPELINEINDEXDESCRIPTION']._serialized_start=2045
-  _globals['_PIPELINEINDEXDESCRIPTION']._serialized_end=2137
-  _globals['_PIPELINELISTINDEXESRESPONSE']._serialized_start=2139
-  _globals['_PIPELINELISTINDEXESRESPONSE']._serialized_end=2224
-  _globals['_DESCRIBEREQUEST']._serialized_start=2226
-  _globals['_DESCRIBEREQUEST']._serialized_end=2243
-  _globals['_SERVICEENDPOINT']._serialized_start=2245
-  _globals['_SERVICEENDPOINT']._serialized_end=2326
-  _globals['_DESCRIBERESPONSE']._serialized_start=2329
-  _globals['_DESCRIBERESPONSE']._serialized_end=2469
-  _globals['_PIPELINE']._serialized_start=2472
-  _globals['_PIPELINE']._serialized_end=3282
+  _globals['_PIPELINESEARCHREQUEST']._serialized_end=644
+  _globals['_PIPELINESEARCHRESPONSE']._serialized_start=647
+  _globals['_PIPELINESEARCHRESPONSE']._serialized_end=842
+  _globals['_PIPELINESEARCHBATCHREQUEST']._serialized_start=845
+  _globals['_PIPELINESEARCHBATCHREQUEST']._serialized_end=1051
+  _globals['_PIPELINESEARCHBATCHRESPONSE']._serialized_start=1054
+  _globals['_PIPELINESEARCHBATCHRESPONSE']._serialized_end=1184
+  _globals['_ASKREQUEST']._serialized_start=1187
+  _globals['_ASKREQUEST']._serialized_end=1444
+  _globals['_ANSWER']._serialized_start=1447
+  _globals['_ANSWER']._serialized_end=1637
+  _globals['_ASKRESPONSE']._serialized_start=1639
+  _globals['_ASKRESPONSE']._serialized_end=1735
+  _globals['_ASKEVENT']._serialized_start=1738
+  _globals['_ASKEVENT']._serialized_end=1906
+  _globals['_PASSAGELIST']._serialized_start=1909
+  _globals['_PASSAGELIST']._serialized_end=2049
+  _globals['_RERANKSPEC']._serialized_start=2051
+  _globals['_RERANKSPEC']._serialized_end=2145
+  _globals['_RERANKREPORT']._serialized_start=2147
+  _globals['_RERANKREPORT']._serialized_end=2269
+  _globals['_PIPELINEDELETERESPONSE']._serialized_start=2271
+  _globals['_PIPELINEDELETERESPONSE']._serialized_end=2344
+  _globals['_PIPELINEREBUILDREQUEST']._serialized_start=2346
+  _globals['_PIPELINEREBUILDREQUEST']._serialized_end=2405
+  _globals['_PIPELINEREBUILDRESPONSE']._serialized_start=2407
+  _globals['_PIPELINEREBUILDRESPONSE']._serialized_end=2482
+  _globals['_PIPELINEINDEXDESCRIPTION']._serialized_start=2484
+  _globals['_PIPELINEINDEXDESCRIPTION']._serialized_end=2576
+  _globals['_PIPELINELISTINDEXESRESPONSE']._serialized_start=2578
+  _globals['_PIPELINELISTINDEXESRESPONSE']._serialized_end=2663
+  _globals['_DESCRIBEREQUEST']._serialized_start=2665
+  _globals['_DESCRIBEREQUEST']._serialized_end=2682
+  _globals['_SERVICEENDPOINT']._serialized_start=2684
+  _globals['_SERVICEENDPOINT']._serialized_end=2765
+  _globals['_DESCRIBERESPONSE']._serialized_start=2768
+  _globals['_DESCRIBERESPONSE']._serialized_end=2908
+  _globals['_PIPELINE']._serialized_start=2911
+  _globals['_PIPELINE']._serialized_end=3721
 # @@protoc_insertion_point(module_scope)

@@ -36,30 +36,36 @@ class PipelineIngestReport(_message.Message):
     def __init__(self, documents: _Optional[int] = ..., passages: _Optional[int] = ..., retrievers: _Optional[_Iterable[_Union[_retriever_pb2.IngestReport, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ...) -> None: ...
 
 class PipelineSearchRequest(_message.Message):
-    __slots__ = ("query", "retrieval")
+    __slots__ = ("query", "retrieval", "reranking")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    RERANKING_FIELD_NUMBER: _ClassVar[int]
     query: str
     retrieval: _common_pb2.RetrievalSpec
-    def __init__(self, query: _Optional[str] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalSpec, _Mapping]] = ...) -> None: ...
+    reranking: RerankSpec
+    def __init__(self, query: _Optional[str] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalSpec, _Mapping]] = ..., reranking: _Optional[_Union[RerankSpec, _Mapping]] = ...) -> None: ...
 
 class PipelineSearchResponse(_message.Message):
-    __slots__ = ("results", "versions", "timings")
+    __slots__ = ("results", "versions", "timings", "rerank")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScoredPassage]
     versions: _containers.RepeatedCompositeFieldContainer[_common_pb2.IndexVersion]
     timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Timing]
-    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.ScoredPassage, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[_common_pb2.IndexVersion, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ...) -> None: ...
+    rerank: RerankReport
+    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.ScoredPassage, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[_common_pb2.IndexVersion, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ..., rerank: _Optional[_Union[RerankReport, _Mapping]] = ...) -> None: ...
 
 class PipelineSearchBatchRequest(_message.Message):
-    __slots__ = ("queries", "retrieval")
+    __slots__ = ("queries", "retrieval", "reranking")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    RERANKING_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedScalarFieldContainer[str]
     retrieval: _common_pb2.RetrievalSpec
-    def __init__(self, queries: _Optional[_Iterable[str]] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalSpec, _Mapping]] = ...) -> None: ...
+    reranking: RerankSpec
+    def __init__(self, queries: _Optional[_Iterable[str]] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalSpec, _Mapping]] = ..., reranking: _Optional[_Union[RerankSpec, _Mapping]] = ...) -> None: ...
 
 class PipelineSearchBatchResponse(_message.Message):
     __slots__ = ("responses", "versions")
@@ -70,18 +76,20 @@ class PipelineSearchBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[PipelineSearchResponse, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[_common_pb2.IndexVersion, _Mapping]]] = ...) -> None: ...
 
 class AskRequest(_message.Message):
-    __slots__ = ("question", "retrieval", "rerank", "generate", "params")
+    __slots__ = ("question", "retrieval", "rerank", "reranking", "generate", "params")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
+    RERANKING_FIELD_NUMBER: _ClassVar[int]
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     question: str
     retrieval: _common_pb2.RetrievalSpec
     rerank: bool
+    reranking: RerankSpec
     generate: bool
     params: _common_pb2.GenerationParams
-    def __init__(self, question: _Optional[str] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalSpec, _Mapping]] = ..., rerank: _Optional[bool] = ..., generate: _Optional[bool] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ...) -> None: ...
+    def __init__(self, question: _Optional[str] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalSpec, _Mapping]] = ..., rerank: _Optional[bool] = ..., reranking: _Optional[_Union[RerankSpec, _Mapping]] = ..., generate: _Optional[bool] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ...) -> None: ...
 
 class Answer(_message.Message):
     __slots__ = ("text", "citations", "timings", "retrieval_only", "versions", "model_ids")
@@ -120,12 +128,44 @@ class AskEvent(_message.Message):
     def __init__(self, retrieved: _Optional[_Union[PassageList, _Mapping]] = ..., reranked: _Optional[_Union[PassageList, _Mapping]] = ..., token: _Optional[str] = ..., answer: _Optional[_Union[Answer, _Mapping]] = ...) -> None: ...
 
 class PassageList(_message.Message):
-    __slots__ = ("passages", "timings")
+    __slots__ = ("passages", "timings", "rerank")
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
     passages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ScoredPassage]
     timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Timing]
-    def __init__(self, passages: _Optional[_Iterable[_Union[_common_pb2.ScoredPassage, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ...) -> None: ...
+    rerank: RerankReport
+    def __init__(self, passages: _Optional[_Iterable[_Union[_common_pb2.ScoredPassage, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ..., rerank: _Optional[_Union[RerankReport, _Mapping]] = ...) -> None: ...
+
+class RerankSpec(_message.Message):
+    __slots__ = ("enabled", "backend", "model", "depth", "required")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    backend: str
+    model: str
+    depth: int
+    required: bool
+    def __init__(self, enabled: _Optional[bool] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., depth: _Optional[int] = ..., required: _Optional[bool] = ...) -> None: ...
+
+class RerankReport(_message.Message):
+    __slots__ = ("model_id", "backend", "candidates", "truncated", "max_length", "note")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    backend: str
+    candidates: int
+    truncated: int
+    max_length: int
+    note: str
+    def __init__(self, model_id: _Optional[str] = ..., backend: _Optional[str] = ..., candidates: _Optional[int] = ..., truncated: _Optional[int] = ..., max_length: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
 
 class PipelineDeleteResponse(_message.Message):
     __slots__ = ("retrievers",)

@@ -1,0 +1,109 @@
+"""The interface every reranker backend implements, and the registry of backends.
+
+A backend instance is one loaded model. `rerank(query, texts)` orders all the texts for the query and
+says how many did not fit the model's input; the service picks the top_k, maps errors to statuses and
+builds the response. Backends are model code: they know nothing of gRPC or the protos and raise the
+plain errors of `services.runtime.model_errors` (`ArtifactError` for a checkpoint that is missing or is
+not a model of this backend). They are imported lazily (`backend_class`), and a backend never imports
+another backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from services.runtime.model_errors import ArtifactError
+from services.runtime.models import resolve_model
+from services.runtime.settings import RerankerSettings
+
+# name -> "module:Class"
+BACKENDS: dict[str, str] = {
+    "cross_encoder": "services.reranker.cross_encoder:CrossEncoderReranker",
+    "first": "services.reranker.first:FirstReranker",
+}
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One call's candidates reordered: `order` holds candidate positions, best first, and `scores` the
+    score of each (aligned with `order`); `truncated` candidates were cut to the model's input length;
+    `timings` are (stage, milliseconds) of the work done."""
+
+    order: list[int]
+    scores: list[float]
+    truncated: int
+    timings: list[tuple[str, float]] = field(default_factory=list)
+
+
+class RerankerModel(ABC):
+    """A loaded checkpoint of one backend."""
+
+    # The folder under <home>/models that holds the default checkpoint, and the command that writes it
+    # (None while the backend has no trainer).
+    DEFAULT_FOLDER: ClassVar[str]
+    TRAIN_COMMAND: ClassVar[str | None]
+    # A file every complete checkpoint folder holds (a trainer's checkpoints may come first).
+    CHECKPOINT_FILE: ClassVar[str] = "config.json"
+
+    @classmethod
+    @abstractmethod
+    def configured_model(cls, settings: RerankerSettings) -> str | None:
+        """The checkpoint settings name for this backend; None means DEFAULT_FOLDER."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, name_or_path: str, settings: RerankerSettings) -> RerankerModel:
+        """The checkpoint at a local path or hub id; ArtifactError if there is none or it is not a model
+        of this backend."""
+
+    @property
+    @abstractmethod
+    def max_length(self) -> int:
+        """Tokens of one model input; longer candidates are cut."""
+
+    @abstractmethod
+    def rerank(self, query: str, texts: Sequence[str]) -> Ranking:
+        """Every text ordered by relevance to `query`, best first."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A Hugging Face checkpoint to load: where from, whether from local files only, and its config."""
+
+    path: str
+    local_files_only: bool
+    config: Any
+
+
+def find_checkpoint(name_or_path: str, architectures: tuple[str, ...], kind: str) -> ModelFiles:
+    """The checkpoint at a local path or hub id ("all-MiniLM-L6-v2" is the offline package's folder);
+    ArtifactError when there is none, or when its config names no architecture ending in one of
+    `architectures` (`kind` says what was expected, e.g. "a cross-encoder")."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name_or_path)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    local_only = offline or Path(path).exists()
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        raise ArtifactError(
+            f"{name_or_path!r} is not a local folder or a reachable hub model ({err})"
+        ) from err
+    found = config.architectures or []
+    if not any(a.endswith(architectures) for a in found):
+        raise ArtifactError(
+            f"{name_or_path!r} is not {kind}: its config names {', '.join(found) or 'no architecture'}"
+        )
+    return ModelFiles(path, local_only, config)
+
+
+def backend_class(name: str) -> type[RerankerModel]:
+    module_name, _, class_name = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,78 @@
+"""The cross-encoder backend: a sentence-transformers `CrossEncoder` scores each (query, passage) pair.
+
+A checkpoint is a Hugging Face sequence-classification model with one output (a relevance score) and
+its tokenizer, in a local folder or a hub id (offline with HF_HUB_OFFLINE=1); `ragfleet train
+cross-encoder` writes one to <home>/models/cross-encoder. Anything else (a bi-encoder such as MiniLM
+itself, a classifier with several labels, a causal LM) is refused rather than scored by a randomly
+initialised head.
+
+Truncation is counted, not silent: before scoring, each pair's full token count is compared with the
+model's input length (`max_seq_length`), and the candidates over it are reported. `predict` scores in
+batches of `reranker.batch_size`, longest first, so a batch holds inputs of similar length.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from services.reranker.backend import Ranking, RerankerModel, find_checkpoint
+from services.runtime.model_errors import ArtifactError
+from services.runtime.settings import RerankerSettings
+
+
+class CrossEncoderReranker(RerankerModel):
+    DEFAULT_FOLDER = "cross-encoder"
+    TRAIN_COMMAND = "ragfleet train cross-encoder"
+
+    def __init__(self, model: object, batch_size: int) -> None:
+        self.model = model
+        self.batch_size = batch_size
+
+    @classmethod
+    def configured_model(cls, settings: RerankerSettings) -> str | None:
+        return settings.cross_encoder_model
+
+    @classmethod
+    def load(cls, name_or_path: str, settings: RerankerSettings) -> CrossEncoderReranker:
+        from sentence_transformers import CrossEncoder
+
+        found = find_checkpoint(name_or_path, ("ForSequenceClassification",), "a cross-encoder")
+        labels = found.config.num_labels
+        if labels != 1:
+            raise ArtifactError(
+                f"{name_or_path!r} is not a cross-encoder: it has {labels} labels, not one score"
+            )
+        try:
+            model = CrossEncoder(found.path, device=settings.device, local_files_only=found.local_files_only)
+        except (OSError, ValueError) as err:
+            raise ArtifactError(f"{name_or_path!r} cannot be loaded as a cross-encoder ({err})") from err
+        model.eval()
+        return cls(model, settings.batch_size)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.max_seq_length)
+
+    def rerank(self, query: str, texts: Sequence[str]) -> Ranking:
+        start = time.perf_counter()
+        queries = [query] * len(texts)
+        encoded = self.model.tokenizer(queries, list(texts), truncation=False, verbose=False)
+        truncated = sum(len(ids) > self.max_length for ids in encoded["input_ids"])
+        measured = time.perf_counter()
+        scores = self.model.predict(
+            list(zip(queries, texts)), batch_size=self.batch_size, show_progress_bar=False
+        )
+        scored = time.perf_counter()
+        order = np.argsort(-scores, kind="stable")
+        return Ranking(
+            order=order.tolist(),
+            scores=scores[order].astype(float).tolist(),
+            truncated=int(truncated),
+            timings=[
+                ("rerank.measure", (measured - start) * 1000),
+                ("rerank.score", (scored - measured) * 1000),
+            ],
+        )

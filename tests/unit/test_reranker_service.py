@@ -1,0 +1,151 @@
+"""The Reranker service in-process with the cross-encoder backend on tiny checkpoints the tests save:
+results match CrossEncoder.predict, truncation is counted, the default model is found where the trainer
+writes it (and reloaded when it changes), and bad input gets the right status naming the field."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from reranker_fixtures import MAX_POSITIONS, make_tiny_bi_encoder, make_tiny_cross_encoder
+
+from ragfleet.v1 import common_pb2, reranker_pb2
+from services.reranker.service import RerankerService
+from services.runtime.context import CallContext
+from services.runtime.errors import ServiceError
+from services.runtime.settings import RerankerSettings, Settings
+
+QUERY = "which protein controls cell growth"
+TEXTS = [
+    "The protein p53 controls cell growth and division.",
+    "Paris is the capital of France.",
+    "Cell growth depends on nutrients and signals.",
+    "Football is played with a round ball.",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_cross_encoder(tmp_path_factory.mktemp("ce") / "model")
+
+
+def candidates(texts: list[str] = TEXTS) -> list[common_pb2.ScoredPassage]:
+    return [
+        common_pb2.ScoredPassage(
+            passage=common_pb2.Passage(id=f"d{i}#0", doc_id=f"d{i}", title="t" if i == 0 else "", text=text),
+            score=1.0 - i / 10,
+            retriever="fused",
+            rank=i + 1,
+            continuation=common_pb2.Passage(id=f"d{i}#1", text="next"),
+        )
+        for i, text in enumerate(texts)
+    ]
+
+
+def service(tmp_path: Path, **reranker: object) -> RerankerService:
+    return RerankerService(Settings(home=tmp_path, reranker=RerankerSettings(**reranker)))
+
+
+async def rerank(svc: RerankerService, **fields: object) -> reranker_pb2.RerankResponse:
+    request = {"query": QUERY, "candidates": candidates(), "top_k": len(TEXTS), **fields}
+    return await svc.Rerank(reranker_pb2.RerankRequest(**request), CallContext())
+
+
+async def test_rerank_orders_as_cross_encoder_predict(tmp_path: Path, checkpoint: Path) -> None:
+    from sentence_transformers import CrossEncoder
+
+    reply = await rerank(service(tmp_path, batch_size=3), model=str(checkpoint), top_k=3)
+    texts = [f"t {TEXTS[0]}", *TEXTS[1:]]
+    expected = CrossEncoder(str(checkpoint), local_files_only=True).predict([(QUERY, t) for t in texts])
+    order = np.argsort(-expected, kind="stable")[:3]
+    assert [r.passage.id for r in reply.results] == [f"d{i}#0" for i in order]
+    assert [r.score for r in reply.results] == pytest.approx(expected[order].tolist(), abs=1e-5)
+    assert [r.rank for r in reply.results] == [1, 2, 3]
+    assert {r.retriever for r in reply.results} == {"cross_encoder"}
+    assert all(r.continuation.id == r.passage.id.replace("#0", "#1") for r in reply.results)
+    assert reply.backend == "cross_encoder" and reply.model_id.startswith(f"cross_encoder:{checkpoint}@")
+    assert reply.max_length == MAX_POSITIONS and reply.truncated == 0
+    assert {t.stage for t in reply.timings} == {"rerank.load", "rerank.measure", "rerank.score"}
+
+
+async def test_truncated_candidates_are_counted(tmp_path: Path, checkpoint: Path) -> None:
+    long = "cell growth " * MAX_POSITIONS
+    request = reranker_pb2.RerankRequest(
+        query=QUERY, candidates=candidates([long, TEXTS[1], long]), top_k=1, model=str(checkpoint)
+    )
+    reply = await service(tmp_path).Rerank(request, CallContext())
+    assert reply.truncated == 2 and len(reply.results) == 1
+
+
+async def test_without_a_trained_model_the_service_names_the_training_command(tmp_path: Path) -> None:
+    with pytest.raises(ServiceError) as err:
+        await rerank(service(tmp_path))
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "ragfleet train cross-encoder" in err.value.message
+    # A trainer's checkpoints folder alone is not a model yet.
+    (tmp_path / "models" / "cross-encoder" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ServiceError, match="ragfleet train cross-encoder"):
+        await rerank(service(tmp_path))
+
+
+async def test_the_default_model_is_found_and_reloaded_when_it_changes(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    default = tmp_path / "models" / "cross-encoder"
+    shutil.copytree(checkpoint, default)
+    svc = service(tmp_path)
+    first = await rerank(svc)
+    assert first.model_id.startswith(f"cross_encoder:{default}@")
+    assert (await rerank(svc)).model_id == first.model_id
+    shutil.rmtree(default)
+    make_tiny_cross_encoder(default, seed=1)
+    weights = default / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    second = await rerank(svc)
+    assert second.model_id != first.model_id
+    assert [r.score for r in second.results] != [r.score for r in first.results]
+
+
+async def test_a_configured_model_that_cannot_load_is_a_failed_precondition(tmp_path: Path) -> None:
+    with pytest.raises(ServiceError) as err:
+        await rerank(service(tmp_path, cross_encoder_model=str(tmp_path / "nowhere")))
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "ragfleet train cross-encoder" in err.value.message
+
+
+async def test_bad_input_names_the_field(tmp_path: Path, checkpoint: Path) -> None:
+    bi_encoder = make_tiny_bi_encoder(tmp_path / "bi")
+    two_labels = make_tiny_cross_encoder(tmp_path / "nli", num_labels=2)
+    svc = service(tmp_path, max_candidates=3, cross_encoder_model=str(checkpoint))
+    empty_text = candidates()[:2]
+    empty_text[1].passage.text = "  "
+    for fields, field in [
+        ({"query": " "}, "query"),
+        ({"candidates": []}, "candidates"),
+        ({"candidates": candidates(), "top_k": 3}, "candidates"),
+        ({"candidates": empty_text, "top_k": 1}, "candidates[1].passage.text"),
+        ({"candidates": candidates()[:3], "top_k": 0}, "top_k"),
+        ({"candidates": candidates()[:3], "top_k": 4}, "top_k"),
+        ({"candidates": candidates()[:3], "top_k": 1, "backend": "nope"}, "backend"),
+        ({"candidates": candidates()[:3], "top_k": 1, "model": str(tmp_path / "missing")}, "model"),
+        ({"candidates": candidates()[:3], "top_k": 1, "model": str(bi_encoder)}, "model"),
+        ({"candidates": candidates()[:3], "top_k": 1, "model": str(two_labels)}, "model"),
+    ]:
+        with pytest.raises(ServiceError) as err:
+            await rerank(svc, **fields)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, fields
+        assert err.value.message.startswith(f"{field}:"), (fields, err.value.message)
+    with pytest.raises(ServiceError, match="not a cross-encoder"):
+        await rerank(svc, candidates=candidates()[:3], top_k=1, model=str(bi_encoder))
+
+
+async def test_only_the_newest_models_stay_loaded(tmp_path: Path, checkpoint: Path) -> None:
+    other = make_tiny_cross_encoder(tmp_path / "other", seed=2)
+    svc = service(tmp_path, max_loaded_models=1)
+    await rerank(svc, model=str(checkpoint))
+    await rerank(svc, model=str(other))
+    assert list(svc._models) == [("cross_encoder", str(other))]

@@ -1,0 +1,209 @@
+"""`ragfleet train cross-encoder` on a tiny model and a tiny corpus, with a stand-in for the fleet's
+search: pseudo-queries and BEIR qrels become examples with mined negatives, the loss drops, a resumed
+run ends with the weights of an uninterrupted one, and the published model loads in the Reranker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from reranker_fixtures import make_tiny_bi_encoder, make_tiny_cross_encoder
+from safetensors.torch import load_file
+
+import ragfleet
+from ragfleet.v1 import common_pb2, pipeline_pb2, reranker_pb2
+from services.demo.corpus import demo_documents
+from services.reranker import train
+from services.reranker.service import RerankerService
+from services.runtime.context import CallContext
+from services.runtime.model_errors import ParamError
+from services.runtime.settings import Settings
+
+DOCUMENTS = demo_documents()[:24]
+TINY = {"steps": 60, "batch_size": 4, "negatives": 2, "max_length": 64, "lr": 5e-3, "warmup": 3}
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+class FakeFleet:
+    """What the trainer uses of `ragfleet.Client`: an index of whole documents searched by word overlap
+    (bm25) or by overlap of the first three letters of words (dense)."""
+
+    def __init__(self) -> None:
+        self.indexes: dict[str, list[dict]] = {}
+        self.searches: list[tuple[str, int]] = []
+
+    def describe_index(self, index: str) -> None:
+        if index not in self.indexes:
+            raise ragfleet.errors.NotFound(f"index {index!r} does not exist")
+
+    def ingest(self, documents, *, index: str, spec: dict) -> None:
+        assert spec["chunking"]["whole_documents"]
+        self.indexes[index] = list(documents)
+
+    def search_batch(self, queries, *, index: str, retrievers: list[str], top_k: int):
+        (name,) = retrievers
+        self.searches.append((name, top_k))
+        view = words if name == "bm25" else (lambda t: {w[:3] for w in words(t)})
+        responses = []
+        for query in queries:
+            ranked = sorted(
+                self.indexes[index], key=lambda d: -len(view(query) & view(d["title"] + " " + d["text"]))
+            )
+            results = [
+                common_pb2.ScoredPassage(
+                    passage=common_pb2.Passage(
+                        id=f"{d['id']}#0", doc_id=d["id"], title=d["title"], text=d["text"]
+                    )
+                )
+                for d in ranked[:top_k]
+            ]
+            responses.append(pipeline_pb2.PipelineSearchResponse(results=results))
+        return pipeline_pb2.PipelineSearchBatchResponse(responses=responses)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models train much faster on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bi_encoder(tmp_path_factory.mktemp("base") / "bert")
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in DOCUMENTS))
+    return path
+
+
+def test_pseudo_queries_leave_their_sentence_out_of_the_positive() -> None:
+    documents = {d["id"]: d for d in DOCUMENTS}
+    queries = train.pseudo_queries(documents, seed=0)
+    assert queries
+    for query in queries:
+        (source,) = query.exclude
+        (positive,) = query.positives
+        assert query.text in documents[source]["text"] and query.text not in positive
+        assert len(query.text.split()) >= train.MIN_QUERY_WORDS
+
+
+def test_mined_negatives_skip_excluded_documents_and_alternate_retrievers() -> None:
+    fleet = FakeFleet()
+    train.prepare_index(fleet, "kb", DOCUMENTS)
+    source = DOCUMENTS[0]
+    query = train.Query(source["text"].split(".")[0], ["the positive"], frozenset([source["id"]]))
+    (example,) = train.mine_examples(fleet, "kb", [query], depth=10, negatives=4, progress=False)
+    texts = {train.document_text(d["title"], d["text"]): d["id"] for d in DOCUMENTS}
+    assert example.texts[0] == "the positive" and len(example.texts) == 5
+    assert source["id"] not in {texts[t] for t in example.texts[1:]}
+    assert fleet.searches == [("dense", 10), ("bm25", 10)]
+    assert not train.prepare_index(fleet, "kb", DOCUMENTS)
+
+
+def test_training_lowers_the_loss_and_the_model_loads_in_the_reranker(
+    tmp_path: Path, base: Path, corpus: Path
+) -> None:
+    out = tmp_path / "home" / "models" / "cross-encoder"
+    fleet = FakeFleet()
+    metrics = train.train_cross_encoder(fleet, out=out, corpus=corpus, base=str(base), progress=False, **TINY)
+    assert metrics["steps"] == 60 and metrics["final_loss"] < 0.8 * metrics["initial_loss"]
+    assert "corpus" in fleet.indexes
+    record = json.loads((out / train.TRAIN_FILE).read_text())
+    assert record["max_length"] == 64 and record["examples"] == metrics["examples"]
+    assert (out / "checkpoints" / "step-00000060").is_dir()
+
+    service = RerankerService(Settings(home=tmp_path / "home"))
+    doc = DOCUMENTS[0]
+    candidates = [
+        common_pb2.ScoredPassage(
+            passage=common_pb2.Passage(id=f"{d['id']}#0", title=d["title"], text=d["text"])
+        )
+        for d in DOCUMENTS[:5]
+    ]
+    request = reranker_pb2.RerankRequest(query=doc["text"].split(".")[0], candidates=candidates, top_k=5)
+    reply = asyncio.run(service.Rerank(request, CallContext()))
+    assert reply.model_id.startswith(f"cross_encoder:{out}@") and reply.max_length == 64
+    assert len(reply.results) == 5
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(
+    tmp_path: Path, base: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = {**TINY, "steps": 12, "checkpoint_every": 5, "base": str(base), "progress": False}
+    train.train_cross_encoder(FakeFleet(), out=tmp_path / "whole", corpus=corpus, **settings)
+
+    real_loss, calls = train.group_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "group_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_cross_encoder(FakeFleet(), out=tmp_path / "resumed", corpus=corpus, **settings)
+    monkeypatch.setattr(train, "group_loss", real_loss)
+    with pytest.raises(ParamError, match="resume"):
+        train.train_cross_encoder(FakeFleet(), out=tmp_path / "resumed", corpus=corpus, **settings)
+    # The mined examples were kept: resuming needs no fleet.
+    metrics = train.train_cross_encoder(
+        None, out=tmp_path / "resumed", corpus=corpus, resume=True, **settings
+    )
+    assert metrics["start_step"] == 5
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.allclose(whole[k], resumed[k]) for k in whole)
+    # A finished run trains on when given more steps.
+    more = {**settings, "steps": 14}
+    metrics = train.train_cross_encoder(None, out=tmp_path / "resumed", corpus=corpus, resume=True, **more)
+    assert (metrics["start_step"], metrics["steps"]) == (12, 14)
+
+
+def test_beir_qrels_with_a_cross_encoder_teacher(tmp_path: Path, base: Path) -> None:
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    corpus = [{"_id": d["id"], "title": d["title"], "text": d["text"]} for d in DOCUMENTS]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    queries = [{"_id": f"q{i}", "text": d["text"].split(".")[0]} for i, d in enumerate(DOCUMENTS[:8])]
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    qrels = "".join(f"q{i}\t{d['id']}\t1\n" for i, d in enumerate(DOCUMENTS[:8]))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + qrels)
+    teacher = make_tiny_cross_encoder(tmp_path / "teacher")
+
+    out = tmp_path / "out"
+    settings = {**TINY, "steps": 4, "base": str(base), "progress": False}
+    metrics = train.train_cross_encoder(
+        FakeFleet(), out=out, beir=folder, teacher=f"cross-encoder:{teacher}", **settings
+    )
+    assert metrics["examples"] == 8
+    saved = json.loads((out / "checkpoints" / train.EXAMPLES_FILE).read_text())["examples"]
+    assert all(len(ex["teacher"]) == 3 for ex in saved)
+    assert json.loads((out / train.TRAIN_FILE).read_text())["split"] == "train"
+
+
+def test_bad_settings_name_the_parameter(tmp_path: Path, corpus: Path) -> None:
+    for kwargs, field in [
+        ({}, "beir"),
+        ({"corpus": corpus, "steps": 0}, "steps"),
+        ({"corpus": corpus, "negatives": 5, "mine_depth": 3}, "mine_depth"),
+        ({"corpus": corpus, "teacher": "oracle"}, "teacher"),
+    ]:
+        with pytest.raises(ParamError) as err:
+            train.train_cross_encoder(FakeFleet(), out=tmp_path / "x", progress=False, **kwargs)
+        assert err.value.field == field
