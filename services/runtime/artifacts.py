@@ -5,7 +5,8 @@ swapped in for the old one (`publish_dir`), so a reader finds the old folder or 
 never a half-written mix. A training run keeps its resumable state in `<out>/checkpoints/` (`Checkpoints`):
 one `step-NNNNNNNN/` folder per saved step with the trained tensors, the optimizer's state and the
 trainer's JSON state; nothing is pickled. Each is published the same way, so a folder with a step name is
-complete: the newest is where a resumed run continues, and only the newest `keep` are kept.
+complete: the newest is where a resumed run continues (`Checkpoints.start`, `Checkpoint.resume`), and
+only the newest `keep` are kept.
 """
 
 from __future__ import annotations
@@ -135,6 +136,15 @@ class Checkpoint:
                 "a resumed run must use the same ones",
             )
 
+    def resume(
+        self, run: Mapping[str, Any], optimizer: torch.optim.Optimizer
+    ) -> tuple[dict[str, torch.Tensor], list[float]]:
+        """Continues a run whose trainer state is {"run": settings, "losses": [...]} here: `check_run`, then
+        `restore`; returns the saved weights (for the caller to load into its model) and the losses."""
+        self.check_run(run)
+        self.restore(optimizer)
+        return load_file(self.weights_file), [float(x) for x in self.state()["losses"]]
+
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
         """Loads the optimizer's state and torch's RNG state as they were when this step was saved."""
         record = self._record()
@@ -177,6 +187,14 @@ class Checkpoints:
         """The newest complete checkpoint: where a resumed run continues."""
         found = self.all()
         return found[-1] if found else None
+
+    def start(self, resume: bool) -> Checkpoint | None:
+        """Where a run starts: the latest checkpoint if `resume` (None if there is none yet), None for a new
+        run; ParamError naming `resume` if a new run would train into the run saved here."""
+        latest = self.latest()
+        if latest is not None and not resume:
+            raise ParamError("resume", f"{self.root} holds a run; resume it or choose another output folder")
+        return latest
 
     def save(
         self,

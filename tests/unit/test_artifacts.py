@@ -121,3 +121,29 @@ def test_a_step_folder_of_another_layout_is_refused(tmp_path: Path) -> None:
     assert latest is not None and latest.step == 8
     with pytest.raises(ArtifactError, match="older layout"):
         latest.state()
+
+
+def test_start_resumes_only_when_asked_and_a_new_run_needs_an_empty_folder(tmp_path: Path) -> None:
+    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    assert checkpoints.start(resume=False) is None and checkpoints.start(resume=True) is None
+    model, optimizer = _trained(1)
+    checkpoints.save(4, dict(model.named_parameters()), optimizer, {})
+    assert checkpoints.start(resume=True).step == 4
+    with pytest.raises(ParamError, match="holds a run; resume it or choose another output folder") as err:
+        checkpoints.start(resume=False)
+    assert err.value.field == "resume"
+
+
+def test_resume_checks_the_run_and_returns_the_weights_and_losses(tmp_path: Path) -> None:
+    model, optimizer = _trained(2)
+    run = {"lr": 0.1}
+    saved = Checkpoints(tmp_path).save(2, model.state_dict(), optimizer, {"run": run, "losses": [0.5, 0.25]})
+    fresh = torch.nn.Linear(3, 2)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    with pytest.raises(ParamError, match="resume"):
+        saved.resume({"lr": 0.2}, fresh_optimizer)
+    weights, losses = saved.resume(run, fresh_optimizer)
+    fresh.load_state_dict(weights)
+    assert losses == [0.5, 0.25]
+    assert fresh_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))

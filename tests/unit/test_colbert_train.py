@@ -19,7 +19,6 @@ from services.retriever.colbert import train
 from services.retriever.colbert.encoder import ColbertEncoder
 from services.retriever.colbert.train import (
     DistillationInputs,
-    batch_indices,
     beir_pairs,
     build_training_set,
     distillation_loss,
@@ -192,15 +191,6 @@ def test_cross_encoder_teacher_scores_candidates_with_its_logits(tmp_path, beir_
         with torch.no_grad():
             expected = model(**batch).logits[:, 0].numpy()
         np.testing.assert_allclose(data.teacher[q], expected, atol=1e-5)
-
-
-def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
-    epoch = np.concatenate([batch_indices(step, 4, 12, seed=3) for step in range(3)])
-    assert sorted(epoch.tolist()) == list(range(12))
-    assert np.array_equal(batch_indices(5, 4, 12, seed=3), batch_indices(5, 4, 12, seed=3))
-    assert not np.array_equal(batch_indices(0, 12, 12, seed=3), batch_indices(0, 12, 12, seed=4))
-    # A batch larger than the data wraps into the next epoch.
-    assert len(batch_indices(0, 5, 3, seed=0)) == 5
 
 
 def test_bad_arguments_are_rejected_before_any_work(tmp_path, beir_folder):

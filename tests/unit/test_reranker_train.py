@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import ragfleet
 from ragfleet.v1 import common_pb2, pipeline_pb2, reranker_pb2
+from services.datasets import pairs
 from services.demo.corpus import demo_documents
 from services.reranker import train
 from services.reranker.service import RerankerService
@@ -90,24 +91,13 @@ def corpus(tmp_path: Path) -> Path:
     return path
 
 
-def test_pseudo_queries_leave_their_sentence_out_of_the_positive() -> None:
-    documents = {d["id"]: d for d in DOCUMENTS}
-    queries = train.pseudo_queries(documents, seed=0)
-    assert queries
-    for query in queries:
-        (source,) = query.exclude
-        (positive,) = query.positives
-        assert query.text in documents[source]["text"] and query.text not in positive
-        assert len(query.text.split()) >= train.MIN_QUERY_WORDS
-
-
 def test_mined_negatives_skip_excluded_documents_and_alternate_retrievers() -> None:
     fleet = FakeFleet()
     train.prepare_index(fleet, "kb", DOCUMENTS)
     source = DOCUMENTS[0]
-    query = train.Query(source["text"].split(".")[0], ["the positive"], frozenset([source["id"]]))
+    query = pairs.Query(source["text"].split(".")[0], ["the positive"], frozenset([source["id"]]))
     (example,) = train.mine_examples(fleet, "kb", [query], depth=10, negatives=4, progress=False)
-    texts = {train.document_text(d["title"], d["text"]): d["id"] for d in DOCUMENTS}
+    texts = {pairs.document_text(d["title"], d["text"]): d["id"] for d in DOCUMENTS}
     assert example.texts[0] == "the positive" and len(example.texts) == 5
     assert source["id"] not in {texts[t] for t in example.texts[1:]}
     assert fleet.searches == [("dense", 10), ("bm25", 10)]

@@ -22,7 +22,6 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from services.generator.retro.examples import IGNORE, Examples, build_examples
 from services.generator.retro.model import RetroConfig, RetroModel, load_parameters
 from services.generator.retro.neighbours import NEIGHBOURS_DIR, PipelineRetrieval, Retrieval, prepare_index
 from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, write_directory
+from services.runtime.training import batch_indices, check_ranges, warmup_decay_lr
 
 TRAIN_FILE = "train.json"
 
@@ -63,16 +63,13 @@ class TrainSettings:
 
     def check(self, config: RetroConfig) -> None:
         """Raises ValueError naming the first bad field."""
-        for name in ("steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        counts = ("steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints")
+        check_ranges(at_least={name: (getattr(self, name), 1) for name in counts}, positive={"lr": self.lr})
         if self.seq_len % config.chunk_size or self.seq_len > config.max_seq_len:
             raise ValueError(
                 f"seq_len: must be a multiple of chunk_size {config.chunk_size} and at most max_seq_len "
                 f"{config.max_seq_len}, got {self.seq_len}"
             )
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be positive, got {self.lr}")
         if not 0 <= self.warmup <= self.steps:
             raise ValueError(f"warmup: must be between 0 and steps ({self.steps}), got {self.warmup}")
         for name in ("decay_fraction", "min_lr_ratio"):
@@ -84,15 +81,13 @@ class TrainSettings:
 
 def lr_at(step: int, s: TrainSettings) -> float:
     """Warmup-stable-decay: linear warmup over `warmup` steps, constant, then a linear decay to
-    lr · min_lr_ratio over the last `decay_fraction` of the steps (step counts from 0)."""
-    if step < s.warmup:
-        return s.lr * (step + 1) / s.warmup
-    decay_steps = round(s.steps * s.decay_fraction)
-    decay_start = s.steps - decay_steps
-    if step < decay_start or decay_steps == 0:
-        return s.lr
-    progress = (step - decay_start + 1) / decay_steps
-    return s.lr * (1 - (1 - s.min_lr_ratio) * progress)
+    lr · min_lr_ratio over the last `decay_fraction` of the steps (step counts from 0), reached at the
+    last step."""
+    last = s.steps - 1
+    decay_start = last - round(s.steps * s.decay_fraction)
+    return warmup_decay_lr(
+        step, s.lr, warmup=s.warmup, decay_start=decay_start, decay_end=last, min_ratio=s.min_lr_ratio
+    )
 
 
 @dataclass(frozen=True)
@@ -107,23 +102,6 @@ ProgressFn = Callable[[TrainProgress], None]
 
 
 # --- the loop -------------------------------------------------------------------------------------
-
-
-class _Order:
-    """The seeded data order: epoch e is a permutation drawn from (seed, e), so batches are reproducible."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
-
-    @lru_cache(maxsize=4)  # noqa: B019 - one small object per run
-    def _epoch(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
-
-    def rows(self, step: int, batch_size: int) -> np.ndarray:
-        first = step * batch_size
-        return np.array(
-            [self._epoch(i // self.size)[i % self.size] for i in range(first, first + batch_size)]
-        )
 
 
 def lm_loss(
@@ -200,11 +178,7 @@ def train_retro(
     if not documents and not qa:
         raise ValueError("documents: nothing to train on")
     checkpoints = Checkpoints(out / CHECKPOINTS_DIR, keep=settings.keep_checkpoints)
-    latest = checkpoints.latest()
-    if latest is not None and not resume:
-        raise ValueError(
-            f"resume: {out} holds checkpoints ({latest.path.name}); pass resume or choose another out"
-        )
+    latest = checkpoints.start(resume)
     started = time.perf_counter()
 
     def retrieving(done: int, total: int) -> None:
@@ -247,12 +221,12 @@ def train_retro(
         latest.restore(optimizer)
         step, losses = latest.step, saved["losses"]
 
-    order = _Order(len(train), settings.seed)
     model.train()
     while step < settings.steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings)
-        tokens, labels, neighbours = train.batch(order.rows(step, settings.batch_size))
+        rows = batch_indices(step, settings.batch_size, len(train), settings.seed)
+        tokens, labels, neighbours = train.batch(rows)
         loss, _ = lm_loss(model, tokens, labels, neighbours)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

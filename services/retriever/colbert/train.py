@@ -9,9 +9,9 @@ Data, one example per query with its candidate passages:
 - `beir`: a BEIR folder's queries judged in `split` (default "train"; report on "test"), their relevant
   documents (relevance > 0) as positives, passage text = title + text as the retrievers index it.
 - `corpus` (JSONL, read as `ragfleet ingest` reads it): no queries exist, so each passage with at least
-  two sentences yields a pseudo-query, the inverse cloze task of Lee et al. (2019): one of its sentences
-  (picked by the seed) is the query and the rest of the passage is the positive. The source passage
-  itself is never a candidate (it contains the query verbatim).
+  two sentences yields a pseudo-query, the inverse cloze task (`datasets.pairs.inverse_cloze` of the
+  passage text): one of its sentences (picked by the seed) is the query and the rest of the passage is
+  the positive. The source passage itself is never a candidate (it contains the query verbatim).
 
 Candidates: the dense bi-encoder (`dense_model`, MiniLM by default) ranks the whole corpus exactly (faiss
 flat inner product); a query's candidates are its positives then the top-ranked others, `candidates` in
@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,22 +51,24 @@ from safetensors.torch import load_file, save_file
 
 from kernels.maxsim import maxsim_reference
 from services.datasets.collections import load_beir
-from services.retriever.backend import passage_text
+from services.datasets.pairs import document_text, inverse_cloze, judged_queries, sample
 from services.retriever.colbert.encoder import ColbertEncoder, project_tokens
-from services.retriever.passages import Passage
-from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoint, Checkpoints, publish_file
+from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, publish_file
 from services.runtime.model_errors import ParamError
+from services.runtime.training import (
+    CROSS_ENCODER_PREFIX,
+    DENSE_TEACHER,
+    batch_indices,
+    check_ranges,
+    check_teacher,
+    teacher_temperature,
+)
 from services.ui import progress_bar
 
 DEFAULT_BASE = "all-MiniLM-L6-v2"
 DEFAULT_DENSE_MODEL = "all-MiniLM-L6-v2"
-CROSS_ENCODER_PREFIX = "cross-encoder:"
-DENSE_TEMPERATURE = 0.05
-CROSS_ENCODER_TEMPERATURE = 1.0
-MIN_QUERY_WORDS = 4
 # Documents whose transformer outputs are computed per progress-bar update.
 ENCODE_CHUNK = 256
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # The precomputed training inputs, beside the step checkpoints (large: the transformer outputs).
 INPUTS_FILE = "inputs.safetensors"
 
@@ -104,18 +105,16 @@ class TrainingSet:
 def beir_pairs(folder: Path, split: str = "train", max_queries: int | None = None, seed: int = 0) -> Pairs:
     """The split's judged queries with their relevant documents as positives."""
     data = load_beir(folder, split)
-    doc_ids = list(data.corpus)
-    row = {doc_id: i for i, doc_id in enumerate(doc_ids)}
-    texts = [passage_text(Passage(d, d, 0, data.corpus[d]["title"], data.corpus[d]["text"])) for d in doc_ids]
-    queries, positives = [], []
-    for qid, text in data.queries.items():
-        relevant = [row[d] for d, rel in data.qrels[qid].items() if rel > 0 and d in row]
-        if relevant:
-            queries.append(text)
-            positives.append(sorted(relevant))
-    keep = _sample(len(queries), max_queries, seed)
-    queries, positives = [queries[i] for i in keep], [positives[i] for i in keep]
-    return Pairs(queries, texts, positives, searchable=len(texts), exclude=[-1] * len(queries))
+    row = {doc_id: i for i, doc_id in enumerate(data.corpus)}
+    texts = [document_text(doc["title"], doc["text"]) for doc in data.corpus.values()]
+    judged = sample(judged_queries(data), max_queries, seed)
+    return Pairs(
+        queries=[q.text for q in judged],
+        texts=texts,
+        positives=[sorted(row[d] for d in q.relevant) for q in judged],
+        searchable=len(texts),
+        exclude=[-1] * len(judged),
+    )
 
 
 def pseudo_query_pairs(path: Path, max_queries: int | None = None, seed: int = 0) -> Pairs:
@@ -123,32 +122,16 @@ def pseudo_query_pairs(path: Path, max_queries: int | None = None, seed: int = 0
     positive (appended to the texts after the searchable corpus), the passage itself excluded."""
     from ragfleet._common import iter_documents
 
-    texts = [passage_text(Passage(d.id, d.id, 0, d.title, d.text)) for d in iter_documents(path)]
-    rng = np.random.default_rng(seed)
-    found: list[tuple[int, str, str]] = []
-    for source, text in enumerate(texts):
-        sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
-        usable = [i for i, s in enumerate(sentences) if len(s.split()) >= MIN_QUERY_WORDS]
-        if len(sentences) < 2 or not usable:
-            continue
-        pick = usable[int(rng.integers(len(usable)))]
-        rest = " ".join(sentences[:pick] + sentences[pick + 1 :])
-        found.append((source, sentences[pick], rest))
-    found = [found[i] for i in _sample(len(found), max_queries, seed)]
+    texts = [document_text(d.title, d.text) for d in iter_documents(path)]
+    found = sample(inverse_cloze(texts, seed), max_queries, seed)
     searchable = len(texts)
     return Pairs(
-        queries=[query for _, query, _ in found],
-        texts=texts + [rest for _, _, rest in found],
+        queries=[c.query for c in found],
+        texts=texts + [c.rest for c in found],
         positives=[[searchable + i] for i in range(len(found))],
         searchable=searchable,
-        exclude=[source for source, _, _ in found],
+        exclude=[c.source for c in found],
     )
-
-
-def _sample(n: int, limit: int | None, seed: int) -> list[int]:
-    if limit is None or n <= limit:
-        return list(range(n))
-    return sorted(np.random.default_rng(seed).choice(n, size=limit, replace=False).tolist())
 
 
 def build_training_set(
@@ -164,7 +147,7 @@ def build_training_set(
 
     from services.runtime.models import load_sentence_transformer
 
-    _check_teacher(teacher)
+    check_teacher(teacher)
     if not pairs.queries:
         raise ParamError(
             "data",
@@ -192,16 +175,11 @@ def build_training_set(
     chosen = np.array([c[:width] for c in lists], dtype=np.int64)
     is_positive = np.array([np.isin(c, p) for p, c in zip(pairs.positives, chosen, strict=True)])
 
-    if teacher == "dense":
+    if teacher == DENSE_TEACHER:
         scores = np.einsum("qe,qce->qc", query_vectors, text_vectors[chosen])
     else:
         scores = _cross_encoder_scores(teacher.removeprefix(CROSS_ENCODER_PREFIX), pairs, chosen, progress)
     return TrainingSet(pairs.queries, pairs.texts, chosen, is_positive, scores.astype(np.float32))
-
-
-def _check_teacher(teacher: str) -> None:
-    if not (teacher == "dense" or teacher.startswith(CROSS_ENCODER_PREFIX)):
-        raise ParamError("teacher", f"expected 'dense' or 'cross-encoder:PATH', got {teacher!r}")
 
 
 def _cross_encoder_scores(path: str, pairs: Pairs, chosen: np.ndarray, progress: bool) -> np.ndarray:
@@ -317,15 +295,6 @@ def distillation_loss(
     return kl + ce_weight * nll
 
 
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
-    """Examples of `step` (0-based): positions [step*B, (step+1)*B) of the epochs' permutations laid end to
-    end, epoch e being the permutation drawn from (seed, e); so any step's batch is known without state."""
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, within = np.divmod(positions, n)
-    orders = {e: np.random.default_rng([seed, e]).permutation(n) for e in set(epochs.tolist())}
-    return np.array([orders[e][j] for e, j in zip(epochs.tolist(), within.tolist(), strict=True)])
-
-
 def train_colbert(
     *,
     out: Path,
@@ -352,33 +321,26 @@ def train_colbert(
     started = time.perf_counter()
     if (beir is None) == (corpus is None):
         raise ParamError("beir", "give exactly one of a BEIR folder (--beir) or a JSONL corpus (--corpus)")
-    for field, value, low in (
-        ("steps", steps, 1),
-        ("batch_size", batch_size, 1),
-        ("candidates", candidates, 2),
-        ("checkpoint_every", checkpoint_every, 1),
-    ):
-        if value < low:
-            raise ParamError(field, f"must be at least {low}, got {value}")
-    for field, value in (("lr", lr), ("temperature", temperature)):
-        if value is not None and value <= 0:
-            raise ParamError(field, f"must be positive, got {value}")
-    if ce_weight < 0:
-        raise ParamError("ce_weight", f"must not be negative, got {ce_weight}")
-    _check_teacher(teacher)
+    check_ranges(
+        at_least={
+            "steps": (steps, 1),
+            "batch_size": (batch_size, 1),
+            "candidates": (candidates, 2),
+            "checkpoint_every": (checkpoint_every, 1),
+        },
+        positive={"lr": lr, "temperature": temperature},
+        non_negative={"ce_weight": ce_weight},
+    )
+    check_teacher(teacher)
     out = Path(out)
     checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
-    latest = checkpoints.latest()
-    if latest is not None and not resume:
-        raise ParamError(
-            "resume", f"{checkpoints.root} holds a run; resume it or choose another output folder"
-        )
+    latest = checkpoints.start(resume)
 
     pairs = (
         beir_pairs(beir, split, max_queries, seed) if beir else pseudo_query_pairs(corpus, max_queries, seed)
     )
     if temperature is None:
-        temperature = DENSE_TEMPERATURE if teacher == "dense" else CROSS_ENCODER_TEMPERATURE
+        temperature = teacher_temperature(teacher)
     models = {"base": base, "dense_model": dense_model, "teacher": teacher, "candidates": candidates}
     key = hashlib.sha256(json.dumps({"pairs": pairs.fingerprint(), **models}).encode()).hexdigest()
     run = {**models, "batch_size": batch_size, "lr": lr, "seed": seed, "temperature": temperature}
@@ -389,7 +351,10 @@ def train_colbert(
     optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=0.0)
     step, losses = 0, []
     if latest is not None:
-        step, losses = _resume(latest, run, weight, optimizer)
+        weights, losses = latest.resume(run, optimizer)
+        with torch.no_grad():
+            weight.copy_(weights["weight"])
+        step = latest.step
     start_step = step
     inputs = DistillationInputs.load(checkpoints.root / INPUTS_FILE, key)
     if inputs is None:
@@ -445,21 +410,3 @@ def _curve(losses: list[float], points: int = 20) -> list[list[float]]:
     ends = sorted({max(1, round(len(losses) * (i + 1) / points)) for i in range(points)})
     starts = [0, *ends[:-1]]
     return [[end, round(float(np.mean(losses[s:end])), 5)] for s, end in zip(starts, ends, strict=True)]
-
-
-def _resume(
-    checkpoint: Checkpoint, run: dict[str, Any], weight: torch.Tensor, optimizer: torch.optim.Optimizer
-) -> tuple[int, list[float]]:
-    """Loads the projection and the optimizer of `checkpoint`; returns its step and losses."""
-    state = checkpoint.state()
-    changed = sorted(k for k in run if state["run"].get(k) != run[k])
-    if changed:
-        raise ParamError(
-            "resume",
-            f"{checkpoint.path} was trained with other settings or data ({', '.join(changed)}); "
-            "a resumed run must use the same ones",
-        )
-    with torch.no_grad():
-        weight.copy_(load_file(checkpoint.weights_file)["weight"])
-    checkpoint.restore(optimizer)
-    return checkpoint.step, [float(x) for x in state["losses"]]

@@ -1,0 +1,123 @@
+"""Training queries for the trainers: judged queries from a BEIR folder's qrels, pseudo-queries from a
+corpus without queries, and the seeded sampling that caps how many a run uses.
+
+- `beir_queries(folder, split)`: the split's queries with a relevant document (relevance > 0) in the
+  corpus; the relevant documents are the positives and no document judged for the query is a negative.
+  `judged_queries` is the same list by document id, for a trainer that keeps its own rows of the corpus.
+- `pseudo_queries(documents, seed)`: the inverse cloze task of Lee et al. (2019). One sentence of a
+  document (picked by the seed, at least MIN_QUERY_WORDS words) is the query and the document without
+  that sentence is the positive, so a model cannot learn to find the query verbatim; the source document
+  is never a negative. `inverse_cloze` is the same split of any list of texts.
+- `sample(items, limit, seed)`: at most `limit` of them, a seeded choice kept in order.
+
+Texts are what the retrievers index and the rerankers score: `document_text(title, text)`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+
+from services.datasets.collections import EvalDataset, load_beir
+
+MIN_QUERY_WORDS = 4
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+T = TypeVar("T")
+
+
+def document_text(title: str, text: str) -> str:
+    """The title and the text, as the retrievers index them and the rerankers score them."""
+    return f"{title} {text}" if title else text
+
+
+def read_corpus(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A JSONL file's or BEIR folder's documents (`{"id", "title", "text"}`) by id, as `ragfleet ingest`
+    reads them."""
+    from ragfleet._common import iter_documents
+
+    return {d.id: {"id": d.id, "title": d.title, "text": d.text} for d in iter_documents(path)}
+
+
+def sample(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
+    """All of `items` if there are at most `limit`, else `limit` of them drawn from `seed`, in order."""
+    if limit is None or len(items) <= limit:
+        return list(items)
+    keep = np.random.default_rng(seed).choice(len(items), size=limit, replace=False)
+    return [items[i] for i in sorted(keep.tolist())]
+
+
+@dataclass(frozen=True)
+class JudgedQuery:
+    """A query of the qrels with at least one relevant document in the corpus."""
+
+    text: str
+    relevant: list[str]  # ids of the documents judged relevant (> 0) that the corpus holds, in qrels order
+    judged: frozenset[str]  # ids of every document judged for the query
+
+
+def judged_queries(data: EvalDataset) -> list[JudgedQuery]:
+    """The queries of `data` that have a relevant document in its corpus, in query order."""
+    found = []
+    for qid, text in data.queries.items():
+        judged = data.qrels[qid]
+        relevant = [d for d, rel in judged.items() if rel > 0 and d in data.corpus]
+        if relevant:
+            found.append(JudgedQuery(text, relevant, frozenset(judged)))
+    return found
+
+
+class Cloze(NamedTuple):
+    """An inverse-cloze pair cut from texts[source]: one of its sentences and the rest of it."""
+
+    source: int
+    query: str
+    rest: str
+
+
+def inverse_cloze(texts: Sequence[str], seed: int) -> list[Cloze]:
+    """A pair from each text of two or more sentences with one of at least MIN_QUERY_WORDS words."""
+    rng = np.random.default_rng(seed)
+    found = []
+    for source, text in enumerate(texts):
+        sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+        usable = [i for i, s in enumerate(sentences) if len(s.split()) >= MIN_QUERY_WORDS]
+        if len(sentences) < 2 or not usable:
+            continue
+        pick = usable[int(rng.integers(len(usable)))]
+        found.append(Cloze(source, sentences[pick], " ".join(sentences[:pick] + sentences[pick + 1 :])))
+    return found
+
+
+@dataclass(frozen=True)
+class Query:
+    """A training query: its positive texts and the documents that must not be its negatives."""
+
+    text: str
+    positives: list[str]
+    exclude: frozenset[str]
+
+
+def beir_queries(folder: str | Path, split: str) -> tuple[dict[str, dict[str, Any]], list[Query]]:
+    """The corpus of a BEIR folder and its `split` queries that have a relevant document in it."""
+    data = load_beir(folder, split)
+    queries = []
+    for judged in judged_queries(data):
+        positives = [document_text(data.corpus[d]["title"], data.corpus[d]["text"]) for d in judged.relevant]
+        queries.append(Query(judged.text, positives, judged.judged))
+    return data.corpus, queries
+
+
+def pseudo_queries(documents: dict[str, dict[str, Any]], seed: int) -> list[Query]:
+    """Inverse-cloze queries from the documents' texts; a positive keeps its document's title."""
+    ids = list(documents)
+    queries = []
+    for source, query, rest in inverse_cloze([doc["text"] for doc in documents.values()], seed):
+        doc_id = ids[source]
+        queries.append(Query(query, [document_text(documents[doc_id]["title"], rest)], frozenset([doc_id])))
+    return queries
