@@ -38,9 +38,10 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
-# The long forms of the reliability checks (races, ...); bounded in count and time, loopback only.
+# The long forms of the reliability checks (races, hostile input, amplification, faults, load, tenants);
+# bounded in count and time, loopback only. -s shows the JSON summary line each check prints.
 reliability: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m reliability tests/reliability
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m reliability tests/reliability
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.search_latency

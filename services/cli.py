@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +34,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from services.catalog import SERVICES
-from services.runtime.settings import DEFAULT_PORTS, get_settings
+from services.runtime.settings import (
+    DEFAULT_PORTS,
+    OpenServiceError,
+    Settings,
+    get_settings,
+    is_loopback,
+    require_auth_when_exposed,
+)
 from services.ui import passage_table, progress_bar
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -101,6 +109,20 @@ def _ray_bin() -> str:
     return str(local) if local.exists() else (shutil.which("ray") or "ray")
 
 
+_WILDCARDS = ("0.0.0.0", "::")
+
+
+def _join_embedded_ray(settings: Settings) -> str:
+    """Prepares this process to join the embedded Ray; returns its GCS address. On loopback that is
+    Ray's one-machine mode, whose node address is 127.0.0.1 (otherwise Ray swaps a loopback
+    --node-ip-address for the machine's other address and binds its GCS, raylet and agents there).
+    Ray reads the mode on import: call this before `import ray`; `ray start` inherits it too."""
+    host = settings.ray.host
+    if is_loopback(host):
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return f"{'127.0.0.1' if host in _WILDCARDS else host}:{settings.ray.port}"
+
+
 @app.command()
 def up(
     address: Annotated[
@@ -110,15 +132,22 @@ def up(
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of the embedded Ray instance.")] = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the fleet to answer.")] = 300.0,
 ) -> None:
-    """Start the fleet: every service a Ray Serve deployment behind Serve's gRPC proxy."""
-    import ray
-
-    from services.runtime.serve import run_fleet
-
+    """Start the fleet: every service a Ray Serve deployment behind Serve's gRPC proxy. The embedded
+    Ray and Serve listen on ray.host (127.0.0.1 unless exposed on purpose)."""
     settings = get_settings()
     address = address or settings.ray.address
-    if address is None:
-        cmd = [_ray_bin(), "start", "--head", "--disable-usage-stats", "--include-dashboard=false"]
+    embedded = address is None
+    try:
+        # On a cluster Serve's proxies listen on every interface of every node.
+        require_auth_when_exposed(settings, settings.ray.host if embedded else "[::]", "the fleet")
+    except OpenServiceError as err:
+        _fail(err)
+    if embedded:
+        address = _join_embedded_ray(settings)
+        cmd = [_ray_bin(), "start", "--head", f"--port={settings.ray.port}"]
+        cmd += ["--disable-usage-stats", "--include-dashboard=false"]
+        if settings.ray.host not in _WILDCARDS:
+            cmd.append(f"--node-ip-address={settings.ray.host}")
         cpus = num_cpus or settings.ray.num_cpus
         if cpus:
             cmd.append(f"--num-cpus={cpus}")
@@ -127,9 +156,13 @@ def up(
         if started.returncode != 0 and "already running" not in started.stderr + started.stdout:
             console.print(started.stdout + started.stderr)
             raise typer.Exit(1)
-        address = "auto"
+    import ray
+
+    from services.runtime.serve import fleet_runtime_env, run_fleet
+
     logging.basicConfig(level=logging.WARNING)
-    ray.init(address=address, namespace="ragfleet", log_to_driver=False)
+    runtime_env = fleet_runtime_env(settings) if embedded else {}
+    ray.init(address=address, namespace="ragfleet", log_to_driver=False, runtime_env=runtime_env)
     with console.status("deploying the fleet (loads the models on first start)"):
         run_fleet(settings)
         _wait_ready(f"127.0.0.1:{settings.ray.grpc_port}", wait)
@@ -162,19 +195,25 @@ def down(
     address: Annotated[str | None, typer.Option(help="The Ray cluster the fleet runs on.")] = None,
 ) -> None:
     """Stop the fleet (and the embedded Ray instance that `up` started)."""
+    settings = get_settings()
+    address = address or settings.ray.address
+    embedded = address is None
+    if embedded:
+        address = _join_embedded_ray(settings)
     import ray
     from ray import serve
 
-    settings = get_settings()
-    address = address or settings.ray.address
     try:
         if not ray.is_initialized():
-            ray.init(address=address or "auto", namespace="ragfleet", log_to_driver=False)
+            if embedded:  # ray.init waits minutes on a GCS address where nothing listens
+                host, _, port = address.rpartition(":")
+                socket.create_connection((host, int(port)), timeout=5).close()
+            ray.init(address=address, namespace="ragfleet", log_to_driver=False)
         serve.shutdown()
         ray.shutdown()
-    except ConnectionError:
+    except (ConnectionError, TimeoutError):
         console.print("no running Ray instance found")
-    if address is None:
+    if embedded:
         subprocess.run([_ray_bin(), "stop"], capture_output=True, text=True)
     console.print("fleet down")
 
@@ -184,7 +223,11 @@ def serve(
     service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")],
     port: Annotated[int | None, typer.Option(help="Port (default: the service's standard port).")] = None,
     host: Annotated[
-        str | None, typer.Option(help="Interface to bind (default: settings.server.host).")
+        str | None,
+        typer.Option(
+            help="Interface to bind (default: settings.server.host, 127.0.0.1); another address "
+            "needs auth.tokens or auth.allow_open."
+        ),
     ] = None,
 ) -> None:
     """Run one service on plain grpc.aio, without Ray."""
@@ -199,7 +242,10 @@ def serve(
         settings = settings.model_copy(update={"server": settings.server.model_copy(update={"host": host})})
     spec = SERVICES[service]
     port = port if port is not None else DEFAULT_PORTS.get(service, settings.server.port)
-    asyncio.run(serve_forever(spec.proto_service, spec.build(settings), settings, port=port))
+    try:
+        asyncio.run(serve_forever(spec.proto_service, spec.build(settings), settings, port=port))
+    except OpenServiceError as err:
+        _fail(err)
 
 
 # --- using the fleet ------------------------------------------------------------------------------
@@ -502,13 +548,30 @@ def eval_retrieval(
     reuse_index: Annotated[
         bool, typer.Option(help="Keep the index for the next run; search the one an earlier run kept.")
     ] = False,
+    rerank: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated reranker backends (cross_encoder, first): each retriever's "
+            "list is also scored reranked by each, as <retriever>+<backend>."
+        ),
+    ] = None,
+    rerank_depth: Annotated[int, typer.Option(help="Passages reranked per query.")] = 30,
+    reranker_model: Annotated[
+        list[str] | None,
+        typer.Option(help="BACKEND=PATH_OR_ID: a backend's checkpoint (repeatable; default: the Reranker's)"),
+    ] = None,
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Ingest a BEIR set through the services, search every query, score with pytrec_eval (an
     experiment: its runs are recorded under RAGFLEET_HOME/runs)."""
     import ragfleet
-    from services.evaluator.retrieval import markdown_table, retrieval_experiment, run_retrieval_eval
+    from services.evaluator.retrieval import (
+        markdown_table,
+        reranker_models,
+        retrieval_experiment,
+        run_retrieval_eval,
+    )
     from services.runtime.storage import atomic_write_json
 
     try:
@@ -521,6 +584,9 @@ def eval_retrieval(
             colbert_model=colbert_model,
             index=index,
             keep_index=reuse_index,
+            rerank=_names(rerank or ""),
+            rerank_depth=rerank_depth,
+            reranker_models=reranker_models(reranker_model or []),
         )
         with _client(address, token, timeout=3600.0) as client:
             results = run_retrieval_eval(client, experiment, home=get_settings().home)

@@ -99,11 +99,22 @@ class LocalFleet:
     def address(self) -> str:
         return self.services["pipeline"].address
 
-    def restart(self, name: str) -> None:
+    def pid(self, name: str) -> int:
+        return self.services[name].proc.pid
+
+    def kill(self, name: str) -> None:
+        """SIGKILLs one service (no shutdown of any kind) and waits for it to be gone."""
+        self.services[name].kill()
+
+    def start(self, name: str) -> None:
+        """Starts a killed or stopped service again on its port and waits until it is healthy."""
         service = self.services[name]
-        service.kill()
         service.start()
         service.wait()
+
+    def restart(self, name: str) -> None:
+        self.kill(name)
+        self.start(name)
 
     def stop(self) -> None:
         for service in self.services.values():
@@ -117,7 +128,7 @@ def start_local_fleet(
 ) -> LocalFleet:
     """Starts the named services at once and waits until each is healthy; `env_overrides` are extra
     environment variables (settings) for all of them. The gateway finds the retrievers, the reranker and
-    the generator, and the generator the dense retriever, on their loopback ports."""
+    the generator, and the generator the dense retriever (else bm25), on their loopback ports."""
     fleet = LocalFleet(home=home)
     ports = {name: free_port() for name in names}
     retrievers = {
@@ -138,6 +149,10 @@ def start_local_fleet(
         if "retriever-dense" in ports:
             dense = json.dumps({"address": f"127.0.0.1:{ports['retriever-dense']}"})
             env.setdefault("RAGFLEET_GENERATOR__RETRIEVER", dense)
+        elif "retriever-bm25" in ports:  # a fleet without the (slow to start) dense retriever
+            bm25 = json.dumps({"address": f"127.0.0.1:{ports['retriever-bm25']}"})
+            env.setdefault("RAGFLEET_GENERATOR__RETRIEVER", bm25)
+            env.setdefault("RAGFLEET_GENERATOR__RETRIEVER_BACKEND", "bm25")
     for name in names:
         fleet.services[name] = Service(name, ports[name], env)
         fleet.services[name].start()

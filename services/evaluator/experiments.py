@@ -10,7 +10,13 @@ in `retrievers`, an item is a list of retriever names (fused) or one name.
     sweep:
       chunk_tokens: [100, 200]
       retrievers: [bm25, dense, [dense, bm25]]
+      rerank: [false, cross_encoder]
+      rerank_depth: 30
+    reranker_models: {cross_encoder: /models/my-cross-encoder}
     max_queries: 100
+
+In `rerank`, false is no reranking, true the Reranker's default backend and a name that backend;
+`reranker_models` names the checkpoint (path or id) of a backend, else the Reranker's default is used.
 
 `run_experiment` drives the Pipeline through the SDK client:
 
@@ -24,32 +30,41 @@ in `retrievers`, an item is a list of retriever names (fused) or one name.
    experiment searches that existing index instead (needed for a QA set without contexts) and never
    drops it.
 2. Every query (the first `max_queries` in dataset order) goes through the pipeline:
-   - IR datasets: `client.search` with depth `max(top_k, largest @k of the metrics)` — with
-     `rerank: true`, `client.ask(generate=False, rerank=True)` at that depth instead — and the
+   - IR datasets: `client.search` with depth `max(top_k, largest @k of the metrics)`, and the
      ranked passages become document scores (`ir.passages_to_docs`: a document scores its best
-     passage), scored per query with `ir.evaluate_run` (pytrec_eval).
+     passage), scored per query with `ir.evaluate_run` (pytrec_eval). A reranked run searches
+     with the Pipeline's reranking: the best `rerank_depth` passages (0: the whole depth) are
+     rescored by the Reranker; when that is fewer than the depth, the rest of the retrieval list
+     (a second, untimed search without reranking) follows them in retrieval order, the usual way
+     to score a reranker over a deeper cut-off such as recall@100. A reranked list's documents
+     score by their rank.
    - QA datasets: `client.ask` (streamed) with top_k, retrievers, fusion, rerank and the sampling
      temperature; the answer text is scored with EM/F1 (`metrics.qa`, SQuAD v2.0 rules: a question
      without gold answers expects the empty answer) and, where the dataset has qrels, the passages
      the answer was given with are scored with IR metrics. While the fleet has no generator the
      answer is retrieval-only (the gateway's "Retrieval only ..." text, so EM/F1 are near 0); the
-     record says so in `retrieval_only`.
+     record says so in `retrieval_only`. Reranking, when the run asks for it, rescores
+     `rerank_depth` passages (0: top_k; otherwise at least top_k) and the best top_k are kept.
+   Reranking is always `required`: a fleet whose Reranker has no model fails the run (naming the
+   command that trains one) rather than recording retrieval order as a reranked run.
 3. Each run's record is written atomically to `<home>/runs/<run id>.json` as soon as the run
    ends; run ids are `<experiment>-<UTC time>-<random>-<position in the sweep>`. A record holds
    exactly `RUN_RECORD_KEYS`: `config` (the RunConfig), `dataset` ({name, kind, queries: how many
    were asked}), `versions` (every index version that answered), `ingest_s` (seconds to build the
    run's index, the same for every run sharing it; None when it already existed), `aggregate` and
    `per_query` metrics, `latency_ms` ({per_query: {qid: {stage: ms, total: ms}}, mean: {stage:
-   ms}, p50_total, p99_total}) and `retrieval_only` (true unless every answer was generated;
-   always true for IR datasets).
+   ms}, p50_total, p99_total}), `retrieval_only` (true unless every answer was generated;
+   always true for IR datasets) and `rerank` (None for a run without reranking, else {model_ids:
+   the reranker checkpoints that answered, candidates: passages sent to it, truncated: how many of
+   those were cut to the model's input length}).
 
 Metrics are named `ndcg@10`, `recall@100`, `mrr@10`, `P@5`, `map`, ... (as `ir.evaluate_run`
 reports them) and `exact_match`, `f1` (QA). The default is the IR trio for IR datasets and
 EM/F1 plus the IR trio (when the dataset has qrels) for QA datasets.
 
 Latencies, in milliseconds per query: the stages the pipeline reports (`retrieve`, `fuse` for a
-search; `retrieve`, `rerank`, `generate` for an ask — the first timing of each name) and `total`,
-the client-side wall time of the call including reading the whole stream.
+search, and `rerank` when it reranks; `retrieve`, `rerank`, `generate` for an ask — the first timing
+of each name) and `total`, the client-side wall time of the call including reading the whole stream.
 
 Known gap: the gateway reads a zero `overlap_tokens` as "use the server default", so the sweep
 rejects an overlap of 0 rather than silently running with another one.
@@ -100,6 +115,7 @@ RUN_RECORD_KEYS = (
     "per_query",
     "latency_ms",
     "retrieval_only",
+    "rerank",
 )
 
 _CUTOFF = re.compile(r"^(?P<family>[A-Za-z_]+)@(?P<k>\d+)$")
@@ -141,7 +157,10 @@ class Sweep(BaseModel):
     whole_documents: list[bool] = Field([False], min_length=1)
     retrievers: list[list[str]] = Field([["dense", "bm25"]], min_length=1)
     fusion: list[Literal["rrf", "weighted"]] = Field(["rrf"], min_length=1)
-    rerank: list[bool] = Field([False], min_length=1)
+    # False, True (the Reranker's default backend) or a backend name.
+    rerank: list[bool | str] = Field([False], min_length=1)
+    # Passages rescored per query by a reranked run; 0 means all that it retrieves.
+    rerank_depth: list[int] = Field([0], min_length=1)
     top_k: list[int] = Field([10], min_length=1)
     temperature: list[float] = Field([0.0], min_length=1)
 
@@ -166,6 +185,13 @@ class Sweep(BaseModel):
                 raise ValueError(f"{names} names a retriever twice")
         return value
 
+    @field_validator("rerank")
+    @classmethod
+    def _backend_names(cls, value: list[bool | str]) -> list[bool | str]:
+        if any(isinstance(v, str) and not v.strip() for v in value):
+            raise ValueError("a reranker backend name must not be empty (false: no reranking)")
+        return value
+
     @field_validator("chunk_tokens", "overlap_tokens", "top_k")
     @classmethod
     def _positive(cls, value: list[int]) -> list[int]:
@@ -175,7 +201,7 @@ class Sweep(BaseModel):
             )
         return value
 
-    @field_validator("temperature")
+    @field_validator("temperature", "rerank_depth")
     @classmethod
     def _not_negative(cls, value: list[float]) -> list[float]:
         if any(v < 0 for v in value):
@@ -190,6 +216,10 @@ class Sweep(BaseModel):
                 f"{min(self.chunk_tokens)}: every overlap must be smaller than every window"
             )
         return self
+
+    def rerank_backends(self) -> list[str]:
+        """The reranker backends the sweep names."""
+        return [value for value in self.rerank if isinstance(value, str)]
 
 
 @dataclass(frozen=True)
@@ -238,10 +268,14 @@ class RunConfig:
     whole_documents: bool
     retrievers: tuple[str, ...]
     fusion: str
-    rerank: bool
+    # False, True (the Reranker's default backend) or a backend name.
+    rerank: bool | str
     top_k: int
     temperature: float
     colbert_model: str = ""
+    # Both are 0 / "" for a run without reranking.
+    rerank_depth: int = 0
+    reranker_model: str = ""
 
     @property
     def ingest(self) -> IngestSettings:
@@ -260,6 +294,12 @@ class RunConfig:
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "retrievers": list(self.retrievers)}
 
+    def rerank_spec(self, depth: int) -> dict[str, Any]:
+        """The SDK's `rerank` argument of a reranked run that rescores `depth` passages: required, so a
+        Reranker without a model fails the run instead of leaving retrieval order."""
+        backend = "" if self.rerank is True else str(self.rerank)
+        return {"backend": backend, "model": self.reranker_model, "depth": depth, "required": True}
+
 
 class ExperimentConfig(BaseModel):
     """An experiment: a dataset, a sweep, and how to evaluate it (see the module docstring)."""
@@ -274,6 +314,9 @@ class ExperimentConfig(BaseModel):
     # Search this existing index instead of ingesting the dataset; it is never dropped.
     index: str | None = Field(None, min_length=1)
     keep_index: bool = False
+    # The checkpoint (path or id) of each reranker backend that sweep.rerank names; the Reranker's
+    # default for the others.
+    reranker_models: dict[str, str] = {}
 
     @field_validator("metrics")
     @classmethod
@@ -282,6 +325,15 @@ class ExperimentConfig(BaseModel):
             if metric not in QA_METRICS:
                 _check_ir_metric(metric)
         return value
+
+    @model_validator(mode="after")
+    def _models_of_swept_backends(self) -> ExperimentConfig:
+        unknown = sorted(set(self.reranker_models) - set(self.sweep.rerank_backends()))
+        if unknown:
+            raise ValueError(
+                f"reranker_models: {unknown} not in sweep.rerank ({self.sweep.rerank_backends() or 'none'})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _index_fixes_ingest_settings(self) -> ExperimentConfig:
@@ -331,10 +383,24 @@ class ExperimentConfig(BaseModel):
             s.top_k,
             s.temperature,
             s.colbert_model,
+            s.rerank_depth,
         )
         runs = (
-            RunConfig(store, chunk, overlap, whole, tuple(names), fusion, rerank, top_k, float(temp), model)
-            for store, chunk, overlap, whole, names, fusion, rerank, top_k, temp, model in points
+            RunConfig(
+                store,
+                chunk,
+                overlap,
+                whole,
+                tuple(names),
+                fusion,
+                rerank,
+                top_k,
+                float(temp),
+                model,
+                rerank_depth=depth if rerank is not False else 0,
+                reranker_model=self.reranker_models.get(rerank, "") if isinstance(rerank, str) else "",
+            )
+            for store, chunk, overlap, whole, names, fusion, rerank, top_k, temp, model, depth in points
         )
         return list(dict.fromkeys(runs))
 
@@ -397,7 +463,9 @@ class ExperimentClient(Protocol):
     """The part of `ragfleet.Client` an experiment uses."""
 
     def ingest(self, source: Any, *, index: str, spec: Any = None, progress: Any = None) -> Any: ...
-    def search(self, query: str, *, index: str, top_k: int, retrievers: Any, fusion: Any) -> Any: ...
+    def search(
+        self, query: str, *, index: str, top_k: int, retrievers: Any, fusion: Any, **options: Any
+    ) -> Any: ...
     def ask(self, question: str, *, index: str, **options: Any) -> Any: ...
     def delete(self, *, index: str, drop_index: bool = False) -> Any: ...
     def describe_index(self, index: str) -> Any: ...
@@ -428,6 +496,8 @@ class _QueryResult:
     retrieval_only: bool
     timings: dict[str, float]
     versions: list[Any]
+    # The RerankReport of a reranked call.
+    rerank: Any = None
 
 
 @dataclass
@@ -478,7 +548,7 @@ def _check_fleet(client: ExperimentClient, runs: Sequence[RunConfig]) -> None:
             f"sweep.retrievers: the fleet has no {missing} (it has {list(described.retrievers)})"
         )
     if any(run.rerank for run in runs) and not described.reranker:
-        raise ValueError("sweep.rerank: true, but the fleet has no reranker")
+        raise ValueError("sweep.rerank: reranked runs, but the fleet has no reranker")
 
 
 def _fingerprint(dataset: EvalDataset) -> str:
@@ -572,28 +642,34 @@ def _first_timings(timings: Iterable[Any]) -> dict[str, float]:
 
 
 def _search(exp: _Experiment, run: RunConfig, index: str, text: str, depth: int) -> _QueryResult:
-    response = exp.client.search(
-        text, index=index, top_k=depth, retrievers=list(run.retrievers), fusion=run.fusion
-    )
+    """`depth` passages; a reranked run's are its best of `rerank_depth` (fewer when that is less)."""
+    retrieval: dict[str, Any] = {"index": index, "retrievers": list(run.retrievers), "fusion": run.fusion}
+    if run.rerank:
+        reranked = run.rerank_depth or depth
+        retrieval |= {"top_k": min(depth, reranked), "rerank": run.rerank_spec(reranked)}
+    else:
+        retrieval["top_k"] = depth
+    response = exp.client.search(text, **retrieval)
     return _QueryResult(
         passages=list(response.results),
         answer=None,
         retrieval_only=True,
         timings=_first_timings(response.timings),
         versions=list(response.versions),
+        rerank=response.rerank if run.rerank else None,
     )
 
 
 def _ask(exp: _Experiment, run: RunConfig, index: str, text: str, top_k: int, generate: bool) -> _QueryResult:
     passages: list[Any] = []
-    answer = None
+    answer = rerank = None
     events = exp.client.ask(
         text,
         index=index,
         top_k=top_k,
         retrievers=list(run.retrievers),
         fusion=run.fusion,
-        rerank=run.rerank,
+        rerank=run.rerank_spec(run.rerank_depth or top_k) if run.rerank else None,
         generate=generate,
         params={"temperature": run.temperature},
     )
@@ -601,6 +677,8 @@ def _ask(exp: _Experiment, run: RunConfig, index: str, text: str, top_k: int, ge
         kind = event.WhichOneof("event")
         if kind in ("retrieved", "reranked"):
             passages = list(getattr(event, kind).passages)
+            if kind == "reranked":
+                rerank = event.reranked.rerank
         elif kind == "answer":
             answer = event.answer
     if answer is None:
@@ -611,7 +689,24 @@ def _ask(exp: _Experiment, run: RunConfig, index: str, text: str, top_k: int, ge
         retrieval_only=answer.retrieval_only,
         timings=_first_timings(answer.timings),
         versions=list(answer.versions),
+        rerank=rerank,
     )
+
+
+def _ranked_docs(head: Sequence[Any], tail: Sequence[Any]) -> dict[str, float]:
+    """Document scores of a reranked list `head` followed by the retrieval list `tail`: documents in the
+    order of their first passage, scored by that rank (the two lists' scores are not comparable)."""
+    order = list(dict.fromkeys([*ir.passages_to_docs(head), *ir.passages_to_docs(tail)]))
+    return {doc: float(len(order) - rank) for rank, doc in enumerate(order)}
+
+
+def _rerank_summary(reports: Sequence[Any]) -> dict[str, Any]:
+    """What a run's RerankReports add up to (see the module docstring)."""
+    return {
+        "model_ids": sorted({r.model_id for r in reports if r.model_id}),
+        "candidates": sum(r.candidates for r in reports),
+        "truncated": sum(r.truncated for r in reports),
+    }
 
 
 def _qa_scores(prediction: str, golds: list[str]) -> dict[str, float]:
@@ -648,18 +743,25 @@ def _execute(
     per_query: dict[str, dict[str, float]] = {}
     latency: dict[str, dict[str, float]] = {}
     versions: set[tuple[str, str, int, str]] = set()
+    reports: list[Any] = []
     retrieval_only = True
     for done, qid in enumerate(exp.query_ids, start=1):
         text = dataset.queries[qid]
         start = time.perf_counter()
         if dataset.kind == "qa":
             result = _ask(exp, run, index, text, run.top_k, generate=True)
-        elif run.rerank:
-            result = _ask(exp, run, index, text, depth, generate=False)
         else:
             result = _search(exp, run, index, text, depth)
         latency[qid] = {**result.timings, TOTAL: (time.perf_counter() - start) * 1000.0}
-        doc_run[qid] = ir.passages_to_docs(result.passages)
+        if not run.rerank:
+            doc_run[qid] = ir.passages_to_docs(result.passages)
+        elif dataset.kind == "ir" and (run.rerank_depth or depth) < depth:
+            tail = _search(exp, replace(run, rerank=False), index, text, depth).passages
+            doc_run[qid] = _ranked_docs(result.passages, tail)
+        else:
+            doc_run[qid] = _ranked_docs(result.passages, [])
+        if result.rerank is not None:
+            reports.append(result.rerank)
         versions |= {(v.index, v.retriever, v.version, v.model_id) for v in result.versions}
         retrieval_only = retrieval_only and result.retrieval_only
         per_query[qid] = _qa_scores(result.answer, dataset.answers[qid]) if qa_metrics else {}
@@ -688,6 +790,7 @@ def _execute(
         "per_query": per_query,
         "latency_ms": _latency(latency),
         "retrieval_only": retrieval_only,
+        "rerank": _rerank_summary(reports) if run.rerank else None,
     }
 
 
@@ -715,6 +818,8 @@ def run_experiment(
         progress=progress,
     )
     runs = config.runs()
+    if dataset.kind == "qa" and any(run.rerank and 0 < run.rerank_depth < run.top_k for run in runs):
+        raise ValueError("sweep.rerank_depth: a QA run reranks at least its top_k passages (0: top_k)")
     _check_fleet(client, runs)
     groups = index_groups(runs)
     fingerprint = _fingerprint(dataset) if config.index is None else ""

@@ -3,9 +3,13 @@
 `run_retrieval_eval` runs one experiment (`experiments.run_experiment`) with one run per retriever
 name — `"hybrid"` is dense + bm25 fused with RRF, any other name is that retriever alone — all
 searching one index of whole documents (or of `chunk_tokens`-token chunks), every judged query asked
-for `top_k` passages and scored with nDCG@10, Recall@100 and MRR@10 over all judged queries. The run
-records land under `<home>/runs` as every experiment's do (`ragfleet eval report` reads them); what
-it returns sums them up as `{retriever: {metric: value}, "timings": {...}}`.
+for `top_k` passages and scored with nDCG@10, Recall@100 and MRR@10 over all judged queries. Each
+reranker backend named in `rerank` adds one run per retriever (the sweep's `rerank` dimension, on the
+same index): the Pipeline reranks the retriever's best `rerank_depth` passages through the Reranker
+(with the backend's checkpoint in `reranker_models`, else the Reranker's default) and the rest of the
+list follows. The run records land under `<home>/runs` as every experiment's do (`ragfleet eval
+report` reads them); what it returns sums them up as `{name: {metric: value}, "timings": {...}}`,
+where a name is the retriever's, or `"<retriever>+<reranker>"` for a reranked run.
 
 `top_k` counts passages; with whole documents that is also the number of documents per query.
 """
@@ -31,8 +35,27 @@ def _retrievers_of(name: str) -> list[str]:
     return list(HYBRID_RETRIEVERS) if name == HYBRID else [name]
 
 
-def _name_of(retrievers: Sequence[str]) -> str:
-    return HYBRID if tuple(retrievers) == HYBRID_RETRIEVERS else "+".join(retrievers)
+def _name_of(config: Mapping[str, Any]) -> str:
+    """A run's name in the summary: its retriever's, then `+<reranker>` when it reranks."""
+    retrievers = config["retrievers"]
+    name = HYBRID if tuple(retrievers) == HYBRID_RETRIEVERS else "+".join(retrievers)
+    rerank = config.get("rerank")
+    if not rerank:
+        return name
+    return f"{name}+{'rerank' if rerank is True else rerank}"
+
+
+def reranker_models(items: Sequence[str]) -> dict[str, str]:
+    """`{backend: checkpoint}` from BACKEND=PATH_OR_ID items (`--reranker-model`). A path that exists
+    here is made absolute, since the Reranker need not run in this working directory."""
+    models: dict[str, str] = {}
+    for item in items:
+        backend, sep, model = (part.strip() for part in item.partition("="))
+        if not sep or not backend or not model:
+            raise ValueError(f"reranker_models: expected BACKEND=PATH_OR_ID, got {item!r}")
+        path = Path(model).expanduser()
+        models[backend] = str(path.resolve()) if path.exists() else model
+    return models
 
 
 def retrieval_experiment(
@@ -46,6 +69,9 @@ def retrieval_experiment(
     colbert_model: str | None = None,
     index: str | None = None,
     keep_index: bool = False,
+    rerank: Sequence[str] = (),
+    rerank_depth: int = 30,
+    reranker_models: Mapping[str, str] | None = None,
 ) -> experiments.ExperimentConfig:
     """The experiment behind `ragfleet eval retrieval` (see the module docstring); `index` names an
     existing index to search instead of ingesting the corpus."""
@@ -54,10 +80,15 @@ def retrieval_experiment(
         raise ValueError("retrievers: name at least one retriever")
     if TIMINGS in retrievers:
         raise ValueError(f"retrievers: {TIMINGS!r} is not a retriever name")
+    rerank = list(dict.fromkeys(rerank))
+    if rerank_depth < 1:
+        raise ValueError(f"rerank_depth: must be at least 1, got {rerank_depth}")
     sweep: dict[str, Any] = {
         "retrievers": [_retrievers_of(name) for name in retrievers],  # fused with RRF, the default
         "top_k": top_k,
         "whole_documents": chunk_tokens is None,
+        "rerank": [False, *rerank],
+        "rerank_depth": rerank_depth,
     }
     if chunk_tokens is not None:
         sweep["chunk_tokens"] = chunk_tokens
@@ -73,16 +104,17 @@ def retrieval_experiment(
         sweep=sweep,
         index=index,
         keep_index=keep_index,
+        reranker_models=dict(reranker_models or {}),
     )
 
 
 def summary(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """`{retriever: aggregate metrics, "timings": {"ingest_s", "<retriever>_search_s",
-    "<retriever>_qps"}}` of the runs' records; `ingest_s` is None when no index was built."""
+    """`{name: aggregate metrics, "timings": {"ingest_s", "<name>_search_s", "<name>_qps"}}` of the
+    runs' records (a name as in the module docstring); `ingest_s` is None when no index was built."""
     results: dict[str, dict[str, float | None]] = {}
     timings: dict[str, float | None] = {"ingest_s": records[0]["ingest_s"] if records else None}
     for record in records:
-        name = _name_of(record["config"]["retrievers"])
+        name = _name_of(record["config"])
         results[name] = {m: record["aggregate"][m] for m in experiments.IR_DEFAULT_METRICS}
         seconds = sum(ms["total"] for ms in record["latency_ms"]["per_query"].values()) / 1000.0
         timings[f"{name}_search_s"] = seconds
@@ -105,7 +137,8 @@ def run_retrieval_eval(
 
 
 def markdown_table(results: Mapping[str, Mapping[str, float | None]]) -> str:
-    """One row per retriever: its metrics, search seconds and queries per second; then ingest time."""
+    """One row per run (retriever, reranked or not): its metrics, search seconds and queries per second;
+    then ingest time."""
     timings = results.get(TIMINGS, {})
     names = [name for name in results if name != TIMINGS]
     metrics = list(dict.fromkeys(key for name in names for key in results[name]))

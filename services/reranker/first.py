@@ -101,7 +101,8 @@ class FirstReranker(RerankerModel):
     def _window_order(self, query: list[int], passages: Sequence[list[int]]) -> list[int]:
         """The window's passages, best first, from the identifiers' logits at the first answer position."""
         ids = torch.tensor([self._prompt_ids(query, passages)], device=self.model.device)
-        logits = self.model(input_ids=ids).logits[0, -1, self.label_ids[: len(passages)]]
+        # The last position's logits only: the LM head over every prompt position costs more than the model.
+        logits = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1, self.label_ids[: len(passages)]]
         return torch.argsort(logits.float(), descending=True, stable=True).tolist()
 
     def rerank(self, query: str, texts: Sequence[str]) -> Ranking:

@@ -6,7 +6,9 @@ with the `application` metadata (the SDK sets it); inside Ray, the gateway reach
 through the proxy too, so services still talk only through the ragfleet stubs.
 
 `deploy/ray/serve.yaml` builds each application with `app` (args `{service: NAME}`);
-`ragfleet up` calls `run_fleet`.
+`ragfleet up` calls `run_fleet`. An embedded fleet on loopback (ray.host 127.0.0.1) installs
+`keep_serve_on_loopback` in every Ray worker, since Serve binds its gRPC servers to all interfaces;
+a replica refuses to start open (no auth.tokens, no auth.allow_open) when Serve is not kept there.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ray.serve.config import gRPCOptions
 from services.catalog import SERVICES, ServiceSpec
 from services.runtime.calls import CallGate, RpcMethod, rpc_methods
 from services.runtime.errors import ServiceError
-from services.runtime.settings import Endpoint, Settings
+from services.runtime.settings import Endpoint, Settings, is_loopback, require_auth_when_exposed
 
 log = logging.getLogger("ragfleet.serve")
 
@@ -40,6 +42,44 @@ FLEET = (
 # Where an ingest that names no retrievers goes in the fleet: colbert (the slowest to encode) is
 # deployed but indexes only what is sent to it by name (`--retrievers colbert`).
 DEFAULT_INGEST_RETRIEVERS = ["dense", "bm25"]
+# Set by keep_serve_on_loopback in the Ray worker processes it ran in.
+_serve_on_loopback = False
+
+
+def keep_serve_on_loopback() -> None:
+    """Ray's worker_process_setup_hook for an embedded fleet on loopback. Serve binds its gRPC proxy
+    (grpc_util.start_grpc_server) and each replica's inter-deployment server (replica.py) to "[::]",
+    every interface, and has no option for it: those binds are rewritten to 127.0.0.1. Ray itself stays
+    on loopback through its node address (see `ragfleet up`)."""
+    global _serve_on_loopback
+    from ray.serve._private import default_impl, replica
+
+    add_grpc_address = default_impl.add_grpc_address
+    add_port_to_grpc_server = replica.add_port_to_grpc_server
+
+    def loopback(address: str) -> str:
+        return address.replace("[::]:", "127.0.0.1:", 1)
+
+    default_impl.add_grpc_address = lambda server, address: add_grpc_address(server, loopback(address))
+    replica.add_port_to_grpc_server = lambda server, address: add_port_to_grpc_server(
+        server, loopback(address)
+    )
+    _serve_on_loopback = True
+
+
+def fleet_runtime_env(settings: Settings) -> dict[str, Any]:
+    """The runtime_env of the job that deploys an embedded fleet: on loopback, the setup hook that keeps
+    Serve there (the Serve controller, its proxies and the replicas inherit it)."""
+    if not is_loopback(settings.ray.host):
+        return {}
+    return {"worker_process_setup_hook": f"{__name__}.{keep_serve_on_loopback.__name__}"}
+
+
+def refuse_open_replica(settings: Settings, name: str) -> None:
+    """A replica's service answers through Serve's gRPC proxy, which listens on every interface unless
+    the setup hook keeps Serve on loopback; there the service needs authentication (OpenServiceError)."""
+    host = "127.0.0.1" if _serve_on_loopback else "[::]"
+    require_auth_when_exposed(settings, host, f"{name} (behind Serve's gRPC proxy)")
 
 
 def _method(method: RpcMethod) -> Any:
@@ -83,6 +123,7 @@ def deployment_class(spec: ServiceSpec) -> type:
     def __init__(self: Any, settings: dict[str, Any]) -> None:
         logging.basicConfig(level=settings.get("log_level", "INFO"))
         self.settings = Settings.model_validate(settings)
+        refuse_open_replica(self.settings, spec.name)
         self.impl = spec.build(self.settings)
         self.gate = CallGate(spec.proto_service.rsplit(".", 1)[-1], self.settings)
 
@@ -144,11 +185,11 @@ def grpc_options(settings: Settings) -> gRPCOptions:
 
 
 def run_fleet(settings: Settings) -> None:
-    """Starts Serve (gRPC proxy on settings.ray.grpc_port) and deploys every fleet application.
-    Assumes `ray.init` was called."""
+    """Starts Serve (gRPC proxy on settings.ray.grpc_port, HTTP proxy on ray.host) and deploys every
+    fleet application. Assumes `ray.init` was called (with `fleet_runtime_env` for an embedded fleet)."""
     deployed = fleet_settings(settings)
     serve.start(
-        http_options={"host": "127.0.0.1", "port": settings.ray.http_port},
+        http_options={"host": settings.ray.host, "port": settings.ray.http_port},
         grpc_options=grpc_options(settings),
     )
     for name in FLEET:

@@ -23,7 +23,7 @@ from prometheus_client import start_http_server
 
 from services.runtime.calls import CallGate, RpcMethod, Undecodable, checked, rpc_methods
 from services.runtime.errors import ServiceError
-from services.runtime.settings import Settings
+from services.runtime.settings import Settings, require_auth_when_exposed
 
 log = logging.getLogger("ragfleet.server")
 
@@ -99,7 +99,10 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 async def start_server(
     service_full_name: str, impl: Any, settings: Settings, *, port: int | None = None
 ) -> tuple[grpc.aio.Server, int]:
-    """Starts a server for one service; returns it and the bound port (port 0 picks a free one)."""
+    """Starts a server for one service; returns it and the bound port (port 0 picks a free one).
+    OpenServiceError when it would listen beyond loopback without authentication."""
+    mtls = settings.tls.client_ca_file is not None
+    require_auth_when_exposed(settings, settings.server.host, service_full_name, client_certificates=mtls)
     limit = settings.server.max_message_bytes
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
@@ -137,8 +140,8 @@ async def serve_forever(
     service_full_name: str, impl: Any, settings: Settings, *, port: int | None = None
 ) -> None:
     """Runs until SIGINT/SIGTERM, then drains in-flight calls for server.grace_seconds."""
-    start_metrics(settings)
     server, _ = await start_server(service_full_name, impl, settings, port=port)
+    start_metrics(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -7,6 +7,7 @@ RAGFLEET_GATEWAY__RETRIEVERS='{"dense": {"address": "retriever-dense:50061"}}'.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +40,8 @@ class Endpoint(BaseModel):
 
 
 class ServerSettings(BaseModel):
+    # The interface `ragfleet serve` binds: 127.0.0.1 keeps the service on this machine; any other
+    # address (0.0.0.0: every interface) needs auth.tokens, or auth.allow_open, or it refuses to start.
     host: str = "127.0.0.1"
     port: int = 50051
     max_message_bytes: int = 64 * 1024 * 1024
@@ -160,8 +163,13 @@ class EvaluatorSettings(BaseModel):
 
 
 class AuthSettings(BaseModel):
-    # Bearer token -> tenant. Empty: no authentication, every caller is tenant "default".
+    # Bearer token -> tenant. Empty: no authentication, every caller is tenant "default". Give every
+    # service of a fleet the same tokens: the Pipeline forwards the caller's token and each service
+    # maps it to a tenant itself, so a retriever without them serves every caller as "default".
     tokens: dict[str, str] = {}
+    # Serve without tokens on an address other machines can reach. Off, such a service refuses to
+    # start (see require_auth_when_exposed); on loopback no tokens are needed.
+    allow_open: bool = False
 
 
 class TlsSettings(BaseModel):
@@ -174,6 +182,14 @@ class TlsSettings(BaseModel):
 class RaySettings(BaseModel):
     # None: start an embedded Ray on this machine; "ray://head:10001" or "auto" joins a cluster.
     address: str | None = None
+    # Where the embedded Ray (GCS, raylet, agents, workers) and Serve's proxies listen. 127.0.0.1 keeps
+    # all of them on this machine. Another address exposes the fleet and Ray itself (which has no
+    # authentication) to the network: Ray takes it as the node's address (0.0.0.0: Ray picks one) and
+    # listens there or on every interface, Serve's gRPC proxy and replicas on every interface, and the
+    # services need auth.tokens (or auth.allow_open).
+    host: str = "127.0.0.1"
+    # The embedded Ray's GCS port (what `ragfleet up` starts and `ragfleet down` stops).
+    port: int = 6379
     grpc_port: int = 9000
     http_port: int = 8000
     num_cpus: int | None = None
@@ -209,6 +225,37 @@ class Settings(BaseSettings):
         if config is not None:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config))
         return tuple(sources)
+
+
+class OpenServiceError(ValueError):
+    """A service would answer unauthenticated calls on an address other machines can reach."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine reaches `host`: localhost, 127.0.0.0/8 (also IPv4-mapped) or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def require_auth_when_exposed(
+    settings: Settings, host: str, what: str, *, client_certificates: bool = False
+) -> None:
+    """Refuses (OpenServiceError) to let `what` listen on `host` open to other machines: without
+    auth.tokens, client certificates (mTLS) or an explicit auth.allow_open, it must bind loopback."""
+    auth = settings.auth
+    if is_loopback(host) or auth.tokens or auth.allow_open or client_certificates:
+        return
+    raise OpenServiceError(
+        f"{what} would listen on {host} with no authentication: give every service the same "
+        "auth.tokens (RAGFLEET_AUTH__TOKENS, a JSON object of token: tenant), or set auth.allow_open "
+        "(RAGFLEET_AUTH__ALLOW_OPEN=true) to serve every caller as tenant 'default', or listen on 127.0.0.1"
+    )
 
 
 def config_path() -> Path | None:

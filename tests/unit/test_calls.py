@@ -1,5 +1,6 @@
 """CallGate: authentication, deadlines, metadata and error mapping shared by both server adapters;
-the grpc.aio server's handling of binary metadata and where its metrics endpoint listens."""
+the grpc.aio server's handling of binary metadata, where its metrics endpoint listens, and its refusal
+to serve open beyond loopback."""
 
 import asyncio
 import socket
@@ -14,7 +15,16 @@ from services.gateway.service import PipelineService
 from services.runtime.calls import CallGate, rpc_methods
 from services.runtime.errors import ServiceError, not_found
 from services.runtime.server import start_metrics, start_server
-from services.runtime.settings import AuthSettings, GatewaySettings, ServerSettings, Settings
+from services.runtime.settings import (
+    AuthSettings,
+    GatewaySettings,
+    OpenServiceError,
+    ServerSettings,
+    Settings,
+    TlsSettings,
+    is_loopback,
+    require_auth_when_exposed,
+)
 
 SEARCH = next(m for m in rpc_methods("ragfleet.v1.Retriever") if m.name == "Search")
 
@@ -147,3 +157,49 @@ def test_the_metrics_endpoint_listens_on_the_server_host() -> None:
         httpd.shutdown()
         httpd.server_close()
     assert start_metrics(Settings(server=ServerSettings(metrics_port=None))) is None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]", "::ffff:127.0.0.1"])
+def test_loopback_hosts(host: str) -> None:
+    assert is_loopback(host)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]", "", "192.0.2.2", "fd00::2", "example.com"])
+def test_hosts_other_machines_reach(host: str) -> None:
+    assert not is_loopback(host)
+
+
+def test_an_open_service_may_listen_on_loopback_only() -> None:
+    open_settings = Settings()
+    assert open_settings.server.host == "127.0.0.1" and open_settings.ray.host == "127.0.0.1"
+    require_auth_when_exposed(open_settings, "127.0.0.1", "retriever")
+    with pytest.raises(OpenServiceError) as err:
+        require_auth_when_exposed(open_settings, "0.0.0.0", "retriever")
+    assert "retriever would listen on 0.0.0.0" in str(err.value)
+    assert "auth.tokens" in str(err.value) and "auth.allow_open" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "settings, mtls",
+    [
+        (Settings(auth=AuthSettings(tokens={"s3cret": "acme"})), False),
+        (Settings(auth=AuthSettings(allow_open=True)), False),
+        (Settings(), True),
+    ],
+    ids=["tokens", "allow-open", "client-certificates"],
+)
+def test_tokens_client_certificates_or_an_explicit_allow_open_may_listen_everywhere(
+    settings: Settings, mtls: bool
+) -> None:
+    require_auth_when_exposed(settings, "0.0.0.0", "retriever", client_certificates=mtls)
+
+
+async def test_the_server_refuses_to_listen_open_beyond_loopback(tmp_path) -> None:
+    settings = Settings(server=ServerSettings(host="0.0.0.0"), gateway=GatewaySettings(retrievers={}))
+    with pytest.raises(OpenServiceError):
+        await start_server("ragfleet.v1.Pipeline", PipelineService(settings), settings, port=0)
+    # TLS without client certificates authenticates the server only: it still refuses.
+    (tmp_path / "cert.pem").write_text("unused")
+    tls = Settings(server=settings.server, tls=TlsSettings(cert_file=tmp_path / "cert.pem"))
+    with pytest.raises(OpenServiceError):
+        await start_server("ragfleet.v1.Pipeline", PipelineService(settings), tls, port=0)

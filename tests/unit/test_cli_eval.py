@@ -113,3 +113,31 @@ def test_eval_retrieval_prints_and_writes_the_scores(tmp_path: Path, monkeypatch
     assert table.read_text().startswith("| retriever | ndcg@10 | recall@100 | mrr@10 | search s | QPS |")
     assert client.calls[0][2]["chunking"] == {"chunk_tokens": 100, "overlap_tokens": 20}
     assert len(list((tmp_path / "home" / "runs").glob("*.json"))) == 2
+
+
+def test_eval_retrieval_reranks_each_retriever_with_each_backend(tmp_path: Path, monkeypatch) -> None:
+    client = FakeClient()
+    monkeypatch.setattr("services.cli._client", lambda *args, **kwargs: nullcontext(client))
+    monkeypatch.setenv("RAGFLEET_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    from services.runtime.settings import get_settings
+
+    get_settings.cache_clear()
+    (tmp_path / "ce").mkdir()
+    out = tmp_path / "scores.json"
+    dataset = write_beir(tmp_path / "tiny set")
+    args = ["--beir", str(dataset), "--retrievers", "dense,hybrid", "--rerank", "cross_encoder,first"]
+    args += ["--rerank-depth", "5", "--reranker-model", "cross_encoder=ce", "--json", str(out)]
+    result = runner.invoke(app, ["eval", "retrieval", *args])
+    get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text())
+    names = ["dense", "dense+cross_encoder", "dense+first", "hybrid", "hybrid+cross_encoder", "hybrid+first"]
+    assert list(scores) == [*names, "timings"]
+    assert all(set(scores[name]) == {"ndcg@10", "recall@100", "mrr@10"} for name in names)
+    assert {f"{name}_qps" for name in names} <= set(scores["timings"])
+    specs = {call[3]["backend"]: call[3] for call in client.calls if call[0] == "rerank"}
+    assert specs["cross_encoder"]["model"] == str(tmp_path / "ce") and specs["first"]["model"] == ""
+    assert specs["first"]["depth"] == 5
+    bad = runner.invoke(app, ["eval", "retrieval", "--beir", str(dataset), "--reranker-model", "first"])
+    assert bad.exit_code == 1 and "BACKEND=PATH_OR_ID" in bad.output

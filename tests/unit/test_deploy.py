@@ -87,6 +87,18 @@ def test_compose_service_serves_itself_on_its_default_port(name: str) -> None:
     assert "RAGFLEET_SERVER__PORT" in " ".join(spec["healthcheck"]["test"])
 
 
+def test_every_service_gets_the_same_required_auth_settings() -> None:
+    auth = {
+        name: {key: value for key, value in spec["environment"].items() if key.startswith("RAGFLEET_AUTH__")}
+        for name, spec in ragfleet_services().items()
+    }
+    shared = auth["pipeline"]
+    assert all(settings == shared for settings in auth.values())
+    # `docker compose` stops unless the tokens are set; running open is a second, explicit setting.
+    assert shared["RAGFLEET_AUTH__TOKENS"].startswith("${RAGFLEET_AUTH__TOKENS:?")
+    assert shared["RAGFLEET_AUTH__ALLOW_OPEN"] == "${RAGFLEET_AUTH__ALLOW_OPEN:-false}"
+
+
 def test_every_stateful_service_has_its_own_named_volume() -> None:
     top = yaml.safe_load(COMPOSE.read_text())
     mounts = {}
@@ -175,7 +187,7 @@ def test_dense_retriever_uses_the_chroma_service() -> None:
     env = services["retriever-dense"]["environment"]
     assert env["RAGFLEET_RETRIEVER__CHROMA_HOST"] == "chroma"
     chroma_port = int(env["RAGFLEET_RETRIEVER__CHROMA_PORT"])
-    assert services["chroma"]["ports"] == [f"{chroma_port}:{chroma_port}"]
+    assert services["chroma"]["ports"] == [f"127.0.0.1:{chroma_port}:{chroma_port}"]
     assert services["chroma"]["image"].startswith("chromadb/chroma:")
     assert f"/dev/tcp/127.0.0.1/{chroma_port}" in " ".join(services["chroma"]["healthcheck"]["test"])
     assert services["retriever-dense"]["depends_on"]["chroma"] == {"condition": "service_healthy"}
@@ -288,11 +300,31 @@ def test_rayservice_pods_expose_grpc_and_share_ragfleet_home() -> None:
     for pod in pods:
         (container,) = pod["containers"]
         assert 9000 in {port["containerPort"] for port in container["ports"]}
-        env = {item["name"]: item["value"] for item in container["env"]}
+        env = {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
         mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
         assert env["RAGFLEET_HOME"] in mounts
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
         assert claims[mounts[env["RAGFLEET_HOME"]]] == "ragfleet-data"
+
+
+def test_every_pod_reads_the_fleets_tokens_from_one_secret() -> None:
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [
+        group["template"]["spec"] for group in cluster["workerGroupSpecs"]
+    ]
+    for pod in pods:
+        (container,) = pod["containers"]
+        env = {item["name"]: item for item in container["env"]}
+        secret = env["RAGFLEET_AUTH__TOKENS"]["valueFrom"]["secretKeyRef"]
+        assert secret == {"name": "ragfleet-auth", "key": "tokens"}
+
+
+def test_every_cluster_node_reads_the_same_tokens() -> None:
+    config = yaml.safe_load(CLUSTER.read_text())
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        start = next(command for command in commands if "ray start" in command)
+        assert 'RAGFLEET_AUTH__TOKENS="$(cat /mnt/ragfleet/tokens.json)"' in start
+        assert "--dashboard-host" not in start
 
 
 def test_cluster_config_is_valid_for_the_ray_launcher() -> None:
@@ -302,3 +334,101 @@ def test_cluster_config_is_valid_for_the_ray_launcher() -> None:
     assert config["provider"]["type"] == "local"
     setup = " ".join(config["setup_commands"])
     assert "torch==2.13.0" in setup and "./clients/python" in setup
+
+
+# Auth and binding of the fleet on Ray
+
+
+def test_every_deployment_gets_the_same_auth_settings() -> None:
+    from services.runtime.serve import FLEET, application, fleet_settings
+    from services.runtime.settings import AuthSettings, Settings
+
+    deployed = fleet_settings(Settings(auth=AuthSettings(tokens={"s3cret": "acme"})))
+    for name in FLEET:
+        (settings,) = application(name, deployed)._bound_deployment.init_args
+        assert settings["auth"] == {"tokens": {"s3cret": "acme"}, "allow_open": False}
+
+
+@pytest.fixture
+def serve_binds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Ray Serve's two bind helpers, recording the address they are given (restored afterwards)."""
+    from ray.serve._private import default_impl, replica
+
+    import services.runtime.serve as serve_glue
+
+    bound: list[str] = []
+    monkeypatch.setattr(default_impl, "add_grpc_address", lambda server, address: bound.append(address))
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", lambda server, address: bound.append(address))
+    monkeypatch.setattr(serve_glue, "_serve_on_loopback", False)
+    return bound
+
+
+def test_the_setup_hook_keeps_serves_grpc_servers_on_loopback(serve_binds: list[str]) -> None:
+    from ray._private.runtime_env.setup_hook import load_and_execute_setup_hook_module
+    from ray.serve._private import default_impl, replica
+
+    from services.runtime.serve import fleet_runtime_env
+    from services.runtime.settings import RaySettings, Settings
+
+    # What a Ray worker does with the hook of the job's runtime_env when it starts.
+    hook = fleet_runtime_env(Settings())["worker_process_setup_hook"]
+    assert load_and_execute_setup_hook_module(hook) is None
+    default_impl.add_grpc_address(None, "[::]:9000")
+    replica.add_port_to_grpc_server(None, "[::]:0")
+    assert serve_binds == ["127.0.0.1:9000", "127.0.0.1:0"]
+    assert fleet_runtime_env(Settings(ray=RaySettings(host="0.0.0.0"))) == {}
+
+
+def test_a_replica_refuses_to_serve_open_unless_serve_is_kept_on_loopback(serve_binds: list[str]) -> None:
+    from services.runtime.serve import keep_serve_on_loopback, refuse_open_replica
+    from services.runtime.settings import AuthSettings, OpenServiceError, Settings
+
+    with pytest.raises(OpenServiceError, match="retriever-bm25 .behind Serve's gRPC proxy. would listen on"):
+        refuse_open_replica(Settings(), "retriever-bm25")
+    refuse_open_replica(Settings(auth=AuthSettings(tokens={"s3cret": "acme"})), "retriever-bm25")
+    refuse_open_replica(Settings(auth=AuthSettings(allow_open=True)), "retriever-bm25")
+    keep_serve_on_loopback()
+    refuse_open_replica(Settings(), "retriever-bm25")
+
+
+def test_ragfleet_serve_binds_loopback_unless_told_otherwise() -> None:
+    from typer.testing import CliRunner
+
+    from services.cli import app
+    from services.runtime.settings import Settings
+
+    assert Settings().server.host == "127.0.0.1"
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert "default: settings.server.host, 127.0.0.1" in result.output
+
+
+def test_down_with_no_embedded_ray_running_says_so_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    import services.cli as cli
+    from services.runtime.settings import get_settings
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("RAGFLEET_RAY__PORT", str(port))
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)  # down sets it; undone after
+    ran: list[list[str]] = []
+
+    def run(cmd: list[str], **_: object) -> subprocess.CompletedProcess:
+        ran.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    # `ray stop` would stop every Ray instance of this user on the machine.
+    monkeypatch.setattr(subprocess, "run", run)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli.app, ["down"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert "no running Ray instance found" in result.output
+    assert ran == [[cli._ray_bin(), "stop"]]

@@ -12,7 +12,12 @@ import pytest
 
 from ragfleet.errors import NotFound
 from services.evaluator.experiments import list_runs
-from services.evaluator.retrieval import markdown_table, retrieval_experiment, run_retrieval_eval
+from services.evaluator.retrieval import (
+    markdown_table,
+    reranker_models,
+    retrieval_experiment,
+    run_retrieval_eval,
+)
 
 QUERIES = {"q1": "find one", "q2": "find two and three", "q3": "find four"}
 QRELS = "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq2\td3\t1\nq3\td4\t1\n"
@@ -40,7 +45,8 @@ RANKINGS[("colbert",)] = RANKINGS[("dense",)]
 
 
 class FakeClient:
-    """Implements what an experiment calls of ragfleet.Client, in memory."""
+    """Implements what an experiment calls of ragfleet.Client, in memory; its reranker reverses the
+    best `depth` passages."""
 
     def __init__(self, fail_on: str | None = None) -> None:
         self.indexes: dict[str, dict] = {}  # name -> {"retrievers": [...], "documents": [...]}
@@ -48,7 +54,7 @@ class FakeClient:
         self.fail_on = fail_on
 
     def describe(self):
-        return SimpleNamespace(retrievers=["dense", "bm25", "colbert"], reranker=False)
+        return SimpleNamespace(retrievers=["dense", "bm25", "colbert"], reranker=True)
 
     def describe_index(self, index):
         if index not in self.indexes:
@@ -64,14 +70,22 @@ class FakeClient:
         self.indexes[index] = {"retrievers": spec["retrievers"], "documents": list(source)}
         progress(len(source))
 
-    def search(self, query, *, index, top_k, retrievers, fusion):
+    def search(self, query, *, index, top_k, retrievers, fusion, rerank=None):
         assert index in self.indexes
         if self.fail_on in retrievers:
             raise ConnectionError(f"{self.fail_on} is down")
-        self.calls.append(("search", tuple(retrievers), fusion, top_k))
         by_text = {text: qid for qid, text in QUERIES.items()}
-        ranking = RANKINGS[tuple(retrievers)][by_text[query]][:top_k]
+        ranking = RANKINGS[tuple(retrievers)][by_text[query]]
+        report = None
+        if rerank is None:
+            self.calls.append(("search", tuple(retrievers), fusion, top_k))
+            ranking = ranking[:top_k]
+        else:
+            self.calls.append(("rerank", tuple(retrievers), top_k, rerank))
+            ranking = ranking[: rerank["depth"]][::-1][:top_k]
+            report = SimpleNamespace(model_id=rerank["backend"], candidates=len(ranking), truncated=0)
         return SimpleNamespace(
+            rerank=report,
             results=[
                 SimpleNamespace(passage=SimpleNamespace(id=pid, doc_id=pid.split("#")[0]), score=1.0 / rank)
                 for rank, pid in enumerate(ranking, start=1)
@@ -144,6 +158,43 @@ def test_one_index_of_whole_documents_every_query_at_depth_top_k_then_dropped(be
         searches == [("search", ("bm25",), "rrf", 100)] * 3 + [("search", ("dense", "bm25"), "rrf", 100)] * 3
     )
     assert client.calls[-1] == ("delete", index, True) and client.indexes == {}
+
+
+def test_reranked_runs_add_a_key_per_retriever_and_reranker_on_one_index(beir_dir: Path, tmp_path: Path):
+    client = FakeClient()
+    model = tmp_path / "ce"
+    model.mkdir()
+    models = reranker_models([f"cross_encoder={model}", "first=hub/first"])
+    results = evaluate(
+        client,
+        beir_dir,
+        retrievers=("bm25",),
+        rerank=("cross_encoder", "first"),
+        rerank_depth=2,
+        reranker_models=models,
+    )
+    assert list(results) == ["bm25", "bm25+cross_encoder", "bm25+first", "timings"]
+    # Reversing bm25's best two puts every first relevant document on top; q2's d3 stays third.
+    q2 = (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    expected = {"ndcg@10": pytest.approx((2 + q2) / 3), "recall@100": 1.0, "mrr@10": 1.0}
+    assert results["bm25+cross_encoder"] == results["bm25+first"] == expected
+    assert {"bm25+first_search_s", "bm25+first_qps", "bm25+cross_encoder_qps"} <= set(results["timings"])
+    assert [c[0] for c in client.calls].count("ingest") == 1
+    reranked = [c for c in client.calls if c[0] == "rerank"]
+    assert len(reranked) == 6 and reranked[0] == (
+        "rerank",
+        ("bm25",),
+        2,
+        {"backend": "cross_encoder", "model": str(model), "depth": 2, "required": True},
+    )
+    assert reranked[-1][3]["model"] == "hub/first"
+    assert markdown_table(results).splitlines()[3].startswith("| bm25+cross_encoder | 0.9732 | 1 | 1 | ")
+
+
+@pytest.mark.parametrize("items", [["cross_encoder"], ["=m"], ["first="]])
+def test_bad_reranker_models(items):
+    with pytest.raises(ValueError, match="BACKEND=PATH_OR_ID"):
+        reranker_models(items)
 
 
 def test_the_runs_are_recorded(beir_dir: Path):
@@ -224,6 +275,22 @@ def test_a_failed_drop_is_logged_and_keeps_the_results(beir_dir: Path, caplog):
 def test_bad_retriever_names(beir_dir: Path, retrievers):
     with pytest.raises(ValueError, match="retrievers"):
         retrieval_experiment(beir_dir, retrievers=retrievers)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rerank": ("cross_encoder",), "rerank_depth": 0}, "rerank_depth: must be at least 1"),
+        ({"rerank": ("",)}, "must not be empty"),
+        (
+            {"rerank": ("first",), "reranker_models": {"cross_encoder": "m"}},
+            r"reranker_models: \['cross_encoder'\]",
+        ),
+    ],
+)
+def test_bad_rerank_options(beir_dir: Path, options, message):
+    with pytest.raises(ValueError, match=message):
+        retrieval_experiment(beir_dir, **options)
 
 
 def test_progress_bar_renders(beir_dir: Path, capsys):

@@ -43,6 +43,8 @@ def test_defaults_give_one_run() -> None:
         "top_k": 10,
         "temperature": 0.0,
         "colbert_model": "",
+        "rerank_depth": 0,
+        "reranker_model": "",
     }
     assert config.metrics is None and config.max_queries is None and not config.keep_index
 
@@ -72,6 +74,39 @@ sweep:
         [1, 2, 3, 4],
         [5, 6, 7, 8],
     ]
+
+
+def test_rerank_is_a_sweep_dimension_with_a_depth_and_a_model_per_backend(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+name: rr
+dataset: demo
+sweep:
+  rerank: [false, cross_encoder, first, true]
+  rerank_depth: [10, 30]
+reranker_models: {cross_encoder: /ckpt/ce}
+""",
+    )
+    runs = ExperimentConfig.from_yaml(path).runs()
+    # Without reranking the depth does not matter: one run, not two.
+    assert [(r.rerank, r.rerank_depth, r.reranker_model) for r in runs] == [
+        (False, 0, ""),
+        ("cross_encoder", 10, "/ckpt/ce"),
+        ("cross_encoder", 30, "/ckpt/ce"),
+        ("first", 10, ""),
+        ("first", 30, ""),
+        (True, 10, ""),
+        (True, 30, ""),
+    ]
+    assert len(index_groups(runs)) == 1  # reranking does not change the index
+    assert runs[1].rerank_spec(10) == {
+        "backend": "cross_encoder",
+        "model": "/ckpt/ce",
+        "depth": 10,
+        "required": True,
+    }
+    assert runs[-1].rerank_spec(30)["backend"] == ""
 
 
 def test_whole_documents_ignore_window_sizes_when_sharing_an_index() -> None:
@@ -135,6 +170,9 @@ def test_relative_dataset_paths_are_read_from_the_config_folder(tmp_path: Path) 
         ("name: x\ndataset: demo\nindex: kb\nsweep:\n  chunk_tokens: [50, 100]\n", r"fixed ingest settings"),
         ("name: x\n\tdataset: demo\n", r"exp\.yaml:2: not valid YAML"),
         ("- just a list\n", r"expected a mapping"),
+        ("name: x\ndataset: demo\nsweep:\n  rerank: ['']\n", r"sweep\.rerank: .*must not be empty"),
+        ("name: x\ndataset: demo\nsweep:\n  rerank_depth: [-1]\n", r"sweep\.rerank_depth: .*at least 0"),
+        ("name: x\ndataset: demo\nreranker_models: {first: m}\n", r"reranker_models: \['first'\] not in"),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_file_and_field(tmp_path: Path, text: str, message: str) -> None:
@@ -158,16 +196,17 @@ def passage(doc_id: str, n: int, score: float) -> SimpleNamespace:
 
 
 class FakeClient:
-    """Search answers from a fixed ranking; records every call."""
+    """Search answers from a fixed ranking (reranking reverses its top_k); records every call."""
 
     RANKING = {"alpha?": [passage("d2", 0, 3.0), passage("d1", 1, 2.0), passage("d1", 0, 1.0)]}
 
-    def __init__(self) -> None:
+    def __init__(self, reranker: bool = False) -> None:
         self.calls: list[tuple] = []
         self.indexes: set[str] = set()
+        self.reranker = reranker
 
     def describe(self):
-        return SimpleNamespace(retrievers=["bm25", "dense"], reranker=False)
+        return SimpleNamespace(retrievers=["bm25", "dense"], reranker=self.reranker)
 
     def describe_index(self, index):
         if index not in self.indexes:
@@ -179,15 +218,24 @@ class FakeClient:
         self.indexes.add(index)
         progress(len(source))
 
-    def search(self, query, *, index, top_k, retrievers, fusion):
-        self.calls.append(("search", index, top_k, tuple(retrievers)))
+    def search(self, query, *, index, top_k, retrievers, fusion, rerank=None):
+        results = self.RANKING.get(query, [])
+        timings = [SimpleNamespace(stage="retrieve", millis=2.0), SimpleNamespace(stage="search", millis=1.0)]
+        report = None
+        if rerank is None:
+            self.calls.append(("search", index, top_k, tuple(retrievers)))
+        else:
+            self.calls.append(("rerank", index, top_k, rerank))
+            candidates = results[: rerank["depth"]]
+            results = [passage(p.passage.doc_id, 9, -1.0 * i) for i, p in enumerate(reversed(candidates))]
+            results = results[:top_k]
+            timings.append(SimpleNamespace(stage="rerank", millis=5.0))
+            report = SimpleNamespace(model_id="ce@1", candidates=len(candidates), truncated=1)
         return SimpleNamespace(
-            results=self.RANKING.get(query, []),
-            timings=[
-                SimpleNamespace(stage="retrieve", millis=2.0),
-                SimpleNamespace(stage="search", millis=1.0),
-            ],
+            results=results,
+            timings=timings,
             versions=[SimpleNamespace(index=index, retriever=retrievers[0], version=1, model_id="")],
+            rerank=report,
         )
 
     def delete(self, *, index, drop_index=False):
@@ -246,6 +294,39 @@ def test_ir_runs_share_an_index_and_write_records(tmp_path: Path, beir_dir: Path
     assert [p.stage for p in seen[1:4]] == ["query", "query", "done"]
 
 
+def test_reranked_runs_put_the_reranked_head_before_the_retrieval_tail(
+    tmp_path: Path, beir_dir: Path
+) -> None:
+    client = FakeClient(reranker=True)
+    config = ExperimentConfig(
+        name="tiny",
+        dataset=str(beir_dir),
+        sweep={"retrievers": ["bm25"], "rerank": [False, "cross_encoder"], "rerank_depth": [1, 300]},
+        reranker_models={"cross_encoder": "/ckpt"},
+    )
+    home = tmp_path / "home"
+    plain, shallow, deep = (load_run(home, r) for r in run_experiment(client, config, home=home))
+    assert [c[0] for c in client.calls].count("ingest") == 1
+    spec = {"backend": "cross_encoder", "model": "/ckpt", "required": True}
+    reranked = [c for c in client.calls if c[0] == "rerank"]
+    # Depth 1 of 100: the best passage reranked, then a search for the rest; depth 300: reranked only.
+    assert (
+        reranked
+        == [("rerank", reranked[0][1], 1, {**spec, "depth": 1})] * 2
+        + [("rerank", reranked[0][1], 100, {**spec, "depth": 300})] * 2
+    )
+    assert [c[0] for c in client.calls if c[0] in ("search", "rerank")] == [
+        *["search"] * 2, *["rerank", "search"] * 2, *["rerank"] * 2
+    ]  # fmt: skip
+    # q1 retrieves d2, d1: reranking one passage keeps d2 first; reranking all puts d1 first.
+    assert plain["per_query"]["q1"]["mrr@10"] == shallow["per_query"]["q1"]["mrr@10"] == 0.5
+    assert deep["per_query"]["q1"]["mrr@10"] == 1.0
+    assert plain["rerank"] is None and plain["config"]["rerank"] is False
+    assert shallow["config"] | {"rerank": "cross_encoder", "rerank_depth": 1} == shallow["config"]
+    assert deep["rerank"] == {"model_ids": ["ce@1"], "candidates": 3, "truncated": 2}
+    assert set(deep["latency_ms"]["per_query"]["q1"]) == {"retrieve", "rerank", "total"}
+
+
 def test_fleet_and_dataset_mismatches_fail_before_any_work(tmp_path: Path, beir_dir: Path) -> None:
     client = FakeClient()
     cases = [
@@ -262,6 +343,12 @@ def test_fleet_and_dataset_mismatches_fail_before_any_work(tmp_path: Path, beir_
     qa.write_text('{"question": "q", "answers": ["a"]}\n', "utf-8")
     with pytest.raises(ValueError, match="name an existing `index`"):
         run_experiment(client, ExperimentConfig(name="x", dataset=str(qa)), home=tmp_path)
+    shallow = {"rerank": [True], "rerank_depth": [2], "top_k": [5]}
+    with pytest.raises(ValueError, match="sweep.rerank_depth: a QA run reranks at least its top_k"):
+        run_experiment(
+            client, ExperimentConfig(name="x", dataset=str(qa), index="kb", sweep=shallow), home=tmp_path
+        )
+    assert client.calls == []
 
 
 def test_load_run_rejects_paths_and_missing_runs(tmp_path: Path) -> None:

@@ -1,0 +1,337 @@
+"""Reranker speed: the service against the model it serves, FIRST's single token against generation, and
+what reranking adds to an Ask.
+
+Three comparisons, each a ratio of two measurements of this one run:
+  throughput  (query, passage) pairs per second through a `ragfleet serve reranker` process over loopback
+              gRPC (one Rerank call per query, back to back) against `CrossEncoder.predict` on the same
+              pairs in this process, with the same model and batch size (goal: the service keeps >= 0.9x)
+  first       one window of 20 passages ordered by FIRST's single forward pass (the identifiers' logits
+              at the first answer position) against generating the permutation "[B] > [A] > ..." greedily
+              with the same model (`FirstReranker.generate_order`; goal: >= 1.5x faster)
+  ask         p50/p99 of Ask(generate=False) through the Pipeline (dense + bm25 over the demo corpus,
+              top 10) without reranking, and reranked from `--depth` passages (20) by each backend
+The modes of a comparison take turns call by call, so a busy machine slows them alike, and compare by the
+median call (throughput: the pairs of a call over its median time), which a burst of load barely moves.
+
+Models: `--cross-encoder DIR` and `--first-model DIR` take trained checkpoints (what `ragfleet train`
+writes). Without them the bench makes its own, untrained: all-MiniLM-L6-v2's transformer under a fresh
+one-score head (the model `ragfleet train cross-encoder` starts from) and a small GPT-2 (4 layers, 256
+wide, 2048 positions) over MiniLM's vocabulary, with no end-of-text token, so generation always writes the
+whole permutation (4 tokens a passage, as a trained model's "[B] > " does). Their rankings are noise: the
+rows say "untrained" and the numbers are speed only.
+
+Queries are the demo questions, passages the demo corpus's documents (about 55 tokens each). torch runs
+`--threads` threads (1), here and in the fleet's processes: on a shared CPU more threads than idle cores
+make every call wait on the others. Run `python -m bench.rerank`; prints JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import percentiles, write_bench_results
+from services.demo.corpus import demo_documents, demo_questions
+
+INDEX = "bench"
+TOP_K = 10
+FIRST_WINDOW = 20
+SERVICES = ("retriever-dense", "retriever-bm25", "pipeline", "reranker")
+
+
+def untrained_cross_encoder(path: Path) -> Path:
+    """MiniLM's transformer under a fresh one-score classification head, with its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from services.runtime.models import resolve_model
+
+    base = resolve_model("all-MiniLM-L6-v2")
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.model_max_length = 256  # what `ragfleet train cross-encoder` trains for
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def untrained_causal_lm(path: Path) -> Path:
+    """A small GPT-2 over MiniLM's vocabulary (whose letters are single tokens), with the tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from services.runtime.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("all-MiniLM-L6-v2"))
+    config = GPT2Config(
+        vocab_size=tokenizer.vocab_size,
+        n_positions=2048,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def query_sets(n_queries: int, n_candidates: int) -> list[tuple[str, list[str]]]:
+    """`n_queries` demo questions (cycled), each with `n_candidates` demo documents' texts."""
+    questions = [q["question"] for q in demo_questions()]
+    texts = [d["text"] for d in demo_documents()]
+    return [
+        (questions[i % len(questions)], [texts[(7 * i + j) % len(texts)] for j in range(n_candidates)])
+        for i in range(n_queries)
+    ]
+
+
+def timed(call: Callable[..., object], *args: Any) -> float:
+    """Milliseconds `call(*args)` took."""
+    start = time.perf_counter()
+    call(*args)
+    return (time.perf_counter() - start) * 1000
+
+
+# --- throughput: the service against CrossEncoder.predict ---------------------------------------
+
+
+def bench_throughput(
+    address: str, model_path: str, sets: list[tuple[str, list[str]]], rounds: int
+) -> dict[str, list[float]]:
+    """{mode: ms per call} for "in-process" and "grpc", call by call in turn, `rounds` times over `sets`."""
+    import grpc
+
+    from ragfleet.v1 import common_pb2, reranker_pb2, reranker_pb2_grpc
+    from services.reranker.cross_encoder import CrossEncoderReranker
+    from services.runtime.settings import RerankerSettings
+
+    settings = RerankerSettings()
+    cross_encoder = CrossEncoderReranker.load(model_path, settings).model
+    pairs = [[(query, text) for text in texts] for query, texts in sets]
+    requests = [
+        reranker_pb2.RerankRequest(
+            query=query,
+            candidates=[
+                common_pb2.ScoredPassage(passage=common_pb2.Passage(id=f"p{j}", text=text))
+                for j, text in enumerate(texts)
+            ],
+            top_k=len(texts),
+            backend="cross_encoder",
+        )
+        for query, texts in sets
+    ]
+    with grpc.insecure_channel(address) as channel:
+        stub = reranker_pb2_grpc.RerankerStub(channel)
+        calls: dict[str, Callable[[int], object]] = {
+            "in-process": lambda i: cross_encoder.predict(
+                pairs[i], batch_size=settings.batch_size, show_progress_bar=False
+            ),
+            "grpc": lambda i: stub.Rerank(requests[i], timeout=600),
+        }
+        for call in calls.values():  # warm-up; the service loads its model on the first call
+            call(0)
+        samples: dict[str, list[float]] = {mode: [] for mode in calls}
+        for _ in range(rounds):
+            for i in range(len(sets)):
+                for mode, call in calls.items():
+                    samples[mode].append(timed(call, i))
+    return samples
+
+
+# --- FIRST: one forward pass against generating the permutation ---------------------------------
+
+
+def bench_first(model_path: str, sets: list[tuple[str, list[str]]]) -> dict[str, list[float]]:
+    """{mode: ms per window} for "single token" and "generate", query by query in turn."""
+    from services.reranker.first import FirstReranker
+    from services.runtime.settings import RerankerSettings
+
+    model = FirstReranker.load(model_path, RerankerSettings(first_window=FIRST_WINDOW))
+    modes: dict[str, Callable[[str, list[str]], object]] = {
+        "single token": model.rerank,
+        "generate": model.generate_order,
+    }
+    for rank in modes.values():  # warm-up
+        rank(*sets[0])
+    samples: dict[str, list[float]] = {mode: [] for mode in modes}
+    for query, texts in sets:
+        for mode, rank in modes.items():
+            samples[mode].append(timed(rank, query, texts))
+    return samples
+
+
+# --- Ask with and without reranking -------------------------------------------------------------
+
+
+def bench_ask(address: str, n_asks: int, depth: int) -> dict[str, list[float]]:
+    """{mode: ms per Ask(generate=False)} for "no rerank" and each backend, question by question in turn."""
+    import ragfleet
+
+    questions = [q["question"] for q in demo_questions()]
+    modes: dict[str, Any] = {
+        "no rerank": None,
+        **{
+            f"rerank {backend}": {"backend": backend, "depth": depth, "required": True}
+            for backend in ("cross_encoder", "first")
+        },
+    }
+    with ragfleet.Client(address, timeout=600) as client:
+        client.ingest(demo_documents(), index=INDEX)
+
+        def ask(question: str, rerank: Any) -> object:
+            return client.ask_once(question, index=INDEX, top_k=TOP_K, rerank=rerank, generate=False)
+
+        for rerank in modes.values():  # warm-up; the Reranker loads each model on its first call
+            ask(questions[0], rerank)
+        samples: dict[str, list[float]] = {mode: [] for mode in modes}
+        for i in range(n_asks):
+            for mode, rerank in modes.items():
+                samples[mode].append(timed(ask, questions[i % len(questions)], rerank))
+    return samples
+
+
+# --- rows ---------------------------------------------------------------------------------------
+
+
+COLUMNS = (
+    "comparison",
+    "mode",
+    "p50_ms",
+    "p99_ms",
+    "pairs_per_s",
+    "ratio",
+    "p99_ratio",
+    "goal",
+    "met",
+    "weights",
+    "threads",
+)
+
+
+def _row(comparison: str, mode: str, samples_ms: list[float], **values: Any) -> dict[str, Any]:
+    """A row of every column (None where one does not apply), with the samples' p50 and p99."""
+    stats = percentiles(samples_ms)
+    row = dict.fromkeys(COLUMNS) | {"comparison": comparison, "mode": mode}
+    return row | {"p50_ms": round(stats["p50"], 1), "p99_ms": round(stats["p99"], 1)} | values
+
+
+def _goal(ratio: float, least: float) -> dict[str, Any]:
+    return {"goal": f">= {least}", "met": ratio >= least}
+
+
+def rows_of(
+    throughput: dict[str, list[float]],
+    candidates: int,
+    first: dict[str, list[float]],
+    ask: dict[str, list[float]],
+    weights: dict[str, str],
+) -> list[dict[str, Any]]:
+    """The table: per comparison, the baseline first (ratio 1) and the ratio of each other mode to it."""
+    comparison = "cross-encoder throughput (ratio: pairs/s vs in-process)"
+    pairs_per_s = {mode: candidates * 1000 / percentiles(ms)["p50"] for mode, ms in throughput.items()}
+    ratio = pairs_per_s["grpc"] / pairs_per_s["in-process"]
+    rows = [
+        _row(
+            comparison,
+            label,
+            throughput[mode],
+            pairs_per_s=round(pairs_per_s[mode], 1),
+            weights=weights["cross_encoder"],
+            **extra,
+        )
+        for mode, label, extra in (
+            ("in-process", "CrossEncoder.predict in-process", {"ratio": 1.0}),
+            ("grpc", "Reranker over gRPC", {"ratio": round(ratio, 3), **_goal(ratio, 0.9)}),
+        )
+    ]
+    comparison = f"FIRST window of {FIRST_WINDOW} (ratio: p50 speed-up over generate)"
+    speedup = percentiles(first["generate"])["p50"] / percentiles(first["single token"])["p50"]
+    rows += [
+        _row(comparison, mode, first[mode], weights=weights["first"], **extra)
+        for mode, extra in (
+            ("generate", {"ratio": 1.0}),
+            ("single token", {"ratio": round(speedup, 3), **_goal(speedup, 1.5)}),
+        )
+    ]
+    comparison = "Ask generate=False (ratio: p50 vs no rerank)"
+    plain = percentiles(ask["no rerank"])
+    for mode, samples in ask.items():
+        stats = percentiles(samples)
+        rows.append(
+            _row(
+                comparison,
+                mode,
+                samples,
+                ratio=round(stats["p50"] / plain["p50"], 3),
+                p99_ratio=round(stats["p99"] / plain["p99"], 3),
+                weights=weights.get(mode.removeprefix("rerank ")),
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cross-encoder", help="A trained cross-encoder checkpoint (default: untrained).")
+    parser.add_argument("--first-model", help="A trained FIRST causal LM checkpoint (default: untrained).")
+    parser.add_argument("--queries", type=int, default=8, help="Queries for throughput and FIRST.")
+    parser.add_argument("--candidates", type=int, default=30, help="Passages per throughput query.")
+    parser.add_argument("--rounds", type=int, default=2, help="Throughput passes over the queries.")
+    parser.add_argument("--asks", type=int, default=24, help="Asks per mode.")
+    parser.add_argument("--depth", type=int, default=20, help="Passages a reranked Ask rescores.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads here and in the fleet.")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+
+    from transformers.utils import logging
+
+    from tools.fleet import start_local_fleet
+
+    logging.set_verbosity_error()  # the untrained head's "newly initialized" warning is expected
+    logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        # Absolute: the fleet's processes read them too.
+        cross_encoder = str(
+            Path(args.cross_encoder or untrained_cross_encoder(home / "cross-encoder")).resolve()
+        )
+        first_model = str(Path(args.first_model or untrained_causal_lm(home / "first")).resolve())
+        weights = {
+            "cross_encoder": "given" if args.cross_encoder else "untrained",
+            "first": "given" if args.first_model else "untrained",
+        }
+        fleet = start_local_fleet(
+            home,
+            SERVICES,
+            OMP_NUM_THREADS=str(args.threads),
+            RAGFLEET_RERANKER__CROSS_ENCODER_MODEL=cross_encoder,
+            RAGFLEET_RERANKER__FIRST_MODEL=first_model,
+        )
+        try:
+            reranker = fleet.services["reranker"].address
+            throughput = bench_throughput(
+                reranker, cross_encoder, query_sets(args.queries, args.candidates), args.rounds
+            )
+            first = bench_first(first_model, query_sets(args.queries, FIRST_WINDOW))
+            ask = bench_ask(fleet.address, args.asks, args.depth)
+        finally:
+            fleet.stop()
+    rows = rows_of(throughput, args.candidates, first, ask, weights)
+    for row in rows:
+        row.update(threads=args.threads)
+    if "untrained" in weights.values():
+        print("Untrained models (made by the bench): the numbers are speed only, not ranking quality.")
+    write_bench_results("rerank", rows)
+
+
+if __name__ == "__main__":
+    main()
