@@ -16,6 +16,14 @@ from services.runtime.context import CallContext
 from services.runtime.errors import ServiceError, unavailable
 from services.runtime.settings import Endpoint
 
+# A service that restarts is reconnected to within ~0.25 s: gRPC's default reconnect backoff (1 s, x1.6
+# per attempt, up to 2 min) kept calls failing UNAVAILABLE for seconds after the peer was back.
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 250),
+)
+
 
 class Remote:
     """A channel to one service plus the metadata its endpoint needs (the Serve application).
@@ -26,7 +34,7 @@ class Remote:
     def __init__(self, endpoint: Endpoint, stub_cls: type, retriever: str | None = None) -> None:
         self.endpoint = endpoint
         self.retriever = retriever
-        self.stub = stub_cls(ragfleet.make_channel(endpoint.address, aio=True))
+        self.stub = stub_cls(ragfleet.make_channel(endpoint.address, options=RECONNECT_OPTIONS, aio=True))
 
     def metadata(self, ctx: CallContext) -> list[tuple[str, str]]:
         md = ctx.outgoing_metadata()

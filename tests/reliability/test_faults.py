@@ -14,12 +14,6 @@ from tools.fleet import start_local_fleet
 pytestmark = pytest.mark.reliability
 
 BM25 = ("retriever-bm25", "pipeline")
-RECONNECT_BACKOFF = (
-    "defect: after a retriever is healthy again the Pipeline answers UNAVAILABLE for up to 1-4 s more "
-    "(gRPC's reconnect backoff on its channel to the retriever: 1 s, x1.6 each failed attempt); the SDK's "
-    "default retries (0.1 + 0.2 + 0.4 s of backoff) do not reach past it, so searches fail after the "
-    "retriever is back"
-)
 
 
 def test_a_killed_retriever_fails_searches_only_with_unavailable(tmp_path):
@@ -35,7 +29,6 @@ def test_a_killed_retriever_fails_searches_only_with_unavailable(tmp_path):
     assert not report.broken, report.broken[:5]
 
 
-@pytest.mark.xfail(strict=True, reason=RECONNECT_BACKOFF)
 def test_searches_work_half_a_second_after_the_retriever_is_back(tmp_path):
     fleet = start_local_fleet(tmp_path, BM25)
     try:
