@@ -265,6 +265,9 @@ class PipelineService:
         retrieved = _ms(start)
         rrf_k = self.settings.gateway.rrf_k
         fused = [fuse(_lists(batches, i), spec.fusion, spec.top_k, rrf_k) for i in range(len(queries))]
+        budget = validation.ReplyBudget(self.limits)  # fused lists may take the largest of every list
+        for item in (item for results in fused for item in results):
+            budget.add(item)
         timings = [common_pb2.Timing(stage="retrieve", millis=retrieved)]
         timings += [t for b in batches.values() for t in b.responses[0].timings]
         timings.append(common_pb2.Timing(stage="fuse", millis=_ms(start) - retrieved))

@@ -548,6 +548,7 @@ class RetrieverService:
             raise failed_precondition(f"index {handle.index!r} is empty")
         allowed = store.rowids_matching(version, filters) if filters else None
         results = []
+        budget = validation.ReplyBudget(self.limits)
         size = max(1, min(SEARCH_SLICE, SLICE_RESULTS // top_k))
         for first in range(0, len(queries), size):
             stop.check("the search")
@@ -568,6 +569,7 @@ class RetrieverService:
                         following = store.continuation(version, passage)
                         if following is not None:
                             item.continuation.CopyFrom(_passage_pb(following))
+                    budget.add(item)
                     scored.append(item)
                 results.append(scored)
         return results

@@ -57,6 +57,10 @@ class Limits(BaseModel):
     max_batch_queries: int = 4096
     # Results one SearchBatch may ask for: queries x top_k (the reply's size grows with it).
     max_batch_results: int = 100_000
+    # Bytes of one Search or SearchBatch reply, counted as a retriever builds it (and again for the
+    # Pipeline's fused reply); past it the call fails RESOURCE_EXHAUSTED. Keep it under
+    # server.max_message_bytes, which gRPC would otherwise hit only after all the work.
+    max_reply_bytes: int = 16 * 1024 * 1024
     # Metadata key=value pairs one search may filter on.
     max_filters: int = 64
     max_document_bytes: int = 2 * 1024 * 1024

@@ -1,7 +1,8 @@
 """Input checks every service applies the same way, against the configured `Limits`.
 
 Each check raises INVALID_ARGUMENT naming the field (as the caller spelled it on the wire, e.g.
-`retrieval.top_k` or `queries[3]`) and returns the value it accepted.
+`retrieval.top_k` or `queries[3]`) and returns the value it accepted; `ReplyBudget` bounds a reply's
+bytes while it is built.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
+from google.protobuf.message import Message
+
 from ragfleet.v1 import common_pb2, pipeline_pb2
-from services.runtime.errors import invalid_argument
+from services.runtime.errors import invalid_argument, resource_exhausted
 from services.runtime.settings import Limits
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")  # used with fullmatch: "$" would let a final "\n" in
@@ -184,3 +187,19 @@ def top_k_of(value: int, field: str, available: int, what: str) -> int:
     if value <= 0 or value > available:
         raise invalid_argument(field, f"must be between 1 and the {available} {what}, got {value}")
     return value
+
+
+class ReplyBudget:
+    """Counts the bytes of a reply as it is built; past `max_reply_bytes` it fails RESOURCE_EXHAUSTED."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limit = limits.max_reply_bytes
+        self.used = 0
+
+    def add(self, message: Message) -> None:
+        self.used += message.ByteSize()
+        if self.used > self.limit:
+            raise resource_exhausted(
+                f"the reply would be more than {self.limit} bytes (limits.max_reply_bytes); "
+                "ask for fewer queries or a smaller top_k"
+            )

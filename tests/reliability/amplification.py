@@ -156,14 +156,17 @@ def cases(limits: Limits) -> list[Case]:
             pipeline_pb2.PipelineSearchBatchRequest(
                 queries=wide, retrieval=spec(index=INDEX, top_k=wide_top_k)
             ),
+            OK | REFUSED,
         ),
         _unary(
             f"SearchBatch: {len(deep)} queries x max_top_k",
             pipeline_pb2.PipelineSearchBatchRequest(queries=deep, retrieval=spec(index=INDEX, top_k=top_k)),
+            OK | REFUSED,
         ),
         _unary(
             f"Retriever SearchBatch: {len(deep)} queries x max_top_k",
             retriever_pb2.SearchBatchRequest(queries=deep, index=INDEX, top_k=top_k),
+            OK | REFUSED,
         ),
         _unary(
             f"Retriever SearchBatch: {len(heavy_queries)} queries x max_top_k over passages with title and "

@@ -376,6 +376,17 @@ async def test_request_sizes_are_limited(bm25, settings):
         assert f"limits.max_{field}_bytes" in err.message
 
 
+async def test_a_reply_is_bounded_in_bytes_while_it_is_built(tmp_path):
+    settings = Settings(home=tmp_path, limits={"max_reply_bytes": 2048})
+    service = RetrieverService(settings, ["bm25"])
+    await service.Ingest(stream(ingest_req(items=passages())), CTX)
+    request = retriever_pb2.SearchBatchRequest(index="idx", queries=["cat", "moon"] * 20, top_k=5)
+    err = await expect(grpc.StatusCode.RESOURCE_EXHAUSTED, service.SearchBatch(request, CTX))
+    assert "limits.max_reply_bytes" in err.message
+    found = await service.Search(search_req(query="cat", top_k=1), CTX)
+    assert found.results and found.ByteSize() <= 2048
+
+
 async def test_ingest_streams_are_capped_as_they_arrive(tmp_path):
     settings = Settings(home=tmp_path, limits={"max_ingest_passages": 10, "max_ingest_bytes": 4096})
     service = RetrieverService(settings, ["bm25"])

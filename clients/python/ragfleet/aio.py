@@ -20,15 +20,7 @@ import grpc
 import grpc.aio
 
 from ragfleet import _common
-from ragfleet._common import (
-    AskArgs,
-    BaseClient,
-    CallBudget,
-    DeleteArgs,
-    IngestArgs,
-    Names,
-    SearchArgs,
-)
+from ragfleet._common import BaseClient, CallBudget
 from ragfleet.errors import Unavailable
 from ragfleet.v1 import pipeline_pb2, retriever_pb2
 
@@ -45,7 +37,11 @@ class AsyncClient(BaseClient):
     _channel: grpc.aio.Channel
 
     async def ingest(
-        self, source: AsyncDocumentSource, *, timeout: float | None = None, **fields: Unpack[IngestArgs]
+        self,
+        source: AsyncDocumentSource,
+        *,
+        timeout: float | None = None,
+        **fields: Unpack[_common.IngestArgs],
     ) -> pipeline_pb2.PipelineIngestReport:
         """Streams documents (dicts, Documents, async iterables of them, a JSONL file or a BEIR
         folder) into `index`; `progress(n)` gets the number of documents sent so far."""
@@ -66,20 +62,20 @@ class AsyncClient(BaseClient):
             raise budget.error(err) from err
 
     async def search(
-        self, query: str, *, timeout: float | None = None, **fields: Unpack[SearchArgs]
+        self, query: str, *, timeout: float | None = None, **fields: Unpack[_common.SearchArgs]
     ) -> pipeline_pb2.PipelineSearchResponse:
         """Retrieves and fuses; arguments as in `Client.search`."""
         request = _common.search_request(query, fields)
         return await self._unary(self._stub.Search, request, timeout)
 
     async def search_batch(
-        self, queries: Names, *, timeout: float | None = None, **fields: Unpack[SearchArgs]
+        self, queries: _common.Names, *, timeout: float | None = None, **fields: Unpack[_common.SearchArgs]
     ) -> pipeline_pb2.PipelineSearchBatchResponse:
         request = _common.search_batch_request(queries, fields)
         return await self._unary(self._stub.SearchBatch, request, timeout)
 
     def ask(
-        self, question: str, *, timeout: float | None = None, **fields: Unpack[AskArgs]
+        self, question: str, *, timeout: float | None = None, **fields: Unpack[_common.AskArgs]
     ) -> AsyncIterator[pipeline_pb2.AskEvent]:
         """An async iterator of events: retrieved, reranked (when asked), tokens, then the answer.
 
@@ -90,18 +86,18 @@ class AsyncClient(BaseClient):
         )
 
     async def ask_once(
-        self, question: str, *, timeout: float | None = None, **fields: Unpack[AskArgs]
+        self, question: str, *, timeout: float | None = None, **fields: Unpack[_common.AskArgs]
     ) -> pipeline_pb2.AskResponse:
         request = _common.ask_request(question, fields)
         return await self._unary(self._stub.Ask, request, timeout)
 
     async def delete(
-        self, *, timeout: float | None = None, **fields: Unpack[DeleteArgs]
+        self, *, timeout: float | None = None, **fields: Unpack[_common.DeleteArgs]
     ) -> pipeline_pb2.PipelineDeleteResponse:
         return await self._unary(self._stub.Delete, _common.delete_request(fields), timeout)
 
     async def rebuild(
-        self, index: str, *, retrievers: Names = None, timeout: float | None = None
+        self, index: str, *, retrievers: _common.Names = None, timeout: float | None = None
     ) -> pipeline_pb2.PipelineRebuildResponse:
         """Rebuilds the index's search structures (colbert: centroids and codes) in `retrievers`
         (default: every retriever holding the index); exact retrievers report their version unchanged."""

@@ -19,15 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from ragfleet import _common
-from ragfleet._common import (
-    AskArgs,
-    BaseClient,
-    CallBudget,
-    DeleteArgs,
-    IngestArgs,
-    Names,
-    SearchArgs,
-)
+from ragfleet._common import BaseClient, CallBudget
 from ragfleet.errors import Unavailable
 from ragfleet.v1 import pipeline_pb2, retriever_pb2
 
@@ -68,10 +60,14 @@ class Client(SyncClientBase):
     """Blocking client for the Pipeline service; see the module docstring."""
 
     def ingest(
-        self, source: _common.DocumentSource, *, timeout: float | None = None, **fields: Unpack[IngestArgs]
+        self,
+        source: _common.DocumentSource,
+        *,
+        timeout: float | None = None,
+        **fields: Unpack[_common.IngestArgs],
     ) -> pipeline_pb2.PipelineIngestReport:
         """Streams documents (dicts, Documents, a JSONL file or a BEIR folder) into `index`; see
-        `IngestArgs` for the other keyword arguments."""
+        `_common.IngestArgs` for the other keyword arguments."""
         stream = _common.IngestStream(fields)
         documents = _common.iter_documents(source)
         budget = self._budget(timeout)
@@ -91,7 +87,7 @@ class Client(SyncClientBase):
             future.cancel()
 
     def search(
-        self, query: str, *, timeout: float | None = None, **fields: Unpack[SearchArgs]
+        self, query: str, *, timeout: float | None = None, **fields: Unpack[_common.SearchArgs]
     ) -> pipeline_pb2.PipelineSearchResponse:
         """Retrieves and fuses: `index` and the keyword arguments of `RetrievalArgs` (top_k=10,
         retrievers, fusion, filters, candidates, options, with_continuation) over `retrieval`, a
@@ -102,14 +98,14 @@ class Client(SyncClientBase):
         return self._unary(self._stub.Search, request, timeout)
 
     def search_batch(
-        self, queries: Names, *, timeout: float | None = None, **fields: Unpack[SearchArgs]
+        self, queries: _common.Names, *, timeout: float | None = None, **fields: Unpack[_common.SearchArgs]
     ) -> pipeline_pb2.PipelineSearchBatchResponse:
         """`search` for many queries with one spec, in one call."""
         request = _common.search_batch_request(queries, fields)
         return self._unary(self._stub.SearchBatch, request, timeout)
 
     def ask(
-        self, question: str, *, timeout: float | None = None, **fields: Unpack[AskArgs]
+        self, question: str, *, timeout: float | None = None, **fields: Unpack[_common.AskArgs]
     ) -> Iterator[pipeline_pb2.AskEvent]:
         """Streams events: retrieved, reranked (when asked), tokens, then the answer. Retrieval as in
         `search`, with top_k=5.
@@ -121,20 +117,20 @@ class Client(SyncClientBase):
         )
 
     def ask_once(
-        self, question: str, *, timeout: float | None = None, **fields: Unpack[AskArgs]
+        self, question: str, *, timeout: float | None = None, **fields: Unpack[_common.AskArgs]
     ) -> pipeline_pb2.AskResponse:
         """`ask` collected into one reply."""
         request = _common.ask_request(question, fields)
         return self._unary(self._stub.Ask, request, timeout)
 
     def delete(
-        self, *, timeout: float | None = None, **fields: Unpack[DeleteArgs]
+        self, *, timeout: float | None = None, **fields: Unpack[_common.DeleteArgs]
     ) -> pipeline_pb2.PipelineDeleteResponse:
         """Deletes passages by id, whole documents by id, or (drop_index=True) the index."""
         return self._unary(self._stub.Delete, _common.delete_request(fields), timeout)
 
     def rebuild(
-        self, index: str, *, retrievers: Names = None, timeout: float | None = None
+        self, index: str, *, retrievers: _common.Names = None, timeout: float | None = None
     ) -> pipeline_pb2.PipelineRebuildResponse:
         """Rebuilds the index's search structures (colbert: centroids and codes) in `retrievers`
         (default: every retriever holding the index); exact retrievers report their version unchanged."""
