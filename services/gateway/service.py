@@ -325,38 +325,46 @@ class PipelineService:
         self, request: pipeline_pb2.PipelineSearchRequest, ctx: CallContext
     ) -> pipeline_pb2.PipelineSearchResponse:
         query = validation.query(request.query, "query", self.limits)
-        spec = validation.retrieval(request.retrieval, self.limits)
-        rerank = validation.reranking(request.reranking, spec.top_k, self.limits)
-        (results,), versions, timings = await self._retrieve([query], _deepened(spec, rerank), ctx)
-        response = pipeline_pb2.PipelineSearchResponse(versions=versions)
-        if rerank is not None:
-            results, report, more = await self._rerank(query, results, spec.top_k, rerank, ctx)
-            response.rerank.CopyFrom(report)
-            timings += more
-        response.results.extend(results)
-        response.timings.extend(timings)
+        (response,), _, timings = await self._search([query], request.retrieval, request.reranking, ctx)
+        reranked = list(response.timings)
+        del response.timings[:]
+        response.timings.extend([*timings, *reranked])
         return response
 
     async def SearchBatch(
         self, request: pipeline_pb2.PipelineSearchBatchRequest, ctx: CallContext
     ) -> pipeline_pb2.PipelineSearchBatchResponse:
         queries = validation.queries(request.queries, "queries", self.limits)
-        spec = validation.retrieval(request.retrieval, self.limits)
-        rerank = validation.reranking(request.reranking, spec.top_k, self.limits)
-        fused, versions, _ = await self._retrieve(queries, _deepened(spec, rerank), ctx)
+        responses, versions, _ = await self._search(queries, request.retrieval, request.reranking, ctx)
+        return pipeline_pb2.PipelineSearchBatchResponse(responses=responses, versions=versions)
+
+    async def _search(
+        self,
+        queries: list[str],
+        retrieval: common_pb2.RetrievalSpec,
+        reranking: pipeline_pb2.RerankSpec,
+        ctx: CallContext,
+    ) -> tuple[
+        list[pipeline_pb2.PipelineSearchResponse], list[common_pb2.IndexVersion], list[common_pb2.Timing]
+    ]:
+        """Search and SearchBatch after their queries are checked: a response per query (with its rerank
+        report and timings when reranked), the index versions, and the retrieval's timings."""
+        spec = validation.retrieval(retrieval, self.limits)
+        rerank = validation.reranking(reranking, spec.top_k, self.limits)
+        fused, versions, timings = await self._retrieve(queries, _deepened(spec, rerank), ctx)
         responses = [pipeline_pb2.PipelineSearchResponse(versions=versions) for _ in queries]
         if rerank is None:
             for response, results in zip(responses, fused):
                 response.results.extend(results)
-        else:
-            reranked = await asyncio.gather(
-                *(self._rerank(q, r, spec.top_k, rerank, ctx) for q, r in zip(queries, fused))
-            )
-            for response, (results, report, timings) in zip(responses, reranked):
-                response.results.extend(results)
-                response.rerank.CopyFrom(report)
-                response.timings.extend(timings)
-        return pipeline_pb2.PipelineSearchBatchResponse(responses=responses, versions=versions)
+            return responses, versions, timings
+        reranked = await asyncio.gather(
+            *(self._rerank(q, r, spec.top_k, rerank, ctx) for q, r in zip(queries, fused))
+        )
+        for response, (results, report, more) in zip(responses, reranked):
+            response.results.extend(results)
+            response.rerank.CopyFrom(report)
+            response.timings.extend(more)
+        return responses, versions, timings
 
     # --- Ask --------------------------------------------------------------------------------------
 
