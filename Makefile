@@ -39,9 +39,12 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
 # The long forms of the reliability checks (races, hostile input, amplification, faults, load, tenants);
-# bounded in count and time, loopback only. -s shows the JSON summary line each check prints.
+# bounded in count and time, loopback only. -s shows the JSON summary line each check prints; the lines
+# are also written to .ragfleet/reliability.jsonl (one run's).
 reliability: $(STAMP)
-	$(BIN)/python -m pytest -q -s -p no:cacheprovider -m reliability tests/reliability
+	mkdir -p .ragfleet && rm -f .ragfleet/reliability.jsonl
+	RAGFLEET_RELIABILITY_LOG=$(CURDIR)/.ragfleet/reliability.jsonl \
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider -m reliability tests/reliability
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.search_latency

@@ -72,7 +72,12 @@ class PipelineService:
             gateway = self.settings.gateway
             self._connected = _Remotes(
                 retrievers={
-                    name: Remote(ep, retriever_pb2_grpc.RetrieverStub, retriever=name)
+                    name: Remote(
+                        ep,
+                        retriever_pb2_grpc.RetrieverStub,
+                        retriever=name,
+                        require_token=bool(self.settings.auth.tokens),
+                    )
                     for name, ep in gateway.retrievers.items()
                 },
                 reranker=Remote(gateway.reranker, reranker_pb2_grpc.RerankerStub)
@@ -119,10 +124,16 @@ class PipelineService:
             return spec.top_k
         return min(max(spec.candidates or 100, spec.top_k), self.limits.max_top_k)
 
+    async def _check_closed(self, remotes: dict[str, Remote], ctx: CallContext) -> None:
+        """Tenants stay apart only if every retriever checks tokens too (see runtime.remote)."""
+        timeout = min(self._timeout(ctx), 5.0)
+        await asyncio.gather(*(remote.check_closed(timeout) for remote in remotes.values()))
+
     async def _fan_out(
-        self, remotes: dict[str, Remote], call: Callable[[str, Remote], Awaitable[T]]
+        self, remotes: dict[str, Remote], call: Callable[[str, Remote], Awaitable[T]], ctx: CallContext
     ) -> dict[str, T]:
         """Calls every remote at once. NOT_FOUND from some is fine while another has the index."""
+        await self._check_closed(remotes, ctx)
         names = list(remotes)
         outcomes = await asyncio.gather(*(call(n, remotes[n]) for n in names), return_exceptions=True)
         found: dict[str, T] = {}
@@ -155,6 +166,7 @@ class PipelineService:
         index = validation.name(first.index, "index", self.limits)
         chunking = ChunkSettings.from_spec(first.spec.chunking, self.settings.gateway, self.limits)
         remotes = self._ingest_targets(first.spec.retrievers)
+        await self._check_closed(remotes, ctx)
         streams = _IngestStreams(remotes, first, ctx, self._timeout(ctx), self.settings.gateway)
         stop = Stop(ctx.deadline)
         seen: set[str] = set()
@@ -185,7 +197,7 @@ class PipelineService:
             if documents == 0:
                 raise invalid_argument("documents", "no documents were sent")
             calls = await streams.finish()
-            reports = await self._fan_out(remotes, lambda name, _: calls[name])
+            reports = await self._fan_out(remotes, lambda name, _: calls[name], ctx)
         except BaseException:
             streams.cancel()
             raise
@@ -261,7 +273,7 @@ class PipelineService:
                 request, metadata=remote.metadata(ctx), timeout=self._timeout(ctx)
             )
 
-        batches = await self._fan_out(remotes, search)
+        batches = await self._fan_out(remotes, search, ctx)
         retrieved = _ms(start)
         rrf_k = self.settings.gateway.rrf_k
         fused = [fuse(_lists(batches, i), spec.fusion, spec.top_k, rrf_k) for i in range(len(queries))]
@@ -466,7 +478,7 @@ class PipelineService:
                 request, metadata=remote.metadata(ctx), timeout=self._timeout(ctx)
             )
 
-        done = await self._fan_out(self._retrievers(), delete)
+        done = await self._fan_out(self._retrievers(), delete, ctx)
         return pipeline_pb2.PipelineDeleteResponse(retrievers=list(done.values()))
 
     async def Rebuild(
@@ -482,7 +494,7 @@ class PipelineService:
                 timeout=self._timeout(ctx),
             )
 
-        done = await self._fan_out(remotes, rebuild)
+        done = await self._fan_out(remotes, rebuild, ctx)
         return pipeline_pb2.PipelineRebuildResponse(retrievers=list(done.values()))
 
     async def DescribeIndex(
@@ -495,7 +507,7 @@ class PipelineService:
                 request, metadata=remote.metadata(ctx), timeout=self._timeout(ctx)
             )
 
-        found = await self._fan_out(self._retrievers(), describe)
+        found = await self._fan_out(self._retrievers(), describe, ctx)
         return pipeline_pb2.PipelineIndexDescription(index=request.index, retrievers=list(found.values()))
 
     async def ListIndexes(
@@ -507,7 +519,7 @@ class PipelineService:
             )
 
         by_index: dict[str, pipeline_pb2.PipelineIndexDescription] = {}
-        for listing in (await self._fan_out(self._retrievers(), list_indexes)).values():
+        for listing in (await self._fan_out(self._retrievers(), list_indexes, ctx)).values():
             for description in listing.indexes:
                 name = description.version.index
                 entry = by_index.setdefault(name, pipeline_pb2.PipelineIndexDescription(index=name))

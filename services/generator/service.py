@@ -180,6 +180,7 @@ class GeneratorService:
                 self.config.retriever,
                 retriever_pb2_grpc.RetrieverStub,
                 retriever=self.config.retriever_backend,
+                require_token=bool(self.settings.auth.tokens),
             )
         return self._retriever
 
@@ -188,6 +189,7 @@ class GeneratorService:
 
     async def _check_index(self, index: str, ctx: CallContext) -> None:
         remote = self._remote()
+        await remote.check_closed(min(self._timeout(ctx), 5.0))
         try:
             await remote.stub.DescribeIndex(
                 retriever_pb2.DescribeIndexRequest(index=index),
@@ -201,6 +203,7 @@ class GeneratorService:
         self, query: str, request: retriever_pb2.SearchRequest, ctx: CallContext
     ) -> list[Neighbour]:
         remote = self._remote()
+        await remote.check_closed(min(self._timeout(ctx), 5.0))
         search = retriever_pb2.SearchRequest()
         search.CopyFrom(request)
         search.query = query

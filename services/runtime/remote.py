@@ -4,16 +4,25 @@ how its failures are reported to our own caller.
 Services reach each other only through the generated `ragfleet` stubs. Behind Ray Serve's gRPC proxy
 the `application` metadata picks the service; the caller's request id, deadline and bearer token are
 forwarded on every hop.
+
+A service that requires tokens (auth.tokens) also requires them of the retrievers it calls: a retriever
+that runs open files every caller under tenant "default", so tenants would share its indexes. Before it
+first uses a retriever, and again after every reconnect (a restarted retriever may run with other
+settings), `Remote.check_closed` calls it without a token and expects UNAUTHENTICATED; a retriever
+that answers is refused with FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 
 import ragfleet
 from ragfleet.metadata import APPLICATION_KEY, RETRIEVER_KEY
+from ragfleet.v1 import retriever_pb2
 from services.runtime.context import CallContext
-from services.runtime.errors import ServiceError, unavailable
+from services.runtime.errors import ServiceError, failed_precondition, unavailable
 from services.runtime.settings import Endpoint
 
 # A service that restarts is reconnected to within ~0.25 s: gRPC's default reconnect backoff (1 s, x1.6
@@ -31,10 +40,48 @@ class Remote:
     Make it on the event loop that serves calls: a grpc.aio channel belongs to one loop.
     """
 
-    def __init__(self, endpoint: Endpoint, stub_cls: type, retriever: str | None = None) -> None:
+    def __init__(
+        self, endpoint: Endpoint, stub_cls: type, retriever: str | None = None, *, require_token: bool = False
+    ) -> None:
         self.endpoint = endpoint
         self.retriever = retriever
-        self.stub = stub_cls(ragfleet.make_channel(endpoint.address, options=RECONNECT_OPTIONS, aio=True))
+        self.channel = ragfleet.make_channel(endpoint.address, options=RECONNECT_OPTIONS, aio=True)
+        self.stub = stub_cls(self.channel)
+        self.require_token = require_token
+        # Connections seen (bumped each time the channel leaves READY) and the one checked closed.
+        self._connection = 0
+        self._checked: int | None = None
+        self._watcher: asyncio.Task | None = None
+
+    async def _watch(self) -> None:
+        state = self.channel.get_state()
+        while True:
+            await self.channel.wait_for_state_change(state)
+            state = self.channel.get_state()
+            if state != grpc.ChannelConnectivity.READY:
+                self._connection += 1
+
+    async def check_closed(self, timeout: float) -> None:
+        """FAILED_PRECONDITION unless the retriever refuses a call without a token (when this service
+        requires tokens; see the module docstring). Calls it only on a connection not yet checked."""
+        if not self.require_token or self._checked == self._connection:
+            return
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        connection = self._connection
+        who = f"retriever {self.retriever}" if self.retriever else self.endpoint.address
+        md = [(APPLICATION_KEY, self.endpoint.application)] if self.endpoint.application else []
+        try:
+            await self.stub.ListIndexes(retriever_pb2.ListIndexesRequest(), metadata=md, timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise relay(err, who) from err
+            self._checked = connection
+            return
+        raise failed_precondition(
+            f"{who} at {self.endpoint.address} answers calls without a token while this service requires "
+            "them (auth.tokens): give every service of the fleet the same auth settings"
+        )
 
     def metadata(self, ctx: CallContext) -> list[tuple[str, str]]:
         md = ctx.outgoing_metadata()

@@ -105,3 +105,13 @@ def test_no_route_lets_one_tenant_reach_another(tmp_path) -> None:
         fleet.stop()
     print_summary("tenants (short)", report.summary())
     assert not report.broken, report.broken
+
+
+def test_tokens_on_the_pipeline_only_still_isolate_tenants(tmp_path) -> None:
+    fleet = start_local_fleet(tmp_path, BM25, **tenants.FLEET_ENV)
+    try:
+        report = tenants.pipeline_only_trap(fleet)
+    finally:
+        fleet.stop()
+    print_summary("tenants: tokens on the pipeline only (short)", report.summary())
+    assert not report.broken, report.broken

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -81,5 +82,10 @@ def serving(address: str, timeout: float = 5.0) -> bool:
 
 
 def print_summary(check: str, summary: dict[str, Any]) -> None:
-    """One JSON line per check, for the closing table of the reliability suite."""
-    print(json.dumps({"check": check, **summary}, sort_keys=True))
+    """One JSON line per check, for the closing table of the reliability suite; appended to the file
+    RAGFLEET_RELIABILITY_LOG names too, when set (`make reliability` sets it)."""
+    line = json.dumps({"check": check, **summary}, sort_keys=True)
+    print(line)
+    if log := os.environ.get("RAGFLEET_RELIABILITY_LOG"):
+        with open(log, "a", encoding="utf-8") as out:
+            out.write(line + "\n")

@@ -206,12 +206,57 @@ def probe_fleet(
 
 
 def pipeline_only_trap(fleet: LocalFleet) -> TenantReport:
-    """Restarts the fleet's retriever without the tokens (the Pipeline keeps them) and probes. A
-    retriever that refuses to start that way holds too."""
+    """Tenant a ingests while every service has the tokens; then the retriever restarts without them
+    (the Pipeline keeps them). A retriever that refuses to start that way holds. Otherwise the Pipeline
+    must refuse to use it: every Pipeline route, for a and for b, is FAILED_PRECONDITION; b calling the
+    open retriever directly finds no index of a's; a's folder is unchanged, and once the retriever has
+    its tokens back a's search gives what it gave."""
+    report = TenantReport()
+    folder = fleet.home / "indexes" / "a" / SECRET
     service = fleet.services["retriever-bm25"]
-    service.env = {k: v for k, v in service.env.items() if k != "RAGFLEET_AUTH__TOKENS"}
-    try:
+    with ragfleet.Client(fleet.address, token="ta", timeout=60) as a:
+        a.ingest(corpus(10), index=SECRET)
+        before = [h.passage.id for h in a.search("keeper tide", index=SECRET, top_k=5).results]
+        with_tokens = dict(service.env)
+        service.env = {k: v for k, v in with_tokens.items() if k != "RAGFLEET_AUTH__TOKENS"}
+        try:
+            fleet.restart("retriever-bm25")
+        except RuntimeError:  # it refused to run open: the safe outcome
+            report.calls["Retriever started without tokens"] = Counter({"refused to start": 1})
+            return report
+        # Taken once a's index is closed: closing it checkpoints SQLite's write-ahead log into its file.
+        digest = tree_digest(folder)
+        with (
+            ragfleet.make_channel(fleet.address) as pipeline_channel,
+            ragfleet.make_channel(service.address) as retriever_channel,
+        ):
+            retriever = retriever_pb2_grpc.RetrieverStub(retriever_channel)
+
+            def went_through() -> None:
+                report.broken.append("an ingest went through the Pipeline to a retriever that runs open")
+
+            def undo() -> None:  # b's ingest on the open retriever made tenant default's index
+                retriever.Delete(retriever_pb2.DeleteRequest(index=SECRET, drop_index=True))
+
+            pipeline = _pipeline_routes(pipeline_pb2_grpc.PipelineStub(pipeline_channel))
+            refused = grpc.StatusCode.FAILED_PRECONDITION
+            for token in ("ta", "tb"):
+                _probe(
+                    f"Pipeline ({token}, retriever open)",
+                    pipeline,
+                    _bearer(token),
+                    report,
+                    refused,
+                    went_through,
+                )
+            _probe(
+                "Retriever (open)", _retriever_routes(retriever), [], report, grpc.StatusCode.NOT_FOUND, undo
+            )
+        if not folder.is_dir() or tree_digest(folder) != digest:
+            report.broken.append(f"tenant a's index folder {folder} changed or is missing")
+        service.env = with_tokens
         fleet.restart("retriever-bm25")
-    except RuntimeError:  # it refused to run open: the safe outcome
-        return TenantReport(calls={"Retriever started without tokens": Counter({"refused to start": 1})})
-    return probe_fleet(fleet, retriever_token=False)
+        after = [h.passage.id for h in a.search("keeper tide", index=SECRET, top_k=5).results]
+    if after != before:
+        report.broken.append(f"a's search gave {after}, before {before}")
+    return report

@@ -10,11 +10,6 @@ from tools.fleet import start_local_fleet
 pytestmark = pytest.mark.reliability
 
 BM25 = ("retriever-bm25", "pipeline")
-PIPELINE_ONLY_TOKENS = (
-    "defect (issue 15, item 10, being fixed): with tokens on the Pipeline only, the retriever treats every "
-    "caller as tenant 'default', so tenant b, through the Pipeline, finds, searches and drops tenant a's"
-    " index"
-)
 
 
 def test_no_route_lets_one_tenant_reach_another(tmp_path):
@@ -27,7 +22,6 @@ def test_no_route_lets_one_tenant_reach_another(tmp_path):
     assert not report.broken, report.broken
 
 
-@pytest.mark.xfail(strict=True, reason=PIPELINE_ONLY_TOKENS)
 def test_tokens_on_the_pipeline_only_still_isolate_tenants(tmp_path):
     fleet = start_local_fleet(tmp_path, BM25, **FLEET_ENV)
     try:
