@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv protos demo test test-unit reliability bench bench-gpu lint clean
+.PHONY: venv protos demo demo-model test test-fast test-unit reliability bench bench-gpu lint clean
 
 venv: $(STAMP)
 
@@ -32,8 +32,17 @@ protos: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ragfleet demo
 
+# Trains the demo's Retro model afresh and writes it where it ships (services/demo/model, committed).
+demo-model: $(STAMP)
+	$(BIN)/ragfleet demo --retrain --export services/demo/model
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not reliability"
+
+# The inner loop: unit and integration tests, without the ones that start Ray (marked `ray`) and
+# without the end-to-end demo.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not ray" tests/unit tests/integration
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
@@ -54,6 +63,7 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(BIN)/python -m bench.attention
 	$(BIN)/python -m bench.maxsim
+	$(BIN)/python -m bench.selective_scan
 
 lint: $(STAMP)
 	$(BIN)/ruff check services kernels clients/python/ragfleet bench tools tests

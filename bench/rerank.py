@@ -10,6 +10,9 @@ Three comparisons, each a ratio of two measurements of this one run:
               with the same model (`FirstReranker.generate_order`; goal: >= 1.5x faster)
   ask         p50/p99 of Ask(generate=False) through the Pipeline (dense + bm25 over the demo corpus,
               top 10) without reranking, and reranked from `--depth` passages (20) by each backend
+  batching    `--concurrency` (8) Rerank calls of `--candidates` passages at once on one in-process
+              RerankerService (no gRPC, no Ray): the cross-encoder scoring all waiting calls together
+              (`reranker.batch_pairs`) against one call at a time (batch_pairs 0), in pairs per second
 The modes of a comparison take turns call by call, so a busy machine slows them alike, and compare by the
 median call (throughput: the pairs of a call over its median time), which a burst of load barely moves.
 
@@ -22,12 +25,14 @@ rows say "untrained" and the numbers are speed only.
 
 Queries are the demo questions, passages the demo corpus's documents (about 55 tokens each). torch runs
 `--threads` threads (1), here and in the fleet's processes: on a shared CPU more threads than idle cores
-make every call wait on the others. Run `python -m bench.rerank`; prints JSON and a markdown table.
+make every call wait on the others. Run `python -m bench.rerank` (`--only batching,first` runs those
+alone; only throughput and ask start a fleet); prints JSON and a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import tempfile
 import time
@@ -100,23 +105,11 @@ def timed(call: Callable[..., object], *args: Any) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-# --- throughput: the service against CrossEncoder.predict ---------------------------------------
+def rerank_requests(sets: list[tuple[str, list[str]]]) -> list[Any]:
+    """A cross-encoder RerankRequest of all its passages per (query, passages)."""
+    from ragfleet.v1 import common_pb2, reranker_pb2
 
-
-def bench_throughput(
-    address: str, model_path: str, sets: list[tuple[str, list[str]]], rounds: int
-) -> dict[str, list[float]]:
-    """{mode: ms per call} for "in-process" and "grpc", call by call in turn, `rounds` times over `sets`."""
-    import grpc
-
-    from ragfleet.v1 import common_pb2, reranker_pb2, reranker_pb2_grpc
-    from services.reranker.cross_encoder import CrossEncoderReranker
-    from services.runtime.settings import RerankerSettings
-
-    settings = RerankerSettings()
-    cross_encoder = CrossEncoderReranker.load(model_path, settings).model
-    pairs = [[(query, text) for text in texts] for query, texts in sets]
-    requests = [
+    return [
         reranker_pb2.RerankRequest(
             query=query,
             candidates=[
@@ -128,6 +121,25 @@ def bench_throughput(
         )
         for query, texts in sets
     ]
+
+
+# --- throughput: the service against CrossEncoder.predict ---------------------------------------
+
+
+def bench_throughput(
+    address: str, model_path: str, sets: list[tuple[str, list[str]]], rounds: int
+) -> dict[str, list[float]]:
+    """{mode: ms per call} for "in-process" and "grpc", call by call in turn, `rounds` times over `sets`."""
+    import grpc
+
+    from ragfleet.v1 import reranker_pb2_grpc
+    from services.reranker.cross_encoder import CrossEncoderReranker
+    from services.runtime.settings import RerankerSettings
+
+    settings = RerankerSettings()
+    cross_encoder = CrossEncoderReranker.load(model_path, settings).model
+    pairs = [[(query, text) for text in texts] for query, texts in sets]
+    requests = rerank_requests(sets)
     with grpc.insecure_channel(address) as channel:
         stub = reranker_pb2_grpc.RerankerStub(channel)
         calls: dict[str, Callable[[int], object]] = {
@@ -144,6 +156,40 @@ def bench_throughput(
                 for mode, call in calls.items():
                     samples[mode].append(timed(call, i))
     return samples
+
+
+# --- batching: concurrent calls scored together against one at a time ---------------------------
+
+
+def bench_batching(
+    home: Path, model_path: str, sets: list[tuple[str, list[str]]], concurrency: int, rounds: int
+) -> dict[str, list[float]]:
+    """{mode: ms per round of `concurrency` concurrent Rerank calls} for "one call at a time" and
+    "batched", round by round in turn, on in-process RerankerServices of the same model."""
+    from services.reranker.service import RerankerService
+    from services.runtime.context import CallContext
+    from services.runtime.settings import Settings
+
+    services = {
+        mode: RerankerService(
+            Settings(home=home, reranker={"cross_encoder_model": model_path, "batch_pairs": pairs})
+        )
+        for mode, pairs in (("one call at a time", 0), ("batched", concurrency * len(sets[0][1])))
+    }
+    requests = rerank_requests(sets)
+
+    async def measure() -> dict[str, list[float]]:
+        samples: dict[str, list[float]] = {mode: [] for mode in services}
+        for r in range(-1, rounds):  # round -1 is the warm-up: each service loads its model
+            for mode, service in services.items():
+                start = time.perf_counter()
+                calls = [requests[(r * concurrency + k) % len(requests)] for k in range(concurrency)]
+                await asyncio.gather(*(service.Rerank(call, CallContext()) for call in calls))
+                if r >= 0:
+                    samples[mode].append((time.perf_counter() - start) * 1000)
+        return samples
+
+    return asyncio.run(measure())
 
 
 # --- FIRST: one forward pass against generating the permutation ---------------------------------
@@ -227,24 +273,19 @@ def _goal(ratio: float, least: float) -> dict[str, Any]:
     return {"goal": f">= {least}", "met": ratio >= least}
 
 
-def rows_of(
-    throughput: dict[str, list[float]],
-    candidates: int,
-    first: dict[str, list[float]],
-    ask: dict[str, list[float]],
-    weights: dict[str, str],
+def throughput_rows(
+    throughput: dict[str, list[float]], candidates: int, weights: str
 ) -> list[dict[str, Any]]:
-    """The table: per comparison, the baseline first (ratio 1) and the ratio of each other mode to it."""
     comparison = "cross-encoder throughput (ratio: pairs/s vs in-process)"
     pairs_per_s = {mode: candidates * 1000 / percentiles(ms)["p50"] for mode, ms in throughput.items()}
     ratio = pairs_per_s["grpc"] / pairs_per_s["in-process"]
-    rows = [
+    return [
         _row(
             comparison,
             label,
             throughput[mode],
             pairs_per_s=round(pairs_per_s[mode], 1),
-            weights=weights["cross_encoder"],
+            weights=weights,
             **extra,
         )
         for mode, label, extra in (
@@ -252,17 +293,46 @@ def rows_of(
             ("grpc", "Reranker over gRPC", {"ratio": round(ratio, 3), **_goal(ratio, 0.9)}),
         )
     ]
+
+
+def batching_rows(
+    batching: dict[str, list[float]], concurrency: int, candidates: int, weights: str
+) -> list[dict[str, Any]]:
+    comparison = (
+        f"{concurrency} concurrent calls of {candidates}, in-process (ratio: pairs/s vs one at a time)"
+    )
+    pairs = concurrency * candidates
+    pairs_per_s = {mode: pairs * 1000 / percentiles(ms)["p50"] for mode, ms in batching.items()}
+    base = pairs_per_s["one call at a time"]
+    return [
+        _row(
+            comparison,
+            mode,
+            samples,
+            pairs_per_s=round(pairs_per_s[mode], 1),
+            ratio=round(pairs_per_s[mode] / base, 3),
+            weights=weights,
+        )
+        for mode, samples in batching.items()
+    ]
+
+
+def first_rows(first: dict[str, list[float]], weights: str) -> list[dict[str, Any]]:
     comparison = f"FIRST window of {FIRST_WINDOW} (ratio: p50 speed-up over generate)"
     speedup = percentiles(first["generate"])["p50"] / percentiles(first["single token"])["p50"]
-    rows += [
-        _row(comparison, mode, first[mode], weights=weights["first"], **extra)
+    return [
+        _row(comparison, mode, first[mode], weights=weights, **extra)
         for mode, extra in (
             ("generate", {"ratio": 1.0}),
             ("single token", {"ratio": round(speedup, 3), **_goal(speedup, 1.5)}),
         )
     ]
+
+
+def ask_rows(ask: dict[str, list[float]], weights: dict[str, str]) -> list[dict[str, Any]]:
     comparison = "Ask generate=False (ratio: p50 vs no rerank)"
     plain = percentiles(ask["no rerank"])
+    rows = []
     for mode, samples in ask.items():
         stats = percentiles(samples)
         rows.append(
@@ -278,17 +348,28 @@ def rows_of(
     return rows
 
 
+COMPARISONS = ("throughput", "first", "ask", "batching")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cross-encoder", help="A trained cross-encoder checkpoint (default: untrained).")
     parser.add_argument("--first-model", help="A trained FIRST causal LM checkpoint (default: untrained).")
-    parser.add_argument("--queries", type=int, default=8, help="Queries for throughput and FIRST.")
-    parser.add_argument("--candidates", type=int, default=30, help="Passages per throughput query.")
+    parser.add_argument("--queries", type=int, default=8, help="Queries for throughput, batching and FIRST.")
+    parser.add_argument("--candidates", type=int, default=30, help="Passages per throughput/batching query.")
     parser.add_argument("--rounds", type=int, default=2, help="Throughput passes over the queries.")
     parser.add_argument("--asks", type=int, default=24, help="Asks per mode.")
     parser.add_argument("--depth", type=int, default=20, help="Passages a reranked Ask rescores.")
+    parser.add_argument("--concurrency", type=int, default=8, help="Concurrent calls of a batching round.")
+    parser.add_argument("--batch-rounds", type=int, default=6, help="Batching rounds per mode.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in the fleet.")
+    parser.add_argument(
+        "--only", default=",".join(COMPARISONS), help=f"Comparisons to run, of {','.join(COMPARISONS)}."
+    )
     args = parser.parse_args()
+    only = [name for name in args.only.split(",") if name]
+    if unknown := set(only) - set(COMPARISONS):
+        parser.error(f"--only: unknown comparisons {sorted(unknown)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
@@ -298,39 +379,52 @@ def main() -> None:
 
     logging.set_verbosity_error()  # the untrained head's "newly initialized" warning is expected
     logging.disable_progress_bar()
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         # Absolute: the fleet's processes read them too.
         cross_encoder = str(
             Path(args.cross_encoder or untrained_cross_encoder(home / "cross-encoder")).resolve()
         )
-        first_model = str(Path(args.first_model or untrained_causal_lm(home / "first")).resolve())
         weights = {
             "cross_encoder": "given" if args.cross_encoder else "untrained",
             "first": "given" if args.first_model else "untrained",
         }
-        fleet = start_local_fleet(
-            home,
-            SERVICES,
-            OMP_NUM_THREADS=str(args.threads),
-            RAGFLEET_RERANKER__CROSS_ENCODER_MODEL=cross_encoder,
-            RAGFLEET_RERANKER__FIRST_MODEL=first_model,
-        )
-        try:
-            reranker = fleet.services["reranker"].address
-            throughput = bench_throughput(
-                reranker, cross_encoder, query_sets(args.queries, args.candidates), args.rounds
-            )
+        first_model = None
+        if "first" in only or "ask" in only:
+            first_model = str(Path(args.first_model or untrained_causal_lm(home / "first")).resolve())
+        if "batching" in only:
+            sets = query_sets(args.queries, args.candidates)
+            batching = bench_batching(home, cross_encoder, sets, args.concurrency, args.batch_rounds)
+            rows += batching_rows(batching, args.concurrency, args.candidates, weights["cross_encoder"])
+        if "first" in only:
             first = bench_first(first_model, query_sets(args.queries, FIRST_WINDOW))
-            ask = bench_ask(fleet.address, args.asks, args.depth)
-        finally:
-            fleet.stop()
-    rows = rows_of(throughput, args.candidates, first, ask, weights)
+            rows += first_rows(first, weights["first"])
+        if "throughput" in only or "ask" in only:
+            fleet = start_local_fleet(
+                home,
+                SERVICES,
+                OMP_NUM_THREADS=str(args.threads),
+                RAGFLEET_RERANKER__CROSS_ENCODER_MODEL=cross_encoder,
+                RAGFLEET_RERANKER__FIRST_MODEL=first_model or "",
+            )
+            try:
+                if "throughput" in only:
+                    sets = query_sets(args.queries, args.candidates)
+                    throughput = bench_throughput(
+                        fleet.services["reranker"].address, cross_encoder, sets, args.rounds
+                    )
+                    rows += throughput_rows(throughput, args.candidates, weights["cross_encoder"])
+                if "ask" in only:
+                    rows += ask_rows(bench_ask(fleet.address, args.asks, args.depth), weights)
+            finally:
+                fleet.stop()
     for row in rows:
         row.update(threads=args.threads)
     if "untrained" in weights.values():
         print("Untrained models (made by the bench): the numbers are speed only, not ranking quality.")
-    write_bench_results("rerank", rows)
+    full = set(only) == set(COMPARISONS)
+    write_bench_results("rerank" if full else "rerank-" + "-".join(only), rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The services ragfleet can run, by the name used on the command line, in compose and in Ray Serve.
 
 A name maps to its proto service and a factory for the object that implements it. Retriever services
-are one per backend (`retriever-dense`, `retriever-bm25`, `retriever-colbert`) so each scales and fails
+are one per backend (`retriever-dense`, `retriever-bm25`, `retriever-colbert`,
+`retriever-mamba`, `retriever-seal`) so each scales and fails
 on its own; plain `retriever` serves every backend in settings from one process.
 """
 
@@ -72,6 +73,12 @@ SERVICES: dict[str, ServiceSpec] = {
     ),
     "retriever-colbert": ServiceSpec(
         "retriever-colbert", "ragfleet.v1.Retriever", _retriever(["colbert"]), _RETRIEVER_FN
+    ),
+    "retriever-mamba": ServiceSpec(
+        "retriever-mamba", "ragfleet.v1.Retriever", _retriever(["mamba"]), _RETRIEVER_FN
+    ),
+    "retriever-seal": ServiceSpec(
+        "retriever-seal", "ragfleet.v1.Retriever", _retriever(["seal"]), _RETRIEVER_FN
     ),
     "reranker": ServiceSpec(
         "reranker",

@@ -2,25 +2,34 @@
 
 A BEIR folder holds `corpus.jsonl` (`{"_id", "title", "text", "metadata"?}` per line),
 `queries.jsonl` (`{"_id", "text"}`) and `qrels/<split>.tsv` (`query-id  corpus-id  score`, tab
-separated, with or without that header line). Ids are read as strings (a numeric `_id` becomes its
-decimal text); a missing `title` is empty. Blank lines are skipped.
+separated, with or without that header line). Files are read as real collections come: UTF-8 with
+or without a byte-order mark, LF or CRLF line ends, blank lines skipped, fields other than these
+ignored, ids read as strings (a numeric `_id` becomes its decimal text).
 
-Malformed input raises ValueError naming `file:line` and the field; a missing file raises
-FileNotFoundError (for a split, listing the splits that exist). Qrels may judge documents that are
-not in the corpus (they stay in the qrels, as relevant documents no system can find), and a document
-id may appear only once in the corpus.
+The corpus is read by the SDK's reader, the one `ragfleet ingest` uses
+(`ragfleet._common.read_jsonl`), so both see the same documents: a document with neither title nor
+text is left out (its id goes to the caller's `skipped` list), a title-only one has its title as its
+text. Qrels may judge documents that are not in the corpus, left-out ones included (they stay in the
+qrels, as relevant documents no system can find), and a document id may appear only once.
+
+Malformed input raises ValueError naming `file:line` and the field (a repeated document id: the
+file and the id); a missing file raises FileNotFoundError (for a split, listing the splits that
+exist).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ragfleet._common import json_records, read_jsonl
+from ragfleet.errors import InvalidArgument
+
 CORPUS_FILE = "corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"
 QRELS_DIR = "qrels"
+QRELS_HEADER = ["query-id", "corpus-id", "score"]
 
 
 def _require(path: Path) -> Path:
@@ -34,18 +43,13 @@ def _require(path: Path) -> Path:
 
 def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields (line number, object) for each non-blank line of a JSON-lines file."""
-    with _require(path).open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                problem = f"{error.msg} at column {error.colno}"
-                raise ValueError(f"{path}:{number}: not valid JSON ({problem})") from None
+    try:
+        for number, record in json_records(_require(path)):
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             yield number, record
+    except InvalidArgument as error:  # the SDK's error for a bad line; a dataset's is ValueError
+        raise ValueError(error.details) from None
 
 
 def _id(record: dict[str, Any], where: str) -> str:
@@ -55,40 +59,20 @@ def _id(record: dict[str, Any], where: str) -> str:
     return str(value)
 
 
-def _text(record: dict[str, Any], field: str, where: str, *, required: bool) -> str:
-    value = record.get(field)
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str):
-        problem = "is missing" if value is None else f"must be a string, got {type(value).__name__}"
-        raise ValueError(f"{where}: field '{field}' {problem}")
-    return value
-
-
-def _metadata(record: dict[str, Any], where: str) -> dict[str, str]:
-    """The record's metadata as strings (what `Document.metadata` holds); non-strings as JSON."""
-    value = record.get("metadata") or {}
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: field 'metadata' must be an object, got {type(value).__name__}")
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
-
-
-def iter_corpus(folder: str | Path) -> Iterator[dict[str, Any]]:
-    """Streams the corpus as `{"id", "title", "text", "metadata"}` dicts, in file order."""
-    path = Path(folder) / CORPUS_FILE
+def iter_corpus(folder: str | Path, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Streams the corpus as `{"id", "title", "text", "metadata"}` dicts, in file order; the ids of the
+    documents left out for having neither title nor text are appended to `skipped` (without it, the
+    SDK's reader logs how many)."""
+    path = _require(Path(folder) / CORPUS_FILE)
     seen: set[str] = set()
-    for number, record in json_lines(path):
-        where = f"{path}:{number}"
-        doc_id = _id(record, where)
-        if doc_id in seen:
-            raise ValueError(f"{where}: field '_id' repeats the document id {doc_id!r}")
-        seen.add(doc_id)
-        yield {
-            "id": doc_id,
-            "title": _text(record, "title", where, required=False),
-            "text": _text(record, "text", where, required=True),
-            "metadata": _metadata(record, where),
-        }
+    try:
+        for doc in read_jsonl(path, skipped):
+            if doc.id in seen:
+                raise ValueError(f"{path}: field '_id' repeats the document id {doc.id!r}")
+            seen.add(doc.id)
+            yield {"id": doc.id, "title": doc.title, "text": doc.text, "metadata": dict(doc.metadata)}
+    except InvalidArgument as error:
+        raise ValueError(error.details) from None
 
 
 def load_queries(folder: str | Path) -> dict[str, str]:
@@ -97,7 +81,11 @@ def load_queries(folder: str | Path) -> dict[str, str]:
     queries: dict[str, str] = {}
     for number, record in json_lines(path):
         where = f"{path}:{number}"
-        queries[_id(record, where)] = _text(record, "text", where, required=True)
+        text = record.get("text")
+        if not isinstance(text, str):
+            problem = "is missing" if text is None else f"must be a string, got {type(text).__name__}"
+            raise ValueError(f"{where}: field 'text' {problem}")
+        queries[_id(record, where)] = text
     return queries
 
 
@@ -109,12 +97,12 @@ def load_qrels(folder: str | Path, split: str = "test") -> dict[str, dict[str, i
         splits = sorted(p.stem for p in qrels_dir.glob("*.tsv")) if qrels_dir.is_dir() else []
         raise FileNotFoundError(f"{path}: no qrels for split {split!r} (splits here: {splits or 'none'})")
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8") as lines:
+    with path.open(encoding="utf-8-sig") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            fields = line.rstrip("\r\n").split("\t")
-            if number == 1 and fields[:3] == ["query-id", "corpus-id", "score"]:
+            fields = [field.strip() for field in line.rstrip("\r\n").split("\t")]
+            if number == 1 and fields == QRELS_HEADER:
                 continue
             where = f"{path}:{number}"
             if len(fields) != 3 or not fields[0] or not fields[1]:

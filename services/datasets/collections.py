@@ -8,9 +8,12 @@ An `EvalDataset` is either
 
 Loaders:
 
-- `load_beir(folder, split)`: a BEIR folder (read by `services.datasets.beir`); name
-  `<folder>-<split>`; the queries judged in the split. Documents keep their metadata; there are no
-  answers or contexts. Every judged query must be in `queries.jsonl`.
+- `load_beir(folder, split)`: a BEIR folder (read by `services.datasets.beir`, as `ragfleet ingest`
+  reads it); name `<folder>-<split>`; the queries judged in the split. Documents keep their
+  metadata; there are no answers or contexts. Every judged query must be in `queries.jsonl`; the
+  others are not asked (their ids in `queries_without_qrels`). A document with neither title nor
+  text is left out (its id in `skipped_documents`); its judgements stay, so a query that needs it
+  counts it as a miss, as trec_eval would.
 - `load_squad(path)`: SQuAD v1.1 or v2.0 JSON, as open-domain QA: every paragraph is a document
   (id `<article index>-<paragraph index>`, title the article's title), every question is asked, and
   its qrels name its own paragraph (relevance 1). v2.0 questions marked `is_impossible` have no
@@ -59,6 +62,10 @@ class EvalDataset:
     contexts: dict[str, list[str]] = field(default_factory=dict)  # query id -> gold context texts
     # doc id -> {"id", "title", "text", "metadata"}, in file order
     corpus: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    # BEIR: ids of the documents left out for having neither title nor text, in file order.
+    skipped_documents: list[str] = field(default_factory=list)
+    # BEIR: ids of the queries with no judgements in the split, which are not asked.
+    queries_without_qrels: list[str] = field(default_factory=list)
 
     def documents(self) -> Iterator[dict[str, Any]]:
         """The corpus as `{"id", "title", "text", "metadata"}` dicts, in file order."""
@@ -89,8 +96,17 @@ def load_beir(folder: str | Path, split: str = DEFAULT_SPLIT) -> EvalDataset:
             f"{beir.QUERIES_FILE}, e.g. {missing[:5]}"
         )
     queries = {qid: text for qid, text in all_queries.items() if qid in qrels}
-    corpus = _by_id(beir.iter_corpus(folder))
-    return EvalDataset(f"{folder.resolve().name}-{split}", "ir", queries, qrels, corpus=corpus)
+    skipped: list[str] = []
+    corpus = _by_id(beir.iter_corpus(folder, skipped))
+    return EvalDataset(
+        f"{folder.resolve().name}-{split}",
+        "ir",
+        queries,
+        qrels,
+        corpus=corpus,
+        skipped_documents=skipped,
+        queries_without_qrels=[qid for qid in all_queries if qid not in qrels],
+    )
 
 
 # --- SQuAD -------------------------------------------------------------------------------------

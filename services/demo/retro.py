@@ -1,8 +1,11 @@
-"""The demo's Retro checkpoint: trained the first time the demo runs, then reused.
+"""The demo's Retro checkpoint: shipped with the project, or trained by `ragfleet demo --retrain`.
 
 `ensure_demo_model` keeps `<home>/models/retro` (the Generator's default checkpoint) holding a model
-trained for the current demo corpus; train.json's `demo_fingerprint` says which corpora and settings it
-was made with, and a mismatch (or no model) trains a new one, replacing what is there.
+made for the current demo corpus and recipe; train.json's `demo_fingerprint` says which corpora and
+settings it was made with (`demo_fingerprint`). A current model there is used as it is; else the one
+that ships in `SHIPPED` (fp16 safetensors, made by `make demo-model`: `ragfleet demo --retrain --export
+services/demo/model`) is installed when its fingerprint is the current one; else, or with `retrain`, a
+new one is trained (about 18 minutes on two idle cores), replacing what is there.
 
 The demo asks about facts that are only in its passages, so the model must learn to read answers from
 its neighbours, not to remember them. It trains on `TRAINING_ARCHIPELAGOS` other archipelagos
@@ -26,23 +29,30 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from services.demo.corpus import demo_documents, demo_questions, generated_archipelago
 from services.evaluator.metrics.qa import normalize_answer
 from services.generator.retro.data import load_tokenizer, prompt_ids
 from services.generator.retro.decode import DecodeParams, DecodeResult, Neighbour, generate
-from services.generator.retro.model import RetroConfig, RetroModel
+from services.generator.retro.model import CONFIG_FILE, WEIGHTS_FILE, RetroConfig, RetroModel
 from services.generator.retro.neighbours import NEIGHBOURS_DIR, PipelineRetrieval
 from services.generator.retro.train import TRAIN_FILE, TrainProgress, TrainSettings, train_retro
-from services.runtime.artifacts import CHECKPOINTS_DIR
+from services.runtime.artifacts import CHECKPOINTS_DIR, write_directory
 from services.runtime.storage import atomic_write_json
 from services.ui import progress_bar
 
 TOKENIZER = "all-MiniLM-L6-v2"
+# The checkpoint that ships with the project (package data).
+SHIPPED = Path(__file__).with_name("model")
+SHIPPED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TRAIN_FILE)
 TRAINING_INDEX = "demo-retro-train"
 TRAINING_ARCHIPELAGOS = 6
 # Demo passages are whole documents of 42–65 tokens, and prompts fit in 32 tokens: chunks of 32 and
@@ -116,6 +126,7 @@ def training_corpus() -> tuple[list[dict], list[dict]]:
     return documents, questions
 
 
+@cache
 def demo_fingerprint() -> str:
     """Changes whenever the demo corpus, the training corpus or the training recipe does."""
     recipe = {
@@ -128,16 +139,43 @@ def demo_fingerprint() -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def ensure_demo_model(client: Any, home: Path, console: Console, index: str = "demo") -> Path:
-    """The demo's checkpoint folder, training it first (through `client`, on `index`) unless it is current."""
+def recorded_fingerprint(path: Path) -> str | None:
+    """The `demo_fingerprint` in the train.json of the model folder `path`, if any."""
+    record = Path(path) / TRAIN_FILE
+    return json.loads(record.read_text()).get("demo_fingerprint") if record.is_file() else None
+
+
+def ensure_demo_model(
+    client: Any, home: Path, console: Console, index: str = "demo", *, retrain: bool = False
+) -> Path:
+    """The demo's checkpoint folder: kept if current, else the shipped model if current, else (or with
+    `retrain`) trained through `client`, its answers checked on `index` (module docstring)."""
     path = model_dir(home)
-    record = path / TRAIN_FILE
     fingerprint = demo_fingerprint()
-    if record.is_file() and json.loads(record.read_text()).get("demo_fingerprint") == fingerprint:
-        console.print(f"using the demo's Retro model at {path}")
-        return path
+    if not retrain:
+        if recorded_fingerprint(path) == fingerprint:
+            console.print(f"using the demo's Retro model at {path}")
+            return path
+        shipped = recorded_fingerprint(SHIPPED)
+        if shipped == fingerprint:
+            write_directory(path, {name: (SHIPPED / name).read_bytes() for name in SHIPPED_FILES})
+            console.print(f"using the demo's shipped Retro model (recipe {fingerprint}), installed at {path}")
+            return path
+        if shipped is not None:
+            console.print(
+                f"the shipped demo model was made by recipe {shipped}, the code's is {fingerprint}: "
+                "training a new one (`make demo-model` refreshes the shipped one)"
+            )
     train_demo_model(client, path, console, index=index, extra={"demo_fingerprint": fingerprint})
     return path
+
+
+def export_demo_model(source: Path, out: Path) -> None:
+    """Writes the model folder `source` to `out` as it ships: config and train.json as they are, the
+    weights in float16 (half the bytes; `RetroModel.load` reads them back into float32)."""
+    weights = {name: t.to(torch.float16) for name, t in load_file(str(Path(source) / WEIGHTS_FILE)).items()}
+    files = {name: (Path(source) / name).read_bytes() for name in (CONFIG_FILE, TRAIN_FILE)}
+    write_directory(out, {**files, WEIGHTS_FILE: safetensors_bytes(weights)})
 
 
 def train_demo_model(

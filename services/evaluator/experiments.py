@@ -14,6 +14,7 @@ in `retrievers`, an item is a list of retriever names (fused) or one name.
       rerank_depth: 30
     reranker_models: {cross_encoder: /models/my-cross-encoder}
     max_queries: 100
+    batch_size: 64      # IR queries per SearchBatch call (default 1: each query timed on its own)
 
 In `rerank`, false is no reranking, true the Reranker's default backend and a name that backend;
 `reranker_models` names the checkpoint (path or id) of a backend, else the Reranker's default is used.
@@ -30,13 +31,15 @@ In `rerank`, false is no reranking, true the Reranker's default backend and a na
    experiment searches that existing index instead (needed for a QA set without contexts) and never
    drops it.
 2. Every query (the first `max_queries` in dataset order) goes through the pipeline:
-   - IR datasets: `client.search` with depth `max(top_k, largest @k of the metrics)`, and the
-     ranked passages become document scores (`ir.passages_to_docs`: a document scores its best
-     passage), scored per query with `ir.evaluate_run` (pytrec_eval). A reranked run searches
+   - IR datasets: `client.search` with depth `max(top_k, largest @k of the metrics)` — or, with
+     `batch_size` above 1, `client.search_batch` of that many queries at a time (the same lists,
+     faster; a batch the fleet refuses as too large, RESOURCE_EXHAUSTED, is searched in halves) —
+     and the ranked passages become document scores (`ir.passages_to_docs`: a document scores its
+     best passage), scored per query with `ir.evaluate_run` (pytrec_eval). A reranked run searches
      with the Pipeline's reranking: the best `rerank_depth` passages (0: the whole depth) are
      rescored by the Reranker; when that is fewer than the depth, the rest of the retrieval list
-     (a second, untimed search without reranking) follows them in retrieval order, the usual way
-     to score a reranker over a deeper cut-off such as recall@100. A reranked list's documents
+     (a second, untimed search without reranking, batched alike) follows them in retrieval order,
+     the usual way to score a reranker over a deeper cut-off such as recall@100. A reranked list's documents
      score by their rank.
    - QA datasets: `client.ask` (streamed) with top_k, retrievers, fusion, rerank and the sampling
      temperature; the answer text is scored with EM/F1 (`metrics.qa`, SQuAD v2.0 rules: a question
@@ -50,9 +53,10 @@ In `rerank`, false is no reranking, true the Reranker's default backend and a na
 3. Each run's record is written atomically to `<home>/runs/<run id>.json` as soon as the run
    ends; run ids are `<experiment>-<UTC time>-<random>-<position in the sweep>`. A record holds
    exactly `RUN_RECORD_KEYS`: `config` (the RunConfig), `dataset` ({name, kind, queries: how many
-   were asked}), `versions` (every index version that answered), `ingest_s` (seconds to build the
-   run's index, the same for every run sharing it; None when it already existed), `aggregate` and
-   `per_query` metrics, `latency_ms` ({per_query: {qid: {stage: ms, total: ms}}, mean: {stage:
+   were asked, skipped_documents and queries_without_qrels: how many the loader left out}),
+   `versions` (every index version that answered), `ingest_s` (seconds to build the run's index,
+   the same for every run sharing it; None when it already existed), `aggregate` and `per_query`
+   metrics, `latency_ms` ({per_query: {qid: {stage: ms, total: ms}}, mean: {stage:
    ms}, p50_total, p99_total}), `retrieval_only` (true unless every answer was generated;
    always true for IR datasets) and `rerank` (None for a run without reranking, else {model_ids:
    the reranker checkpoints that answered, candidates: passages sent to it, truncated: how many of
@@ -65,6 +69,9 @@ EM/F1 plus the IR trio (when the dataset has qrels) for QA datasets.
 Latencies, in milliseconds per query: the stages the pipeline reports (`retrieve`, `fuse` for a
 search, and `rerank` when it reranks; `retrieve`, `rerank`, `generate` for an ask — the first timing
 of each name) and `total`, the client-side wall time of the call including reading the whole stream.
+With `batch_size` above 1 a query's `total` is its batch's wall time shared equally among the batch's
+queries (their sum is still the run's search time), and only `rerank` is timed per query: SearchBatch
+reports no per-query retrieval stages.
 
 Known gap: the gateway reads a zero `overlap_tokens` as "use the server default", so the sweep
 rejects an overlap of 0 rather than silently running with another one.
@@ -98,7 +105,12 @@ from services.ui import progress_bar
 RUNS_DIR = "runs"
 # The index spec fields that apply to one retriever only, and that retriever: a run that does not use
 # it leaves the field empty and shares an index built with any value of it.
-RETRIEVER_FIELDS = {"vector_store": "dense", "colbert_model": "colbert"}
+RETRIEVER_FIELDS = {
+    "vector_store": "dense",
+    "colbert_model": "colbert",
+    "mamba_model": "mamba",
+    "seal_model": "seal",
+}
 STAGES = ("retrieve", "fuse", "rerank", "generate")
 TOTAL = "total"
 IR_DEFAULT_METRICS = ("ndcg@10", "recall@100", "mrr@10")
@@ -152,6 +164,10 @@ class Sweep(BaseModel):
     vector_store: list[Literal["faiss", "chroma"]] = Field(["faiss"], min_length=1)
     # "" is the colbert retriever's default checkpoint.
     colbert_model: list[str] = Field([""], min_length=1)
+    # "" is the mamba retriever's default checkpoint.
+    mamba_model: list[str] = Field([""], min_length=1)
+    # "" is the seal retriever's default language model.
+    seal_model: list[str] = Field([""], min_length=1)
     chunk_tokens: list[int] = Field([200], min_length=1)
     overlap_tokens: list[int] = Field([40], min_length=1)
     whole_documents: list[bool] = Field([False], min_length=1)
@@ -232,6 +248,8 @@ class IngestSettings:
     overlap_tokens: int
     whole_documents: bool
     colbert_model: str = ""
+    mamba_model: str = ""
+    seal_model: str = ""
 
     def spec(self, retrievers: Sequence[str]) -> dict[str, Any]:
         """The SDK's index spec for these settings, ingesting into `retrievers`."""
@@ -273,6 +291,8 @@ class RunConfig:
     top_k: int
     temperature: float
     colbert_model: str = ""
+    mamba_model: str = ""
+    seal_model: str = ""
     # Both are 0 / "" for a run without reranking.
     rerank_depth: int = 0
     reranker_model: str = ""
@@ -310,6 +330,9 @@ class ExperimentConfig(BaseModel):
     dataset: str | dict[str, Any]
     sweep: Sweep = Sweep()
     max_queries: int | None = Field(None, ge=1)
+    # IR queries per search call: 1 times each query on its own, more searches faster (see the module
+    # docstring for what latency then means).
+    batch_size: int = Field(1, ge=1)
     metrics: list[str] | None = Field(None, min_length=1)
     # Search this existing index instead of ingesting the dataset; it is never dropped.
     index: str | None = Field(None, min_length=1)
@@ -340,7 +363,8 @@ class ExperimentConfig(BaseModel):
         if self.index is not None and len({run.ingest for run in self.runs()}) > 1:
             raise ValueError(
                 "index: an existing index has fixed ingest settings, but the sweep varies "
-                "vector_store / chunk_tokens / overlap_tokens / whole_documents / colbert_model"
+                "vector_store / chunk_tokens / overlap_tokens / whole_documents / colbert_model / "
+                "mamba_model / seal_model"
             )
         return self
 
@@ -383,6 +407,8 @@ class ExperimentConfig(BaseModel):
             s.top_k,
             s.temperature,
             s.colbert_model,
+            s.mamba_model,
+            s.seal_model,
             s.rerank_depth,
         )
         runs = (
@@ -396,11 +422,27 @@ class ExperimentConfig(BaseModel):
                 rerank,
                 top_k,
                 float(temp),
-                model,
+                colbert,
+                mamba,
+                seal,
                 rerank_depth=depth if rerank is not False else 0,
                 reranker_model=self.reranker_models.get(rerank, "") if isinstance(rerank, str) else "",
             )
-            for store, chunk, overlap, whole, names, fusion, rerank, top_k, temp, model, depth in points
+            for (
+                store,
+                chunk,
+                overlap,
+                whole,
+                names,
+                fusion,
+                rerank,
+                top_k,
+                temp,
+                colbert,
+                mamba,
+                seal,
+                depth,
+            ) in points
         )
         return list(dict.fromkeys(runs))
 
@@ -465,6 +507,9 @@ class ExperimentClient(Protocol):
     def ingest(self, source: Any, *, index: str, spec: Any = None, progress: Any = None) -> Any: ...
     def search(
         self, query: str, *, index: str, top_k: int, retrievers: Any, fusion: Any, **options: Any
+    ) -> Any: ...
+    def search_batch(
+        self, queries: list[str], *, index: str, top_k: int, retrievers: Any, fusion: Any, **options: Any
     ) -> Any: ...
     def ask(self, question: str, *, index: str, **options: Any) -> Any: ...
     def delete(self, *, index: str, drop_index: bool = False) -> Any: ...
@@ -641,23 +686,48 @@ def _first_timings(timings: Iterable[Any]) -> dict[str, float]:
     return found
 
 
-def _search(exp: _Experiment, run: RunConfig, index: str, text: str, depth: int) -> _QueryResult:
-    """`depth` passages; a reranked run's are its best of `rerank_depth` (fewer when that is less)."""
+def _retrieval(run: RunConfig, index: str, depth: int) -> dict[str, Any]:
+    """The search arguments for `depth` passages; a reranked run's are its best of `rerank_depth`
+    (fewer when that is less)."""
     retrieval: dict[str, Any] = {"index": index, "retrievers": list(run.retrievers), "fusion": run.fusion}
     if run.rerank:
         reranked = run.rerank_depth or depth
         retrieval |= {"top_k": min(depth, reranked), "rerank": run.rerank_spec(reranked)}
     else:
         retrieval["top_k"] = depth
-    response = exp.client.search(text, **retrieval)
+    return retrieval
+
+
+def _search_result(run: RunConfig, response: Any, versions: Iterable[Any]) -> _QueryResult:
     return _QueryResult(
         passages=list(response.results),
         answer=None,
         retrieval_only=True,
         timings=_first_timings(response.timings),
-        versions=list(response.versions),
+        versions=list(versions),
         rerank=response.rerank if run.rerank else None,
     )
+
+
+def _search(exp: _Experiment, run: RunConfig, index: str, texts: list[str], depth: int) -> list[_QueryResult]:
+    """Each query's `depth` passages (see `_retrieval`): one `search` per query with a batch size of 1,
+    else one `search_batch`, split in halves while the fleet refuses it as too large."""
+    retrieval = _retrieval(run, index, depth)
+    if exp.config.batch_size == 1:
+        responses = [exp.client.search(text, **retrieval) for text in texts]
+        return [_search_result(run, r, r.versions) for r in responses]
+    from ragfleet.errors import ResourceExhausted
+
+    try:
+        batch = exp.client.search_batch(texts, **retrieval)
+    except ResourceExhausted:
+        if len(texts) == 1:
+            raise
+        half = len(texts) // 2
+        return _search(exp, run, index, texts[:half], depth) + _search(exp, run, index, texts[half:], depth)
+    if len(batch.responses) != len(texts):
+        raise RuntimeError(f"search_batch answered {len(batch.responses)} of {len(texts)} queries")
+    return [_search_result(run, r, batch.versions) for r in batch.responses]
 
 
 def _ask(exp: _Experiment, run: RunConfig, index: str, text: str, top_k: int, generate: bool) -> _QueryResult:
@@ -745,27 +815,31 @@ def _execute(
     versions: set[tuple[str, str, int, str]] = set()
     reports: list[Any] = []
     retrieval_only = True
-    for done, qid in enumerate(exp.query_ids, start=1):
-        text = dataset.queries[qid]
+    size = exp.config.batch_size if dataset.kind == "ir" else 1
+    for offset in range(0, len(exp.query_ids), size):
+        qids = exp.query_ids[offset : offset + size]
+        texts = [dataset.queries[qid] for qid in qids]
         start = time.perf_counter()
         if dataset.kind == "qa":
-            result = _ask(exp, run, index, text, run.top_k, generate=True)
+            results = [_ask(exp, run, index, texts[0], run.top_k, generate=True)]
         else:
-            result = _search(exp, run, index, text, depth)
-        latency[qid] = {**result.timings, TOTAL: (time.perf_counter() - start) * 1000.0}
-        if not run.rerank:
-            doc_run[qid] = ir.passages_to_docs(result.passages)
-        elif dataset.kind == "ir" and (run.rerank_depth or depth) < depth:
-            tail = _search(exp, replace(run, rerank=False), index, text, depth).passages
-            doc_run[qid] = _ranked_docs(result.passages, tail)
-        else:
-            doc_run[qid] = _ranked_docs(result.passages, [])
-        if result.rerank is not None:
-            reports.append(result.rerank)
-        versions |= {(v.index, v.retriever, v.version, v.model_id) for v in result.versions}
-        retrieval_only = retrieval_only and result.retrieval_only
-        per_query[qid] = _qa_scores(result.answer, dataset.answers[qid]) if qa_metrics else {}
-        exp.report(run_id, done, len(exp.query_ids), "query")
+            results = _search(exp, run, index, texts, depth)
+        millis = (time.perf_counter() - start) * 1000.0 / len(qids)
+        tails: list[list[Any]] = [[] for _ in qids]
+        if run.rerank and dataset.kind == "ir" and (run.rerank_depth or depth) < depth:
+            tails = [r.passages for r in _search(exp, replace(run, rerank=False), index, texts, depth)]
+        for qid, result, tail in zip(qids, results, tails):
+            latency[qid] = {**result.timings, TOTAL: millis}
+            if run.rerank:
+                doc_run[qid] = _ranked_docs(result.passages, tail)
+            else:
+                doc_run[qid] = ir.passages_to_docs(result.passages)
+            if result.rerank is not None:
+                reports.append(result.rerank)
+            versions |= {(v.index, v.retriever, v.version, v.model_id) for v in result.versions}
+            retrieval_only = retrieval_only and result.retrieval_only
+            per_query[qid] = _qa_scores(result.answer, dataset.answers[qid]) if qa_metrics else {}
+        exp.report(run_id, offset + len(qids), len(exp.query_ids), "query")
 
     aggregate = {m: float(np.mean([per_query[qid][m] for qid in exp.query_ids])) for m in qa_metrics}
     qrels = {qid: dataset.qrels[qid] for qid in exp.query_ids if qid in dataset.qrels}
@@ -781,7 +855,13 @@ def _execute(
         "experiment": exp.config.name,
         "created_at": created_at,
         "config": run.as_dict(),
-        "dataset": {"name": dataset.name, "kind": dataset.kind, "queries": len(exp.query_ids)},
+        "dataset": {
+            "name": dataset.name,
+            "kind": dataset.kind,
+            "queries": len(exp.query_ids),
+            "skipped_documents": len(dataset.skipped_documents),
+            "queries_without_qrels": len(dataset.queries_without_qrels),
+        },
         "versions": [
             {"index": i, "retriever": r, "version": v, "model_id": m} for i, r, v, m in sorted(versions)
         ],

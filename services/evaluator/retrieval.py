@@ -1,15 +1,22 @@
 """`ragfleet eval retrieval`: the experiment runner's preset for scoring retrievers on a BEIR split.
 
 `run_retrieval_eval` runs one experiment (`experiments.run_experiment`) with one run per retriever
-name — `"hybrid"` is dense + bm25 fused with RRF, any other name is that retriever alone — all
+name — `"hybrid"` is dense + bm25 fused with RRF, `"a+b"` a and b fused (`"hybrid+seal"`: dense, bm25
+and seal), any other name is that retriever alone — all
 searching one index of whole documents (or of `chunk_tokens`-token chunks), every judged query asked
 for `top_k` passages and scored with nDCG@10, Recall@100 and MRR@10 over all judged queries. Each
 reranker backend named in `rerank` adds one run per retriever (the sweep's `rerank` dimension, on the
 same index): the Pipeline reranks the retriever's best `rerank_depth` passages through the Reranker
 (with the backend's checkpoint in `reranker_models`, else the Reranker's default) and the rest of the
 list follows. The run records land under `<home>/runs` as every experiment's do (`ragfleet eval
-report` reads them); what it returns sums them up as `{name: {metric: value}, "timings": {...}}`,
-where a name is the retriever's, or `"<retriever>+<reranker>"` for a reranked run.
+report` reads them); what it returns sums them up as `{name: {metric: value}, "timings": {...},
+"dataset": {...}}`, where a name is the retriever's, or `"<retriever>+<reranker>"` for a reranked run,
+and "dataset" counts the queries asked, the documents the loader skipped (neither title nor text:
+their judgements stay, so they count as misses) and the queries without qrels (not asked).
+
+Queries go `batch_size` at a time through the Pipeline's SearchBatch (reranked runs too: the
+Pipeline reranks each query's list on its own), which gives the same lists as one search per query,
+several times faster; `batch_size=1` searches one query a call, timing each on its own.
 
 `top_k` counts passages; with whole documents that is also the number of documents per query.
 """
@@ -27,12 +34,19 @@ from services.runtime.settings import GatewaySettings
 HYBRID = "hybrid"
 HYBRID_RETRIEVERS = ("dense", "bm25")
 TIMINGS = "timings"
+DATASET = "dataset"
+# Queries per SearchBatch: 64 queries of 100 whole SciFact documents (1.5 kB a scored passage on the wire,
+# on average) make a reply of about 10 MB, under the fleet's 16 MiB default (limits.max_reply_bytes; a
+# batch refused as larger is searched in halves).
+BATCH_SIZE = 64
 # The gateway's own rule for a chunk size given alone: its default overlap, at most a fifth of a window.
 _DEFAULT_OVERLAP = GatewaySettings.model_fields["overlap_tokens"].default
 
 
 def _retrievers_of(name: str) -> list[str]:
-    return list(HYBRID_RETRIEVERS) if name == HYBRID else [name]
+    """A run's retrievers: "hybrid" is dense + bm25, and "a+b" fuses a and b ("hybrid+seal" is dense,
+    bm25 and seal)."""
+    return [r for part in name.split("+") for r in (HYBRID_RETRIEVERS if part == HYBRID else (part,))]
 
 
 def _name_of(config: Mapping[str, Any]) -> str:
@@ -67,19 +81,23 @@ def retrieval_experiment(
     chunk_tokens: int | None = None,
     vector_store: str | None = None,
     colbert_model: str | None = None,
+    mamba_model: str | None = None,
+    seal_model: str | None = None,
     index: str | None = None,
     keep_index: bool = False,
     rerank: Sequence[str] = (),
     rerank_depth: int = 30,
     reranker_models: Mapping[str, str] | None = None,
+    batch_size: int = BATCH_SIZE,
 ) -> experiments.ExperimentConfig:
     """The experiment behind `ragfleet eval retrieval` (see the module docstring); `index` names an
     existing index to search instead of ingesting the corpus."""
     retrievers = list(dict.fromkeys(retrievers))
     if not retrievers:
         raise ValueError("retrievers: name at least one retriever")
-    if TIMINGS in retrievers:
-        raise ValueError(f"retrievers: {TIMINGS!r} is not a retriever name")
+    for reserved in (TIMINGS, DATASET):
+        if reserved in retrievers:
+            raise ValueError(f"retrievers: {reserved!r} is not a retriever name")
     rerank = list(dict.fromkeys(rerank))
     if rerank_depth < 1:
         raise ValueError(f"rerank_depth: must be at least 1, got {rerank_depth}")
@@ -97,6 +115,10 @@ def retrieval_experiment(
         sweep["vector_store"] = vector_store
     if colbert_model:
         sweep["colbert_model"] = colbert_model
+    if mamba_model:
+        sweep["mamba_model"] = mamba_model
+    if seal_model:
+        sweep["seal_model"] = seal_model
     dataset_dir = Path(dataset_dir)
     return experiments.ExperimentConfig(
         name=f"retrieval-{dataset_dir.resolve().name}",
@@ -105,12 +127,14 @@ def retrieval_experiment(
         index=index,
         keep_index=keep_index,
         reranker_models=dict(reranker_models or {}),
+        batch_size=batch_size,
     )
 
 
 def summary(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """`{name: aggregate metrics, "timings": {"ingest_s", "<name>_search_s", "<name>_qps"}}` of the
-    runs' records (a name as in the module docstring); `ingest_s` is None when no index was built."""
+    """`{name: aggregate metrics, "timings": {"ingest_s", "<name>_search_s", "<name>_qps"}, "dataset":
+    {"queries", "skipped_documents", "queries_without_qrels"}}` of the runs' records (a name as in the
+    module docstring); `ingest_s` is None when no index was built."""
     results: dict[str, dict[str, float | None]] = {}
     timings: dict[str, float | None] = {"ingest_s": records[0]["ingest_s"] if records else None}
     for record in records:
@@ -120,6 +144,9 @@ def summary(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float |
         timings[f"{name}_search_s"] = seconds
         timings[f"{name}_qps"] = record["dataset"]["queries"] / seconds if seconds > 0 else None
     results[TIMINGS] = timings
+    if records:
+        counted = ("queries", "skipped_documents", "queries_without_qrels")
+        results[DATASET] = {key: records[0]["dataset"][key] for key in counted}
     return results
 
 
@@ -138,9 +165,9 @@ def run_retrieval_eval(
 
 def markdown_table(results: Mapping[str, Mapping[str, float | None]]) -> str:
     """One row per run (retriever, reranked or not): its metrics, search seconds and queries per second;
-    then ingest time."""
+    then ingest time and what the loader left out."""
     timings = results.get(TIMINGS, {})
-    names = [name for name in results if name != TIMINGS]
+    names = [name for name in results if name not in (TIMINGS, DATASET)]
     metrics = list(dict.fromkeys(key for name in names for key in results[name]))
     rows = [
         {
@@ -154,4 +181,11 @@ def markdown_table(results: Mapping[str, Mapping[str, float | None]]) -> str:
     table = _table(rows, ["retriever", *metrics, "search s", "QPS"])
     if timings.get("ingest_s") is not None:
         table += f"\n\ningest: {timings['ingest_s']:.1f} s"
+    counts = results.get(DATASET)
+    if counts:
+        table += (
+            f"\n\nqueries: {counts['queries']:.0f} asked, {counts['queries_without_qrels']:.0f} without "
+            "qrels not asked; documents with neither title nor text skipped: "
+            f"{counts['skipped_documents']:.0f} (where judged, misses)"
+        )
     return table

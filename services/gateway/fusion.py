@@ -11,6 +11,7 @@ Weights default to 1. Ties are broken by the passage's best rank in any list, th
 so the output is deterministic. Results are new ScoredPassage messages ranked 1..n, with
 ``retriever="fused"`` — or the retriever's own name when only one list was given. ``fuse`` passes a
 single list through with its own scores (fusing one list changes no order) and only re-ranks it.
+A fused passage keeps the highlights every list gave it (seal's matched n-grams), ordered by start.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def _fuse_by(
     totals: dict[str, float] = {}
     best_rank: dict[str, int] = {}
     best_item: dict[str, common_pb2.ScoredPassage] = {}
+    highlights: dict[str, list[common_pb2.Highlight]] = {}
     for name in sorted(lists):
         ranked = lists[name]
         weight = weights.get(name, 1.0)
@@ -106,6 +108,7 @@ def _fuse_by(
             if pid in seen:
                 continue
             seen.add(pid)
+            highlights.setdefault(pid, []).extend(item.highlights)
             totals[pid] = totals.get(pid, 0.0) + weight * score(name, rank, item)
             if pid not in best_rank or rank < best_rank[pid]:
                 best_rank[pid] = rank
@@ -114,7 +117,10 @@ def _fuse_by(
     if top_k is not None:
         order = order[:top_k]
     label = next(iter(lists)) if len(lists) == 1 else FUSED
-    return [_result(best_item[pid], totals[pid], label, rank) for rank, pid in enumerate(order, start=1)]
+    return [
+        _result(best_item[pid], totals[pid], label, rank, highlights[pid])
+        for rank, pid in enumerate(order, start=1)
+    ]
 
 
 def _pass_through(
@@ -126,16 +132,21 @@ def _pass_through(
         if item.passage.id in seen:
             continue
         seen.add(item.passage.id)
-        results.append(_result(item, item.score, name, len(results) + 1))
+        results.append(_result(item, item.score, name, len(results) + 1, item.highlights))
         if len(results) == top_k:
             break
     return results
 
 
 def _result(
-    item: common_pb2.ScoredPassage, score: float, retriever: str, rank: int
+    item: common_pb2.ScoredPassage,
+    score: float,
+    retriever: str,
+    rank: int,
+    highlights: Sequence[common_pb2.Highlight],
 ) -> common_pb2.ScoredPassage:
-    result = common_pb2.ScoredPassage(score=score, retriever=retriever, rank=rank)
+    spans = sorted(highlights, key=lambda h: (h.start, h.end))
+    result = common_pb2.ScoredPassage(score=score, retriever=retriever, rank=rank, highlights=spans)
     result.passage.CopyFrom(item.passage)
     if item.HasField("continuation"):
         result.continuation.CopyFrom(item.continuation)

@@ -166,6 +166,14 @@ class PipelineService:
         index = validation.name(first.index, "index", self.limits)
         chunking = ChunkSettings.from_spec(first.spec.chunking, self.settings.gateway, self.limits)
         remotes = self._ingest_targets(first.spec.retrievers)
+        if first.spec.mamba_model and "mamba" not in remotes:
+            raise invalid_argument(
+                "spec.mamba_model", f"is for the mamba retriever; this ingest goes to {', '.join(remotes)}"
+            )
+        if first.spec.seal_model and "seal" not in remotes:
+            raise invalid_argument(
+                "spec.seal_model", f"is for the seal retriever; this ingest goes to {', '.join(remotes)}"
+            )
         await self._check_closed(remotes, ctx)
         streams = _IngestStreams(remotes, first, ctx, self._timeout(ctx), self.settings.gateway)
         stop = Stop(ctx.deadline)
@@ -453,7 +461,7 @@ class PipelineService:
                 yield pipeline_pb2.AskEvent(
                     answer=pipeline_pb2.Answer(
                         text=done.text,
-                        citations=done.citations,
+                        citations=_with_highlights(done.citations, request.context),
                         timings=timings + list(done.timings),
                         versions=versions,
                         model_ids=model_ids + [done.model_id],
@@ -649,6 +657,22 @@ async def _put(queue: asyncio.Queue, message: Any, call: grpc.aio.StreamUnaryCal
             continue
 
 
+def _with_highlights(
+    citations: Sequence[generator_pb2.Citation], context: Sequence[common_pb2.ScoredPassage]
+) -> list[generator_pb2.Citation]:
+    """The generator's citations, each with the highlights its passage had in the context it was given
+    (when the generator reported none)."""
+    spans = {p.passage.id: p.highlights for p in context}
+    cited = []
+    for citation in citations:
+        copy = generator_pb2.Citation()
+        copy.CopyFrom(citation)
+        if not copy.highlights:
+            copy.highlights.extend(spans.get(citation.passage_id, []))
+        cited.append(copy)
+    return cited
+
+
 def _retrieval_only_answer(
     passages: list[common_pb2.ScoredPassage],
     notes: list[str],
@@ -664,7 +688,11 @@ def _retrieval_only_answer(
         text = f"Retrieval only ({reason}). No passage matched."
     citations = [
         generator_pb2.Citation(
-            passage_id=p.passage.id, doc_id=p.passage.doc_id, weight=p.score, title=p.passage.title
+            passage_id=p.passage.id,
+            doc_id=p.passage.doc_id,
+            weight=p.score,
+            title=p.passage.title,
+            highlights=p.highlights,
         )
         for p in passages
     ]

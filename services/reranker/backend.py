@@ -1,7 +1,8 @@
 """The interface every reranker backend implements, and the registry of backends.
 
 A backend instance is one loaded model. `rerank(query, texts)` orders all the texts for the query and
-says how many did not fit the model's input; the service picks the top_k, maps errors to statuses and
+says how many did not fit the model's input (`rerank_many` does it for several calls at once, which the
+service uses to batch concurrent calls); the service picks the top_k, maps errors to statuses and
 builds the response. Backends are model code: they know nothing of gRPC or the protos and raise the
 plain errors of `services.runtime.model_errors` (`ArtifactError` for a checkpoint that is missing or is
 not a model of this backend). They are imported lazily (`backend_class`), and a backend never imports
@@ -70,6 +71,14 @@ class RerankerModel(ABC):
     @abstractmethod
     def rerank(self, query: str, texts: Sequence[str]) -> Ranking:
         """Every text ordered by relevance to `query`, best first."""
+
+    # Whether `rerank_many` scores several calls' candidates together (in shared forward passes), so
+    # the service batches concurrent calls for it; otherwise it gains nothing and each call goes alone.
+    BATCHES_CALLS: ClassVar[bool] = False
+
+    def rerank_many(self, calls: Sequence[tuple[str, Sequence[str]]]) -> list[Ranking]:
+        """`rerank` of each (query, texts), in order."""
+        return [self.rerank(query, texts) for query, texts in calls]
 
 
 @dataclass(frozen=True)

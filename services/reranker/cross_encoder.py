@@ -8,7 +8,8 @@ initialised head.
 
 Truncation is counted, not silent: before scoring, each pair's full token count is compared with the
 model's input length (`max_seq_length`), and the candidates over it are reported. `predict` scores in
-batches of `reranker.batch_size`, longest first, so a batch holds inputs of similar length.
+batches of `reranker.batch_size` pairs; `rerank_many` puts the pairs of several calls (concurrent calls
+the service batched) into the same batches.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from services.runtime.settings import RerankerSettings
 class CrossEncoderReranker(RerankerModel):
     DEFAULT_FOLDER = "cross-encoder"
     TRAIN_COMMAND = "ragfleet train cross-encoder"
+    BATCHES_CALLS = True
 
     def __init__(self, model: object, batch_size: int) -> None:
         self.model = model
@@ -57,22 +59,35 @@ class CrossEncoderReranker(RerankerModel):
         return int(self.model.max_seq_length)
 
     def rerank(self, query: str, texts: Sequence[str]) -> Ranking:
+        return self.rerank_many([(query, texts)])[0]
+
+    def rerank_many(self, calls: Sequence[tuple[str, Sequence[str]]]) -> list[Ranking]:
+        """The pairs of every call scored by one `predict`, in batches of `batch_size` pairs."""
         start = time.perf_counter()
-        queries = [query] * len(texts)
-        encoded = self.model.tokenizer(queries, list(texts), truncation=False, verbose=False)
-        truncated = sum(len(ids) > self.max_length for ids in encoded["input_ids"])
+        queries = [query for query, texts in calls for _ in texts]
+        texts = [text for _, call_texts in calls for text in call_texts]
+        encoded = self.model.tokenizer(queries, texts, truncation=False, verbose=False)
+        too_long = np.array([len(ids) > self.max_length for ids in encoded["input_ids"]])
         measured = time.perf_counter()
         scores = self.model.predict(
             list(zip(queries, texts)), batch_size=self.batch_size, show_progress_bar=False
         )
         scored = time.perf_counter()
-        order = np.argsort(-scores, kind="stable")
-        return Ranking(
-            order=order.tolist(),
-            scores=scores[order].astype(float).tolist(),
-            truncated=int(truncated),
-            timings=[
-                ("rerank.measure", (measured - start) * 1000),
-                ("rerank.score", (scored - measured) * 1000),
-            ],
-        )
+        timings = [
+            ("rerank.measure", (measured - start) * 1000),
+            ("rerank.score", (scored - measured) * 1000),
+        ]
+        rankings, first = [], 0
+        for _, call_texts in calls:
+            end = first + len(call_texts)
+            order = np.argsort(-scores[first:end], kind="stable")
+            rankings.append(
+                Ranking(
+                    order=order.tolist(),
+                    scores=scores[first:end][order].astype(float).tolist(),
+                    truncated=int(too_long[first:end].sum()),
+                    timings=timings,
+                )
+            )
+            first = end
+        return rankings

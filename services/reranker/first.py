@@ -12,7 +12,10 @@ A checkpoint is any Hugging Face causal LM (`*ForCausalLM` or `*LMHeadModel`) wi
 local folder or a hub id; every identifier letter must be one token of that tokenizer. The prompt is
 built from token ids, without a chat template: the query is cut to QUERY_TOKENS, and each passage to
 `max_length` tokens (`reranker.first_passage_tokens`, fewer when a full window would not fit the
-model's positions); passages cut that way are reported as truncated. Scores are 1 / rank.
+model's positions); passages cut that way are reported as truncated. Scores are 1 / rank. `Prompt`
+builds these ids for the backend and for its trainer (`services.reranker.train_first`, `ragfleet train
+first`, which writes the default checkpoint to <home>/models/first: a plain Hugging Face causal LM, so
+loading it needs nothing of its own here).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import string
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -39,25 +43,60 @@ TAIL = (
 )
 
 
-class FirstReranker(RerankerModel):
-    DEFAULT_FOLDER = "first"
-    TRAIN_COMMAND = None
+class Prompt:
+    """FIRST's prompt as token ids of one tokenizer, for the backend and its trainer alike."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: object, settings: RerankerSettings) -> None:
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.window, self.stride = settings.first_window, min(settings.first_stride, settings.first_window)
-        pieces = [self._ids(label) for label in LABELS[: self.window]]
-        if any(len(ids) != 1 for ids in pieces) or len({ids[0] for ids in pieces}) < self.window:
+    def __init__(self, tokenizer: Any, window: int) -> None:
+        self.tokenizer, self.window = tokenizer, window
+        pieces = [self.ids(label) for label in LABELS[:window]]
+        if any(len(ids) != 1 for ids in pieces) or len({ids[0] for ids in pieces}) < window:
             raise ArtifactError("the identifiers A, B, ... are not single, distinct tokens of this tokenizer")
         self.label_ids = [ids[0] for ids in pieces]
         bos = tokenizer.bos_token_id
         self._bos = [bos] if bos is not None else []
-        # Tokens of a window's prompt without its query and passages, and with the ranking generated.
-        fixed = len(self._prompt_ids([], [[]] * self.window)) + QUERY_TOKENS * 2 + 4 * self.window
-        positions = getattr(model.config, "max_position_embeddings", None) or getattr(
-            model.config, "n_positions", 0
-        )
-        self._max_length = min(settings.first_passage_tokens, (positions - fixed) // self.window)
+        # Tokens of a full window's prompt without its query and passages, and with the ranking generated.
+        self.fixed = len(self.prompt_ids([], [[]] * window)) + QUERY_TOKENS * 2 + 4 * window
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, query: list[int], passages: Sequence[list[int]]) -> list[int]:
+        """The prompt of a window: ends with "[", so the next token is the best passage's identifier."""
+        n = len(passages)
+        ids = self._bos + self.ids(HEAD.format(n=n)) + query + self.ids(".\n\n")
+        for label, passage in zip(LABELS, passages):
+            ids += self.ids(f"[{label}] ") + passage + self.ids("\n")
+        return ids + self.ids("\nSearch Query: ") + query + self.ids(TAIL.format(n=n))
+
+    def answer_ids(self, order: Sequence[int]) -> list[int]:
+        """What follows the prompt for a ranking `order` (window positions, best first): "B] > [A] ..." """
+        return self.ids("] > [".join(LABELS[i] for i in order) + "]")
+
+    def tokenize(
+        self, query: str, texts: Sequence[str], max_length: int
+    ) -> tuple[list[int], list[list[int]], int]:
+        """The query's and the passages' ids, cut to their limits, and how many passages were cut."""
+        passages = [self.ids(text) for text in texts]
+        truncated = sum(len(ids) > max_length for ids in passages)
+        return self.ids(query)[:QUERY_TOKENS], [ids[:max_length] for ids in passages], truncated
+
+
+def max_positions(config: Any) -> int:
+    """The most tokens a model's config says it takes."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
+
+
+class FirstReranker(RerankerModel):
+    DEFAULT_FOLDER = "first"
+    TRAIN_COMMAND = "ragfleet train first"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: RerankerSettings) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.window, self.stride = settings.first_window, min(settings.first_stride, settings.first_window)
+        self.prompt = Prompt(tokenizer, self.window)
+        self.label_ids = self.prompt.label_ids
+        positions = max_positions(model.config)
+        self._max_length = min(settings.first_passage_tokens, (positions - self.prompt.fixed) // self.window)
         if self._max_length < 8:
             raise ArtifactError(f"the model's {positions} positions cannot hold a window of {self.window}")
 
@@ -81,26 +120,13 @@ class FirstReranker(RerankerModel):
     def max_length(self) -> int:
         return self._max_length
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _prompt_ids(self, query: list[int], passages: Sequence[list[int]]) -> list[int]:
-        n = len(passages)
-        ids = self._bos + self._ids(HEAD.format(n=n)) + query + self._ids(".\n\n")
-        for label, passage in zip(LABELS, passages):
-            ids += self._ids(f"[{label}] ") + passage + self._ids("\n")
-        return ids + self._ids("\nSearch Query: ") + query + self._ids(TAIL.format(n=n))
-
     def _tokenize(self, query: str, texts: Sequence[str]) -> tuple[list[int], list[list[int]], int]:
-        """The query's and the passages' ids, cut to their limits, and how many passages were cut."""
-        passages = [self._ids(text) for text in texts]
-        truncated = sum(len(ids) > self._max_length for ids in passages)
-        return self._ids(query)[:QUERY_TOKENS], [ids[: self._max_length] for ids in passages], truncated
+        return self.prompt.tokenize(query, texts, self._max_length)
 
     @torch.inference_mode()
     def _window_order(self, query: list[int], passages: Sequence[list[int]]) -> list[int]:
         """The window's passages, best first, from the identifiers' logits at the first answer position."""
-        ids = torch.tensor([self._prompt_ids(query, passages)], device=self.model.device)
+        ids = torch.tensor([self.prompt.prompt_ids(query, passages)], device=self.model.device)
         # The last position's logits only: the LM head over every prompt position costs more than the model.
         logits = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1, self.label_ids[: len(passages)]]
         return torch.argsort(logits.float(), descending=True, stable=True).tolist()
@@ -138,7 +164,7 @@ class FirstReranker(RerankerModel):
         if len(texts) > self.window:
             raise ValueError(f"texts: at most {self.window} (one window), got {len(texts)}")
         query_ids, passages, _ = self._tokenize(query, texts)
-        ids = torch.tensor([self._prompt_ids(query_ids, passages)], device=self.model.device)
+        ids = torch.tensor([self.prompt.prompt_ids(query_ids, passages)], device=self.model.device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.label_ids[0]
         generated = self.model.generate(
             input_ids=ids,

@@ -12,7 +12,13 @@ more than `reranker.max_candidates`, a candidate without text, top_k outside 1..
 backend, a `model` that does not exist or is not a model of the backend. A default model that was never
 trained, or cannot be loaded, is FAILED_PRECONDITION naming the command that trains it.
 
-Scoring runs in a worker thread, one call per loaded model at a time: the model already uses every core.
+Batching. Each loaded model scores in a worker thread, one model call at a time (the model already uses
+every core), and the calls that arrive meanwhile wait in its queue (`Batcher`). The cross-encoder
+scores all waiting calls together, up to `reranker.batch_pairs` candidates in one `predict` (in batches
+of `reranker.batch_size` pairs); FIRST takes them one by one. A queue in the service rather than Ray
+Serve's `@serve.batch`: it batches the same way in every deployment mode (`ragfleet serve`, compose,
+Ray Serve), and `python -m bench.rerank --only batching` measures it against one call at a time. The
+time a call waited is its `rerank.queue` timing.
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ragfleet.v1 import common_pb2, reranker_pb2
@@ -37,12 +43,75 @@ Stamp = tuple[tuple[str, int, int], ...]
 
 
 @dataclass
+class _Call:
+    query: str
+    texts: list[str]
+    done: asyncio.Future[Ranking]
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """The calls waiting for one model, scored one model call at a time in a worker thread.
+
+    Calls that arrive while the model is busy wait in a queue; when it is free, a backend that scores
+    several calls together (`BATCHES_CALLS`) takes every waiting call, up to `max_pairs` candidates
+    (the first call goes in whatever its size), in one `rerank_many`; any other takes them one by one.
+    So no call waits for a batch to fill: a lone call is scored at once, and under load the batches
+    grow by themselves. A call cancelled while it waits is dropped from the queue.
+    """
+
+    def __init__(self, model: RerankerModel, max_pairs: int) -> None:
+        self.model = model
+        self.max_pairs = max_pairs if model.BATCHES_CALLS else 0
+        self._queue: deque[_Call] = deque()
+        # The task scoring the queue while it is not empty (referenced, so not garbage-collected).
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def rank(self, query: str, texts: list[str]) -> Ranking:
+        call = _Call(query, texts, asyncio.get_running_loop().create_future())
+        self._queue.append(call)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._drain())
+        ranking = await call.done
+        queued = (time.perf_counter() - call.queued) * 1000 - sum(ms for _, ms in ranking.timings)
+        return replace(ranking, timings=[("rerank.queue", max(0.0, queued)), *ranking.timings])
+
+    def _next_batch(self) -> list[_Call]:
+        batch: list[_Call] = []
+        pairs = 0
+        while self._queue:
+            call = self._queue[0]
+            if call.done.done():  # cancelled while it waited
+                self._queue.popleft()
+                continue
+            if batch and pairs + len(call.texts) > self.max_pairs:
+                break
+            batch.append(self._queue.popleft())
+            pairs += len(call.texts)
+        return batch
+
+    async def _drain(self) -> None:
+        while batch := self._next_batch():
+            try:
+                rankings = await asyncio.to_thread(
+                    self.model.rerank_many, [(call.query, call.texts) for call in batch]
+                )
+            except Exception as err:  # each waiting call gets the error (a ServiceError too)
+                for call in batch:
+                    if not call.done.done():
+                        call.done.set_exception(err)
+                continue
+            for call, ranking in zip(batch, rankings, strict=True):
+                if not call.done.done():
+                    call.done.set_result(ranking)
+
+
+@dataclass
 class _Loaded:
     model: RerankerModel
     model_id: str
     stamp: Stamp
-    # Held while the model scores: one call at a time per model.
-    busy: threading.Lock = field(default_factory=threading.Lock)
+    batcher: Batcher
 
 
 def _stamp(path: Path) -> Stamp:
@@ -97,7 +166,9 @@ class RerankerService:
             stamp = _stamp(path)
             loaded = self._models.get(key)
             if loaded is None or loaded.stamp != stamp:
-                loaded = _Loaded(self._load(cls, name, requested), _model_id(backend, name, stamp), stamp)
+                model = self._load(cls, name, requested)
+                batcher = Batcher(model, self.config.batch_pairs)
+                loaded = _Loaded(model, _model_id(backend, name, stamp), stamp, batcher)
                 self._models[key] = loaded
             self._models.move_to_end(key)
             while len(self._models) > max(1, self.config.max_loaded_models):
@@ -129,7 +200,7 @@ class RerankerService:
         start = time.perf_counter()
         loaded = await asyncio.to_thread(self.model, backend, request.model)
         load_ms = (time.perf_counter() - start) * 1000
-        ranking = await asyncio.to_thread(_rank, loaded, query, texts)
+        ranking = await loaded.batcher.rank(query, texts)
         results = []
         for rank, (i, score) in enumerate(zip(ranking.order[:top_k], ranking.scores), start=1):
             result = common_pb2.ScoredPassage()
@@ -146,8 +217,3 @@ class RerankerService:
             max_length=loaded.model.max_length,
             backend=backend,
         )
-
-
-def _rank(loaded: _Loaded, query: str, texts: list[str]) -> Ranking:
-    with loaded.busy:
-        return loaded.model.rerank(query, texts)

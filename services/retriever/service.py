@@ -40,6 +40,9 @@ uses it; one serving several reads the `x-ragfleet-retriever` call metadata.
 
 Search options. Set SearchOptions fields must be ones the backend uses (`Backend.SEARCH_OPTIONS`);
 others are INVALID_ARGUMENT naming `options.<field>`, as are negative counts and a non-finite threshold.
+
+Highlights. A backend whose hits carry matches (seal's n-grams) turns them into character spans of each
+hit's passage text (`Backend.highlights`), sent as `ScoredPassage.highlights`.
 """
 
 from __future__ import annotations
@@ -216,14 +219,14 @@ class RetrieverService:
             centroid_score_threshold=proto.centroid_score_threshold,
             ndocs=proto.ndocs,
             compressed_rerank=proto.compressed_rerank,
+            beam=proto.beam,
+            ngram_length=proto.ngram_length,
         )
         set_fields = options.set_fields()
         usable = backend_class(backend_name).SEARCH_OPTIONS
         for name in set_fields:
             if name not in usable:
-                raise invalid_argument(
-                    f"options.{name}", f"not used by the {backend_name} retriever (applies to colbert only)"
-                )
+                raise invalid_argument(f"options.{name}", f"not used by the {backend_name} retriever")
         if options.exhaustive and len(set_fields) > 1:
             tuned = next(name for name in set_fields if name != "exhaustive")
             raise invalid_argument(f"options.{tuned}", "tunes the approximate search that exhaustive skips")
@@ -554,16 +557,20 @@ class RetrieverService:
             stop.check("the search")
             texts = queries[first : first + size]
             hits = snapshot.backend.search(Query(texts, top_k, allowed, options))
-            passages = store.by_rowids(version, sorted({r for h in hits for r, _ in h}))
+            passages = store.by_rowids(version, sorted({hit[0] for h in hits for hit in h}))
             for query_hits in hits:
                 scored = []
-                for rowid, score in query_hits:
+                for rowid, score, *matches in query_hits:
                     passage = passages[rowid]
                     item = common_pb2.ScoredPassage(
                         passage=_passage_pb(passage),
                         score=score,
                         retriever=handle.backend_name,
                         rank=len(scored) + 1,
+                        highlights=[
+                            common_pb2.Highlight(start=s.start, end=s.end, score=s.score)
+                            for s in snapshot.backend.highlights(passage, *matches)
+                        ],
                     )
                     if with_continuation:
                         following = store.continuation(version, passage)

@@ -34,13 +34,16 @@ FLEET = (
     "retriever-dense",
     "retriever-bm25",
     "retriever-colbert",
+    "retriever-mamba",
+    "retriever-seal",
     "reranker",
     "generator",
     "pipeline",
     "evaluator",
 )
-# Where an ingest that names no retrievers goes in the fleet: colbert (the slowest to encode) is
-# deployed but indexes only what is sent to it by name (`--retrievers colbert`).
+# Where an ingest that names no retrievers goes in the fleet: colbert (the slowest to encode), mamba
+# and seal (whose models must be trained first) are deployed but index only what is sent to them by
+# name (`--retrievers colbert`, `--retrievers mamba`, `--retrievers seal`).
 DEFAULT_INGEST_RETRIEVERS = ["dense", "bm25"]
 # Set by keep_serve_on_loopback in the Ray worker processes it ran in.
 _serve_on_loopback = False

@@ -26,6 +26,8 @@ DEFAULT_PORTS: dict[str, int] = {
     "retriever-dense": 50061,
     "retriever-bm25": 50062,
     "retriever-colbert": 50063,
+    "retriever-mamba": 50064,
+    "retriever-seal": 50065,
     "reranker": 50071,
     "generator": 50081,
     "evaluator": 50091,
@@ -101,6 +103,20 @@ class RetrieverSettings(BaseModel):
     # Bits per residual dimension (1, 2 or 4) and document length in tokens of new colbert indexes.
     colbert_nbits: int = 2
     colbert_doc_maxlen: int = 220
+    # Mamba checkpoint of new mamba indexes: a folder in the Hugging Face MambaModel layout with its
+    # tokenizer; None means <home>/models/mamba, what `ragfleet train mamba` writes.
+    mamba_model: str | None = None
+    # Tokens (the appended EOS not counted) of the longest passage or query a mamba index encodes;
+    # longer inputs are INVALID_ARGUMENT, never truncated.
+    mamba_max_tokens: int = 8192
+    # SEAL language model of new seal indexes: a Hugging Face causal or seq2seq LM folder with its
+    # tokenizer; None means <home>/models/seal, what `ragfleet train seal` writes.
+    seal_model: str | None = None
+    # Largest beam and longest n-gram (tokens) a seal search may ask for in its SearchOptions.
+    seal_max_beam: int = 64
+    seal_max_ngram: int = 32
+    # Tokens a seal index may hold (its FM-index); an ingest past it is RESOURCE_EXHAUSTED.
+    seal_token_budget: int = 100_000_000
 
 
 class GatewaySettings(BaseModel):
@@ -155,6 +171,9 @@ class RerankerSettings(BaseModel):
     device: str = "cpu"
     # (query, passage) pairs per forward pass.
     batch_size: int = 32
+    # Most candidates of the concurrent calls one cross-encoder scores together (a larger call goes
+    # alone); 0 scores each call alone.
+    batch_pairs: int = Field(512, ge=0)
     # Most candidates one call may send.
     max_candidates: int = 1000
     # Checkpoints kept loaded at once (calls may name their own); the least recently used is dropped.

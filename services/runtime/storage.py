@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +63,18 @@ def fsync_tree(path: Path | str) -> None:
             finally:
                 os.close(fd)
         fsync_dir(root)
+
+
+def link_or_copy(source: Path | str, target: Path | str) -> None:
+    """Puts an immutable file of an older version folder into a new one: a hard link, or an atomic copy
+    where links cannot be made (another filesystem)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        target = Path(target)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
 
 
 def tree_size(path: Path | str) -> int:

@@ -79,7 +79,7 @@ def filters(values: Mapping[str, str], field: str, limits: Limits) -> Mapping[st
 
 def search_options(options: common_pb2.SearchOptions, field: str) -> common_pb2.SearchOptions:
     """What any retriever requires of SearchOptions; which fields a backend uses is its own check."""
-    for count in ("ncells", "ndocs"):
+    for count in ("ncells", "ndocs", "beam", "ngram_length"):
         if getattr(options, count) < 0:
             raise invalid_argument(f"{field}.{count}", f"must not be negative, got {getattr(options, count)}")
     if not math.isfinite(options.centroid_score_threshold):

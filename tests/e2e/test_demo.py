@@ -1,7 +1,9 @@
 """The demo path end to end: `ragfleet demo` starts the fleet on an embedded Ray (Serve's gRPC proxy),
-ingests the sample corpus, trains the demo's Retro model, asks its questions through the SDK and prints
-ranked passages, streamed answers with citations, and how many answers are right. With --keep the fleet
-stays up, so the same Serve deployment is then checked for generation and the error model."""
+ingests the sample corpus, installs the demo's shipped Retro model (no training: `test_demo_model`
+checks it is what the recipe makes), asks its questions through the SDK and prints ranked passages,
+streamed answers with citations, how many answers are right and cite the right passage first, and the
+time to the first answer. With --keep the fleet stays up, so the same Serve deployment is then checked
+for generation and the error model."""
 
 from __future__ import annotations
 
@@ -19,8 +21,7 @@ from tools.fleet import RAGFLEET, free_port
 pytestmark = pytest.mark.e2e
 
 
-# The demo trains its Retro model (a few minutes on two cores) between starting Ray and asking.
-@pytest.mark.timeout(3000)
+@pytest.mark.timeout(900)
 def test_demo_runs_through_ray_serve(tmp_path: Path) -> None:
     grpc_port = free_port()
     env = dict(os.environ)
@@ -34,10 +35,11 @@ def test_demo_runs_through_ray_serve(tmp_path: Path) -> None:
     )
     try:
         run = subprocess.run(
-            [RAGFLEET, "demo", "--keep"], env=env, capture_output=True, text=True, timeout=2700
+            [RAGFLEET, "demo", "--keep"], env=env, capture_output=True, text=True, timeout=600
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         out = run.stdout
+        assert "using the demo's shipped Retro model" in out and "training" not in out, out[-3000:]
         summary = re.search(r"(\d+)/(\d+) questions have the answering document first, (\d+)/\d+ within", out)
         assert summary, out[-3000:]
         top1, total, top5 = map(int, summary.groups())
@@ -50,8 +52,12 @@ def test_demo_runs_through_ray_serve(tmp_path: Path) -> None:
         )
         assert answers, out[-3000:]
         right, asked, generated = map(int, answers.groups())
-        assert asked == total and generated == total and 0 <= right <= total
+        assert asked == total and generated == total and right >= total - 1, out[-3000:]
         assert out.count("citations: ") == total
+        cited = re.search(r"(\d+)/(\d+) right answers cite the passage holding the answer first", out)
+        assert cited and int(cited.group(2)) == right and int(cited.group(1)) == right, out[-3000:]
+        assert out.count("first citation ") == right
+        assert re.search(r"first answer after [\d.]+ s, last after [\d.]+ s", out), out[-3000:]
 
         with ragfleet.Client(f"127.0.0.1:{grpc_port}", application="pipeline", timeout=60) as client:
             q = demo_questions()[0]

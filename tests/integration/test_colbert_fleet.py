@@ -236,7 +236,7 @@ def test_cli_eval_retrieval_of_colbert(colbert_fleet: LocalFleet, tmp_path: Path
     )
     assert result.exit_code == 0, result.output
     scores = json.loads(out.read_text())
-    assert scores["colbert"]["mrr@10"] == 1.0 and set(scores) == {"colbert", "timings"}
+    assert scores["colbert"]["mrr@10"] == 1.0 and set(scores) == {"colbert", "timings", "dataset"}
     assert list((home / "runs").glob("*.json"))
     # The index spec carries the checkpoint: one that does not exist fails the ingest.
     missing = tmp_path / "no-checkpoint"

@@ -86,7 +86,13 @@ def test_demo_sweep_over_chunk_sizes(client: CountingClient, tmp_path: Path) -> 
         record = records[run_id]
         assert tuple(record) == tuple(sorted(RUN_RECORD_KEYS))
         assert json.loads((tmp_path / "runs" / f"{run_id}.json").read_text()) == record
-        assert record["dataset"] == {"name": "demo", "kind": "qa", "queries": 8}
+        assert record["dataset"] == {
+            "name": "demo",
+            "kind": "qa",
+            "queries": 8,
+            "skipped_documents": 0,
+            "queries_without_qrels": 0,
+        }
         assert record["config"]["retrievers"] == ["bm25"] and record["config"]["top_k"] == 5
         assert record["retrieval_only"] is True and record["ingest_s"] > 0
         (version,) = record["versions"]
@@ -132,7 +138,13 @@ def test_top_k_sweep_ingests_once_and_searches_ir_datasets(client: CountingClien
     (index,) = client.ingested
     first, second = (list_runs(tmp_path / "home", "demo-topk")[i] for i in (0, 1))
     assert first["ingest_s"] == second["ingest_s"] > 0
-    assert first["dataset"] == {"name": "demo-beir-test", "kind": "ir", "queries": 5}
+    assert first["dataset"] == {
+        "name": "demo-beir-test",
+        "kind": "ir",
+        "queries": 5,
+        "skipped_documents": 0,
+        "queries_without_qrels": 0,
+    }
     assert set(first["aggregate"]) == {"ndcg@10", "recall@100", "mrr@10"}
     # Search depth is max(top_k, 100) for recall@100, so top_k changes no metric of an IR run.
     assert first["per_query"] == second["per_query"]

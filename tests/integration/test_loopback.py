@@ -149,6 +149,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         _stop(home)
 
 
+@pytest.mark.ray
 def test_every_socket_of_a_default_fleet_is_on_loopback(fleet: Fleet) -> None:
     sockets = _sockets(_processes_of(fleet.home))
     # The scan sees the fleet: Ray's GCS and Serve's gRPC proxy are among the sockets.
@@ -157,6 +158,7 @@ def test_every_socket_of_a_default_fleet_is_on_loopback(fleet: Fleet) -> None:
     assert exposed == []
 
 
+@pytest.mark.ray
 def test_the_fleet_answers_on_loopback(fleet: Fleet) -> None:
     with ragfleet.Client(f"127.0.0.1:{fleet.grpc_port}", application="pipeline", timeout=60) as client:
         assert all(service.healthy for service in client.describe().services)

@@ -1,13 +1,18 @@
 """Tiny Hugging Face checkpoints that the reranker tests write themselves: a 2-layer BERT with
 all-MiniLM-L6-v2's tokenizer (from the offline package), as a one-score cross-encoder or as models that
-are not one (a bi-encoder, a two-label classifier). Random weights: rankings are deterministic noise."""
+are not one (a bi-encoder, a two-label classifier), and a tiny GPT-2. Random weights: rankings are
+deterministic noise. `FakeFleet` stands in for the fleet the trainers mine negatives through."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+import ragfleet
+from ragfleet.v1 import common_pb2, pipeline_pb2
 
 # Input length of the tiny models in tokens: short, so tests can cut a candidate.
 MAX_POSITIONS = 64
@@ -58,3 +63,44 @@ def make_tiny_causal_lm(path: Path, *, positions: int = 1024, seed: int = 0) -> 
     GPT2LMHeadModel(config).save_pretrained(path)
     minilm_tokenizer().save_pretrained(path)
     return path
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+class FakeFleet:
+    """What the trainers use of `ragfleet.Client`: an index of whole documents searched by word overlap
+    (bm25) or by overlap of the first three letters of words (dense)."""
+
+    def __init__(self) -> None:
+        self.indexes: dict[str, list[dict]] = {}
+        self.searches: list[tuple[str, int]] = []
+
+    def describe_index(self, index: str) -> None:
+        if index not in self.indexes:
+            raise ragfleet.errors.NotFound(f"index {index!r} does not exist")
+
+    def ingest(self, documents, *, index: str, spec: dict) -> None:
+        assert spec["chunking"]["whole_documents"]
+        self.indexes[index] = list(documents)
+
+    def search_batch(self, queries, *, index: str, retrievers: list[str], top_k: int):
+        (name,) = retrievers
+        self.searches.append((name, top_k))
+        view = words if name == "bm25" else (lambda t: {w[:3] for w in words(t)})
+        responses = []
+        for query in queries:
+            ranked = sorted(
+                self.indexes[index], key=lambda d: -len(view(query) & view(d["title"] + " " + d["text"]))
+            )
+            results = [
+                common_pb2.ScoredPassage(
+                    passage=common_pb2.Passage(
+                        id=f"{d['id']}#0", doc_id=d["id"], title=d["title"], text=d["text"]
+                    )
+                )
+                for d in ranked[:top_k]
+            ]
+            responses.append(pipeline_pb2.PipelineSearchResponse(results=results))
+        return pipeline_pb2.PipelineSearchBatchResponse(responses=responses)

@@ -84,14 +84,14 @@ def test_missing_corpus_file(beir_dir: Path):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('{"_id": "d9", "text": ', r"corpus\.jsonl:2: not valid JSON"),
-        ('["d9", "text"]', r"corpus\.jsonl:2: expected a JSON object"),
-        ('{"title": "t", "text": "x"}', r"corpus\.jsonl:2: field '_id' is missing"),
-        ('{"_id": "", "text": "x"}', r"corpus\.jsonl:2: field '_id'"),
-        ('{"_id": "d9"}', r"corpus\.jsonl:2: field 'text' is missing"),
+        ('{"_id": "d9", "text": ', r"corpus\.jsonl:2: invalid JSON"),
+        ('["d9", "text"]', r"corpus\.jsonl:2: expected an object"),
+        ('{"title": "t", "text": "x"}', r"corpus\.jsonl:2: field 'id' \(or '_id'\) is missing"),
+        ('{"_id": "", "text": "x"}', r"corpus\.jsonl:2: field 'id'"),
         ('{"_id": "d9", "text": 5}', r"corpus\.jsonl:2: field 'text' must be a string"),
+        ('{"_id": "d9", "title": 5}', r"corpus\.jsonl:2: field 'title' must be a string"),
         ('{"_id": "d9", "text": "x", "metadata": [1]}', r"corpus\.jsonl:2: field 'metadata'"),
-        ('{"_id": "d1", "text": "again"}', r"corpus\.jsonl:2: field '_id' repeats the document id 'd1'"),
+        ('{"_id": "d1", "text": "again"}', r"corpus\.jsonl: field '_id' repeats the document id 'd1'"),
     ],
 )
 def test_malformed_corpus_lines(tmp_path: Path, line: str, message: str):

@@ -106,7 +106,7 @@ def test_eval_retrieval_prints_and_writes_the_scores(tmp_path: Path, monkeypatch
     get_settings.cache_clear()
     assert result.exit_code == 0, result.output
     scores = json.loads(out.read_text())
-    assert set(scores) == {"dense", "hybrid", "timings"} and scores["dense"]["ndcg@10"] == 1.0
+    assert set(scores) == {"dense", "hybrid", "timings", "dataset"} and scores["dense"]["ndcg@10"] == 1.0
     assert set(scores["hybrid"]) == {"ndcg@10", "recall@100", "mrr@10"}
     timings = {"ingest_s", "dense_search_s", "dense_qps", "hybrid_search_s", "hybrid_qps"}
     assert set(scores["timings"]) == timings
@@ -133,7 +133,7 @@ def test_eval_retrieval_reranks_each_retriever_with_each_backend(tmp_path: Path,
     assert result.exit_code == 0, result.output
     scores = json.loads(out.read_text())
     names = ["dense", "dense+cross_encoder", "dense+first", "hybrid", "hybrid+cross_encoder", "hybrid+first"]
-    assert list(scores) == [*names, "timings"]
+    assert list(scores) == ["dataset", *names, "timings"]
     assert all(set(scores[name]) == {"ndcg@10", "recall@100", "mrr@10"} for name in names)
     assert {f"{name}_qps" for name in names} <= set(scores["timings"])
     specs = {call[3]["backend"]: call[3] for call in client.calls if call[0] == "rerank"}

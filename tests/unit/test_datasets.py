@@ -62,8 +62,8 @@ V1_QAS = [
 def test_beir_folder_keeps_metadata_and_only_judged_queries(beir_dir: Path) -> None:
     dataset = load_beir(beir_dir)
     assert (dataset.name, dataset.kind) == ("tiny-test", "ir")
-    assert dataset.queries == {"q1": "alpha?"}
-    assert dataset.qrels == {"q1": {"d1": 2}}
+    assert dataset.queries == {"q1": "alpha?"} and dataset.queries_without_qrels == ["q2"]
+    assert dataset.qrels == {"q1": {"d1": 2}} and dataset.skipped_documents == []
     assert dataset.answers == {} and dataset.contexts == {}
     documents = list(dataset.documents())
     assert documents[0] == {"id": "d1", "title": "Alpha", "text": "first", "metadata": {"year": "2001"}}
@@ -71,8 +71,8 @@ def test_beir_folder_keeps_metadata_and_only_judged_queries(beir_dir: Path) -> N
 
 
 def test_beir_errors_name_file_line_and_field(beir_dir: Path) -> None:
-    write_jsonl(beir_dir / "corpus.jsonl", [{"_id": "d1", "text": "ok"}, {"_id": "d2"}])
-    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: field 'text' is missing"):
+    write_jsonl(beir_dir / "corpus.jsonl", [{"_id": "d1", "text": "ok"}, {"_id": "d2", "text": 5}])
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:2: field 'text' must be a string"):
         load_beir(beir_dir)
     with pytest.raises(FileNotFoundError, match="splits here"):
         load_beir(beir_dir, "dev")
@@ -195,7 +195,7 @@ def test_qa_jsonl_without_contexts_has_no_corpus(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ('{"question": "q", "answers": ["a"]', r":2: not valid JSON"),
+        ('{"question": "q", "answers": ["a"]', r":2: invalid JSON"),
         ({"answers": ["a"]}, r":2: field 'question' is missing"),
         ({"question": "q"}, r":2: field 'answers' is missing"),
         ({"question": "q", "answers": "a"}, r":2: field 'answers' must be a non-empty list"),

@@ -29,6 +29,8 @@ APPLICATIONS = {
     "retriever-dense",
     "retriever-bm25",
     "retriever-colbert",
+    "retriever-mamba",
+    "retriever-seal",
     "reranker",
     "generator",
     "evaluator",
@@ -115,7 +117,7 @@ def test_pipeline_finds_the_retrievers_by_service_name() -> None:
     services = compose_services()
     raw = services["pipeline"]["environment"]["RAGFLEET_GATEWAY__RETRIEVERS"]
     gateway = GatewaySettings(retrievers=json.loads(raw))
-    assert set(gateway.retrievers) == {"dense", "bm25", "colbert"}
+    assert set(gateway.retrievers) == {"dense", "bm25", "colbert", "mamba", "seal"}
     for endpoint in gateway.retrievers.values():
         host, port = endpoint.address.rsplit(":", 1)
         assert host in services
@@ -178,8 +180,10 @@ def test_ingest_skips_colbert_unless_asked_in_compose_and_in_the_fleet() -> None
     deployed = fleet_settings(Settings())
     for gateway in (compose, deployed.gateway):
         assert gateway.default_retrievers == ["dense", "bm25"]
-    assert set(deployed.gateway.retrievers) == {"dense", "bm25", "colbert"}
+    assert set(deployed.gateway.retrievers) == {"dense", "bm25", "colbert", "mamba", "seal"}
     assert deployed.gateway.retrievers["colbert"].application == "retriever-colbert"
+    assert deployed.gateway.retrievers["mamba"].application == "retriever-mamba"
+    assert deployed.gateway.retrievers["seal"].application == "retriever-seal"
 
 
 def test_dense_retriever_uses_the_chroma_service() -> None:

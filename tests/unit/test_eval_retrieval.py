@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ragfleet.errors import NotFound
+from ragfleet.errors import NotFound, ResourceExhausted
 from services.evaluator.experiments import list_runs
 from services.evaluator.retrieval import (
     markdown_table,
@@ -46,12 +46,14 @@ RANKINGS[("colbert",)] = RANKINGS[("dense",)]
 
 class FakeClient:
     """Implements what an experiment calls of ragfleet.Client, in memory; its reranker reverses the
-    best `depth` passages."""
+    best `depth` passages. `search_batch` answers each query as `search` does (and records it so), and
+    refuses a batch of more than `max_batch` queries as the fleet refuses a reply too large."""
 
-    def __init__(self, fail_on: str | None = None) -> None:
+    def __init__(self, fail_on: str | None = None, max_batch: int | None = None) -> None:
         self.indexes: dict[str, dict] = {}  # name -> {"retrievers": [...], "documents": [...]}
         self.calls: list[tuple] = []
         self.fail_on = fail_on
+        self.max_batch = max_batch
 
     def describe(self):
         return SimpleNamespace(retrievers=["dense", "bm25", "colbert"], reranker=True)
@@ -93,6 +95,17 @@ class FakeClient:
             timings=[SimpleNamespace(stage="retrieve", millis=1.0)],
             versions=[SimpleNamespace(index=index, retriever=r, version=1, model_id="") for r in retrievers],
         )
+
+    def search_batch(self, queries, *, index, top_k, retrievers, fusion, rerank=None):
+        if self.max_batch is not None and len(queries) > self.max_batch:
+            self.calls.append(("refused", len(queries)))
+            raise ResourceExhausted("reply too large")
+        self.calls.append(("search_batch", len(queries)))
+        options = {"index": index, "top_k": top_k, "retrievers": retrievers, "fusion": fusion}
+        responses = [self.search(query, **options, rerank=rerank) for query in queries]
+        for response in responses:
+            response.timings = []  # SearchBatch reports no per-query retrieval stages
+        return SimpleNamespace(responses=responses, versions=responses[0].versions if responses else [])
 
     def delete(self, *, index, drop_index=False):
         self.calls.append(("delete", index, drop_index))
@@ -173,7 +186,7 @@ def test_reranked_runs_add_a_key_per_retriever_and_reranker_on_one_index(beir_di
         rerank_depth=2,
         reranker_models=models,
     )
-    assert list(results) == ["bm25", "bm25+cross_encoder", "bm25+first", "timings"]
+    assert list(results) == ["bm25", "bm25+cross_encoder", "bm25+first", "timings", "dataset"]
     # Reversing bm25's best two puts every first relevant document on top; q2's d3 stays third.
     q2 = (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
     expected = {"ndcg@10": pytest.approx((2 + q2) / 3), "recall@100": 1.0, "mrr@10": 1.0}
@@ -239,7 +252,7 @@ def test_a_named_index_is_searched_neither_ingested_nor_dropped(beir_dir: Path):
     client = FakeClient()
     client.indexes["existing"] = {"retrievers": ["dense"], "documents": []}
     results = evaluate(client, beir_dir, retrievers=("dense",), index="existing")
-    assert {call[0] for call in client.calls} == {"search"}
+    assert {call[0] for call in client.calls} == {"search_batch", "search"}
     assert results["timings"]["ingest_s"] is None
     assert "existing" in client.indexes
 
@@ -271,7 +284,7 @@ def test_a_failed_drop_is_logged_and_keeps_the_results(beir_dir: Path, caplog):
     assert "could not drop index 'eval-tiny-set-test-" in caplog.text and "pipeline went away" in caplog.text
 
 
-@pytest.mark.parametrize("retrievers", [(), ("timings",)])
+@pytest.mark.parametrize("retrievers", [(), ("timings",), ("dense", "dataset")])
 def test_bad_retriever_names(beir_dir: Path, retrievers):
     with pytest.raises(ValueError, match="retrievers"):
         retrieval_experiment(beir_dir, retrievers=retrievers)
@@ -305,4 +318,76 @@ def test_markdown_table(beir_dir: Path):
     assert table[0] == "| retriever | ndcg@10 | recall@100 | mrr@10 | search s | QPS |"
     assert table[2].startswith("| dense | 1 | 1 | 1 | ")
     assert table[4].startswith("| hybrid | 0.6667 | 0.6667 | 0.6667 | ")
-    assert table[-1].startswith("ingest: ")
+    assert table[-3].startswith("ingest: ")
+    assert table[-1] == (
+        "queries: 3 asked, 0 without qrels not asked; documents with neither title nor text skipped: 0 "
+        "(where judged, misses)"
+    )
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+def comparable(record: dict) -> dict:
+    """What a run found, without its ids, times and latencies."""
+    return {key: record[key] for key in ("config", "dataset", "versions", "aggregate", "per_query", "rerank")}
+
+
+def runs(client: FakeClient, beir_dir: Path, home: str, batch_size: int) -> list[dict]:
+    config = retrieval_experiment(
+        beir_dir, rerank=("cross_encoder",), rerank_depth=2, top_k=7, batch_size=batch_size
+    )
+    run_retrieval_eval(client, config, home=beir_dir.parent / home, progress=False)
+    return [comparable(r) for r in list_runs(beir_dir.parent / home)]
+
+
+def test_batches_find_what_one_search_a_query_finds(beir_dir: Path):
+    one_by_one, batched = FakeClient(), FakeClient()
+    single = runs(one_by_one, beir_dir, "single", batch_size=1)
+    # 3 queries in batches of 2: a full batch and a short one, for plain runs, reranked runs and the
+    # reranked runs' retrieval tails.
+    assert runs(batched, beir_dir, "batched", batch_size=2) == single
+    assert len(single) == 6 and {r["config"]["rerank"] for r in single} == {False, "cross_encoder"}
+    assert not [c for c in one_by_one.calls if c[0] == "search_batch"]
+    sizes = [c[1] for c in batched.calls if c[0] == "search_batch"]
+    assert sorted(sizes) == [1] * 9 + [2] * 9  # 3 plain runs; 3 reranked ones, each with its tail
+
+
+def test_a_batch_the_fleet_refuses_as_too_large_is_searched_in_halves(beir_dir: Path):
+    client = FakeClient(max_batch=1)
+    results = evaluate(client, beir_dir, retrievers=("bm25",), batch_size=3)
+    assert results["bm25"] == evaluate(FakeClient(), beir_dir, retrievers=("bm25",), batch_size=1)["bm25"]
+    tried = [c for c in client.calls if c[0] in ("refused", "search_batch")]
+    assert tried == [("refused", 3), ("search_batch", 1), ("refused", 2), *[("search_batch", 1)] * 2]
+
+
+def test_batched_latency_shares_the_batch_time_and_sums_to_the_search_time(beir_dir: Path):
+    results = evaluate(FakeClient(), beir_dir, retrievers=("dense",), batch_size=2)
+    (record,) = list_runs(beir_dir.parent / "home")
+    per_query = record["latency_ms"]["per_query"]
+    assert set(per_query) == {"q1", "q2", "q3"} and per_query["q1"] == per_query["q2"]
+    assert all(set(ms) == {"total"} for ms in per_query.values())
+    seconds = sum(ms["total"] for ms in per_query.values()) / 1000.0
+    assert results["timings"]["dense_search_s"] == pytest.approx(seconds)
+
+
+# --- collections as they come ------------------------------------------------------------------
+
+
+def test_empty_documents_are_skipped_and_counted_and_judged_ones_are_misses(tmp_path: Path):
+    root = write_beir(tmp_path / "gaps")
+    with (root / "corpus.jsonl").open("a") as corpus:
+        corpus.write(json.dumps({"_id": "d7", "title": "", "text": ""}) + "\n")
+    with (root / "queries.jsonl").open("a") as queries:
+        queries.write(json.dumps({"_id": "q9", "text": "never judged"}) + "\n")
+    with (root / "qrels" / "test.tsv").open("a") as qrels:
+        qrels.write("q3\td7\t1\n")
+    client = FakeClient()
+    client.delete = lambda **kwargs: None  # keep the index to look at it
+    results = evaluate(client, root, retrievers=("dense",))
+    (index,) = client.indexes.values()
+    assert [d["id"] for d in index["documents"]] == DOCS
+    assert results["dataset"] == {"queries": 3, "skipped_documents": 1, "queries_without_qrels": 1}
+    # dense finds d4 for q3 but d7 could not be found: half of q3's relevant documents.
+    assert results["dense"]["recall@100"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert "skipped: 1 (where judged, misses)" in markdown_table(results)

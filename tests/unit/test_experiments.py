@@ -43,6 +43,8 @@ def test_defaults_give_one_run() -> None:
         "top_k": 10,
         "temperature": 0.0,
         "colbert_model": "",
+        "mamba_model": "",
+        "seal_model": "",
         "rerank_depth": 0,
         "reranker_model": "",
     }
@@ -277,7 +279,13 @@ def test_ir_runs_share_an_index_and_write_records(tmp_path: Path, beir_dir: Path
     assert [r["run_id"] for r in list_runs(home, "tiny")] == sorted(run_ids)
     for record in records:
         assert tuple(record) == tuple(sorted(RUN_RECORD_KEYS))
-        assert record["dataset"] == {"name": "tiny-test", "kind": "ir", "queries": 2}
+        assert record["dataset"] == {
+            "name": "tiny-test",
+            "kind": "ir",
+            "queries": 2,
+            "skipped_documents": 0,
+            "queries_without_qrels": 0,
+        }
         assert record["versions"] == [{"index": index, "retriever": "bm25", "version": 1, "model_id": ""}]
         assert record["retrieval_only"] is True and record["ingest_s"] >= 0
         # q1: d1 ranks second (its best passage scores 2.0); q2 finds nothing.

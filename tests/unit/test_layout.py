@@ -22,6 +22,10 @@ MODEL_CODE = (
     "services/retriever/colbert/encoder.py",
     "services/retriever/colbert/plaid.py",
     "services/retriever/colbert/codec.py",
+    "services/retriever/mamba/model.py",
+    "services/retriever/seal/search.py",
+    "services/retriever/seal/lm.py",
+    "services/retriever/seal/train.py",
     "services/reranker/backend.py",
     "services/reranker/cross_encoder.py",
     "services/reranker/first.py",
@@ -35,7 +39,7 @@ GRPC_BOUND = (
 )
 SERVICE_PACKAGES = ("gateway", "retriever", "generator", "evaluator", "reranker")
 # Every other module or package directly under services/retriever is a backend (dense, bm25, colbert, ...).
-RETRIEVER_SHARED = ("__init__", "backend", "passages", "service")
+RETRIEVER_SHARED = ("__init__", "backend", "passages", "service", "vectors")
 
 
 def _module_name(root: Path, path: Path) -> str:

@@ -1,9 +1,11 @@
 """The Reranker service in-process with the cross-encoder backend on tiny checkpoints the tests save:
 results match CrossEncoder.predict, truncation is counted, the default model is found where the trainer
-writes it (and reloaded when it changes), and bad input gets the right status naming the field."""
+writes it (and reloaded when it changes), bad input gets the right status naming the field, and
+concurrent calls are batched into one model call without changing their results."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +16,9 @@ import pytest
 from reranker_fixtures import MAX_POSITIONS, make_tiny_bi_encoder, make_tiny_cross_encoder
 
 from ragfleet.v1 import common_pb2, reranker_pb2
-from services.reranker.service import RerankerService
+from services.reranker.backend import Ranking
+from services.reranker.cross_encoder import CrossEncoderReranker
+from services.reranker.service import Batcher, RerankerService
 from services.runtime.context import CallContext
 from services.runtime.errors import ServiceError
 from services.runtime.settings import RerankerSettings, Settings
@@ -69,7 +73,8 @@ async def test_rerank_orders_as_cross_encoder_predict(tmp_path: Path, checkpoint
     assert all(r.continuation.id == r.passage.id.replace("#0", "#1") for r in reply.results)
     assert reply.backend == "cross_encoder" and reply.model_id.startswith(f"cross_encoder:{checkpoint}@")
     assert reply.max_length == MAX_POSITIONS and reply.truncated == 0
-    assert {t.stage for t in reply.timings} == {"rerank.load", "rerank.measure", "rerank.score"}
+    stages = {"rerank.load", "rerank.queue", "rerank.measure", "rerank.score"}
+    assert {t.stage for t in reply.timings} == stages
 
 
 async def test_truncated_candidates_are_counted(tmp_path: Path, checkpoint: Path) -> None:
@@ -149,3 +154,55 @@ async def test_only_the_newest_models_stay_loaded(tmp_path: Path, checkpoint: Pa
     await rerank(svc, model=str(checkpoint))
     await rerank(svc, model=str(other))
     assert list(svc._models) == [("cross_encoder", str(other))]
+
+
+class Recording(CrossEncoderReranker):
+    """The tiny cross-encoder, recording the calls of each `rerank_many`."""
+
+    def __init__(self, model: CrossEncoderReranker, fail: bool = False) -> None:
+        super().__init__(model.model, model.batch_size)
+        self.batches: list[list[str]] = []
+        self.fail = fail
+
+    def rerank_many(self, calls: list[tuple[str, list[str]]]) -> list[Ranking]:
+        self.batches.append([query for query, _ in calls])
+        if self.fail:
+            raise RuntimeError("the model broke")
+        return super().rerank_many(calls)
+
+
+QUERIES = [QUERY, "capital of France", "ball games", "nutrients for cells"]
+
+
+async def test_concurrent_calls_are_scored_together_with_unchanged_results(checkpoint: Path) -> None:
+    model = Recording(CrossEncoderReranker.load(str(checkpoint), RerankerSettings(batch_size=3)))
+    alone = [model.rerank(query, TEXTS) for query in QUERIES]
+    model.batches.clear()
+    batcher = Batcher(model, 512)
+    together = await asyncio.gather(*(batcher.rank(query, TEXTS) for query in QUERIES))
+    assert model.batches[-1] == QUERIES
+    for a, b in zip(alone, together):
+        assert a.order == b.order and b.scores == pytest.approx(a.scores, abs=1e-5)
+        assert [stage for stage, _ in b.timings] == ["rerank.queue", "rerank.measure", "rerank.score"]
+    # At most batch_pairs candidates a batch (the first call goes in whatever its size); 0: one by one.
+    for max_pairs, batches in [(2 * len(TEXTS), [QUERIES[:2], QUERIES[2:]]), (0, [[q] for q in QUERIES])]:
+        model.batches.clear()
+        batcher = Batcher(model, max_pairs)
+        await asyncio.gather(*(batcher.rank(query, TEXTS) for query in QUERIES))
+        assert model.batches == batches
+
+
+async def test_a_cancelled_call_is_dropped_and_an_error_reaches_every_waiting_call(checkpoint: Path) -> None:
+    model = Recording(CrossEncoderReranker.load(str(checkpoint), RerankerSettings()))
+    batcher = Batcher(model, 512)
+    first = asyncio.ensure_future(batcher.rank(QUERIES[0], TEXTS))
+    await asyncio.sleep(0)  # the first call is being scored; the next ones wait
+    waiting = [asyncio.ensure_future(batcher.rank(query, TEXTS)) for query in QUERIES[1:]]
+    await asyncio.sleep(0)
+    waiting[0].cancel()
+    await asyncio.gather(first, *waiting, return_exceptions=True)
+    assert model.batches == [QUERIES[:1], QUERIES[2:]]
+
+    broken = Batcher(Recording(model, fail=True), 512)
+    results = await asyncio.gather(*(broken.rank(q, TEXTS) for q in QUERIES), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)

@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from reranker_fixtures import make_tiny_bi_encoder, make_tiny_cross_encoder
+from reranker_fixtures import FakeFleet, make_tiny_bi_encoder, make_tiny_cross_encoder
 from safetensors.torch import load_file
 
-import ragfleet
-from ragfleet.v1 import common_pb2, pipeline_pb2, reranker_pb2
-from services.datasets import pairs
+from ragfleet.v1 import common_pb2, reranker_pb2
+from services.datasets import mining, pairs
 from services.demo.corpus import demo_documents
-from services.reranker import train
+from services.reranker import train, trainer
 from services.reranker.service import RerankerService
 from services.runtime.context import CallContext
 from services.runtime.model_errors import ParamError
@@ -27,47 +25,6 @@ from services.runtime.settings import Settings
 
 DOCUMENTS = demo_documents()[:24]
 TINY = {"steps": 60, "batch_size": 4, "negatives": 2, "max_length": 64, "lr": 5e-3, "warmup": 3}
-
-
-def words(text: str) -> set[str]:
-    return set(re.findall(r"\w+", text.lower()))
-
-
-class FakeFleet:
-    """What the trainer uses of `ragfleet.Client`: an index of whole documents searched by word overlap
-    (bm25) or by overlap of the first three letters of words (dense)."""
-
-    def __init__(self) -> None:
-        self.indexes: dict[str, list[dict]] = {}
-        self.searches: list[tuple[str, int]] = []
-
-    def describe_index(self, index: str) -> None:
-        if index not in self.indexes:
-            raise ragfleet.errors.NotFound(f"index {index!r} does not exist")
-
-    def ingest(self, documents, *, index: str, spec: dict) -> None:
-        assert spec["chunking"]["whole_documents"]
-        self.indexes[index] = list(documents)
-
-    def search_batch(self, queries, *, index: str, retrievers: list[str], top_k: int):
-        (name,) = retrievers
-        self.searches.append((name, top_k))
-        view = words if name == "bm25" else (lambda t: {w[:3] for w in words(t)})
-        responses = []
-        for query in queries:
-            ranked = sorted(
-                self.indexes[index], key=lambda d: -len(view(query) & view(d["title"] + " " + d["text"]))
-            )
-            results = [
-                common_pb2.ScoredPassage(
-                    passage=common_pb2.Passage(
-                        id=f"{d['id']}#0", doc_id=d["id"], title=d["title"], text=d["text"]
-                    )
-                )
-                for d in ranked[:top_k]
-            ]
-            responses.append(pipeline_pb2.PipelineSearchResponse(results=results))
-        return pipeline_pb2.PipelineSearchBatchResponse(responses=responses)
 
 
 @pytest.fixture(autouse=True)
@@ -93,15 +50,15 @@ def corpus(tmp_path: Path) -> Path:
 
 def test_mined_negatives_skip_excluded_documents_and_alternate_retrievers() -> None:
     fleet = FakeFleet()
-    train.prepare_index(fleet, "kb", DOCUMENTS)
+    mining.prepare_index(fleet, "kb", DOCUMENTS)
     source = DOCUMENTS[0]
     query = pairs.Query(source["text"].split(".")[0], ["the positive"], frozenset([source["id"]]))
-    (example,) = train.mine_examples(fleet, "kb", [query], depth=10, negatives=4, progress=False)
+    (example,) = mining.mine_examples(fleet, "kb", [query], depth=10, negatives=4, progress=False)
     texts = {pairs.document_text(d["title"], d["text"]): d["id"] for d in DOCUMENTS}
     assert example.texts[0] == "the positive" and len(example.texts) == 5
     assert source["id"] not in {texts[t] for t in example.texts[1:]}
     assert fleet.searches == [("dense", 10), ("bm25", 10)]
-    assert not train.prepare_index(fleet, "kb", DOCUMENTS)
+    assert not mining.prepare_index(fleet, "kb", DOCUMENTS)
 
 
 def test_training_lowers_the_loss_and_the_model_loads_in_the_reranker(
@@ -112,7 +69,7 @@ def test_training_lowers_the_loss_and_the_model_loads_in_the_reranker(
     metrics = train.train_cross_encoder(fleet, out=out, corpus=corpus, base=str(base), progress=False, **TINY)
     assert metrics["steps"] == 60 and metrics["final_loss"] < 0.8 * metrics["initial_loss"]
     assert "corpus" in fleet.indexes
-    record = json.loads((out / train.TRAIN_FILE).read_text())
+    record = json.loads((out / trainer.TRAIN_FILE).read_text())
     assert record["max_length"] == 64 and record["examples"] == metrics["examples"]
     assert (out / "checkpoints" / "step-00000060").is_dir()
 
@@ -182,9 +139,9 @@ def test_beir_qrels_with_a_cross_encoder_teacher(tmp_path: Path, base: Path) -> 
         FakeFleet(), out=out, beir=folder, teacher=f"cross-encoder:{teacher}", **settings
     )
     assert metrics["examples"] == 8
-    saved = json.loads((out / "checkpoints" / train.EXAMPLES_FILE).read_text())["examples"]
+    saved = json.loads((out / "checkpoints" / trainer.EXAMPLES_FILE).read_text())["examples"]
     assert all(len(ex["teacher"]) == 3 for ex in saved)
-    assert json.loads((out / train.TRAIN_FILE).read_text())["split"] == "train"
+    assert json.loads((out / trainer.TRAIN_FILE).read_text())["split"] == "train"
 
 
 def test_bad_settings_name_the_parameter(tmp_path: Path, corpus: Path) -> None:

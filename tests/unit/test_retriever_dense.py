@@ -6,7 +6,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from services.retriever import dense
+from services.retriever import vectors
 from services.retriever.backend import Query
 from services.retriever.dense import DenseBackend
 from services.retriever.passages import Passage
@@ -33,7 +33,7 @@ def rows(docs=DOCS, start=1):
 
 @pytest.fixture(params=STORES, ids=lambda s: s.get("faiss_index", s["vector_store"]))
 def spec_settings(request, tmp_path, monkeypatch):
-    monkeypatch.setattr(dense, "IVF_MIN_VECTORS", 4)  # so the ivf case really trains an IVF index
+    monkeypatch.setattr(vectors, "IVF_MIN_VECTORS", 4)  # so the ivf case really trains an IVF index
     settings = Settings(home=tmp_path)
     return DenseBackend.resolve_spec(request.param, settings), settings
 

@@ -4,6 +4,7 @@ exactly when a chunk completes, and the streamed pieces add up to the final text
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -228,3 +229,24 @@ def test_text_stream_holds_back_a_possible_stop_string(tokenizer) -> None:
         if stopped:
             break
     assert stopped and emitted == "the answer is lisbon"
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_copy_head_cites_the_passage_its_answer_copies_from(tokenizer, prompt, use_cache: bool) -> None:
+    torch.manual_seed(0)
+    model = RetroModel(dataclasses.replace(tiny_config(tokenizer), copy_head=True)).eval()
+    with torch.no_grad():  # always copy, and point at neighbour slot 2
+        model.copy.gate.weight.zero_()
+        model.copy.gate.bias.fill_(-50.0)
+        model.copy.rank_bias.copy_(torch.tensor([-30.0, 30.0]))
+    # Passage 1 fills all 8 neighbour tokens, passage 2 is one token: the CCA attention, spread over
+    # tokens, favours passage 1, while every answer token is copied from passage 2.
+    long = Neighbour("long#0", "long", "Long", "Lisbon is the capital of Portugal and its largest city.")
+    short = Neighbour("short#0", "short", "Short", "Porto")
+    params = DecodeParams(max_tokens=6, use_cache=use_cache)
+    *_, result = generate(model, tokenizer, prompt, [long, short], None, params)
+    assert len(encode(tokenizer, short.text)) == 1
+    assert set(result.token_ids) == set(encode(tokenizer, short.text))
+    first, second = result.citations
+    assert first.passage_id == "short#0" and first.weight > 0.99
+    assert second.passage_id == "long#0" and second.weight < 0.01

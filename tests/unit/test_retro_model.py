@@ -158,6 +158,26 @@ def test_copy_head_mixes_in_the_neighbour_tokens_of_each_group() -> None:
         torch.testing.assert_close(probs[:, position][allowed].sum(), torch.tensor(2.0), atol=1e-4, rtol=0)
 
 
+def test_copy_weights_are_the_pointer_mass_that_each_position_copies_with() -> None:
+    model = tiny_model(copy_head=True)
+    m, k, r = model.config.chunk_size, model.config.num_neighbours, model.config.neighbour_len
+    with torch.no_grad():  # a gate of 0.25: a quarter LM head, three quarters pointer
+        model.copy.gate.weight.zero_()
+        model.copy.gate.bias.fill_(math.log(1 / 3))
+    ids, neighbours = random_inputs(model.config, 2, 15)
+    out = model(ids, neighbours, output_neighbour_weights=True)
+    assert out.copy_weights.shape == (2, 15, k, r)
+    assert model(ids, neighbours).copy_weights is None
+    torch.testing.assert_close(out.copy_weights.sum((-1, -2))[:, m - 1 :], torch.full((2, 15 - m + 1), 0.75))
+    assert bool((out.copy_weights[:, : m - 1] == 0).all())  # the first m−1 positions get no pointer
+    assert bool((out.copy_weights[:, :, 1, 5:] == 0).all())  # nor padding
+    # A cached step reports what the full forward does for its position.
+    cache = model.new_cache(2)
+    model(ids[:, :14], neighbours, cache=cache)
+    step = model(ids[:, 14:], neighbours, cache=cache, output_neighbour_weights=True)
+    torch.testing.assert_close(step.copy_weights[:, 0], out.copy_weights[:, 14], atol=1e-5, rtol=0)
+
+
 @torch.no_grad()
 def test_copy_head_follow_scores_match_the_token_before_each_neighbour_token() -> None:
     model = tiny_model(copy_head=True)

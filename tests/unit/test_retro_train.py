@@ -268,8 +268,11 @@ def test_the_demo_model_is_reused_only_for_the_current_corpus_and_recipe(tmp_pat
     (path / TRAIN_FILE).write_text(json.dumps({"demo_fingerprint": demo_fingerprint()}))
     assert ensure_demo_model(NoFleet(), tmp_path, console) == path
     (path / TRAIN_FILE).write_text(json.dumps({"demo_fingerprint": "an older corpus"}))
+    # A stale model gives way to the shipped one, made by the current recipe; asked to, it trains.
+    assert ensure_demo_model(NoFleet(), tmp_path, console) == path
+    assert json.loads((path / TRAIN_FILE).read_text())["demo_fingerprint"] == demo_fingerprint()
     with pytest.raises(LookupError):
-        ensure_demo_model(NoFleet(), tmp_path, console)
+        ensure_demo_model(NoFleet(), tmp_path, console, retrain=True)
 
 
 def test_cli_config_items_go_to_the_model_or_the_run_by_field_name() -> None:

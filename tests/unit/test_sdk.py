@@ -479,9 +479,9 @@ async def test_async_ingest_list_and_async_iterable(
 async def test_async_malformed_jsonl_cancels_ingest(
     aclient: ragfleet.AsyncClient, fake: FakePipeline, tmp_path: Path
 ) -> None:
-    lines = [json.dumps(d) for d in corpus(2)] + [json.dumps({"id": "x"})]
+    lines = [json.dumps(d) for d in corpus(2)] + [json.dumps({"id": "x", "text": 3})]
     path = write_jsonl(tmp_path / "corpus.jsonl", lines)
-    with pytest.raises(errors.InvalidArgument, match=r"corpus\.jsonl:3: field 'text' is missing"):
+    with pytest.raises(errors.InvalidArgument, match=r"corpus\.jsonl:3: field 'text' must be a string"):
         await aclient.ingest(path, index="docs", batch_size=1)
     assert fake.ingest_ended.wait(5) and fake.committed == []
 

@@ -6,10 +6,12 @@ what goes on the wire is here, once.
 
 Decisions worth knowing:
 - Documents come from dicts ({"id" or "_id", "title", "text", "metadata"}), `Document` messages, a
-  JSONL file (optionally .gz) or a BEIR folder (its corpus.jsonl). "id" and "text" are required
-  ("text" may be empty: some BEIR documents only have a title); metadata values that are not
+  JSONL file (optionally .gz) or a BEIR folder (its corpus.jsonl). Metadata values that are not
   strings are stored as their JSON text (1 -> "1", true -> "true"), and filters are converted the
-  same way so that they match.
+  same way so that they match. Dicts and Documents are sent as they are ("id" and "text" required;
+  the Pipeline rejects a document with no text). A file is read as collections come (`read_jsonl`):
+  a document with neither title nor text is left out and counted, a title-only one is sent with its
+  title as its text.
 - An ingest whose source fails half way (a malformed line, an exception from the caller's
   iterable) cancels the call, so the server never commits part of it, and raises the source's error.
 - Retries are gRPC's own (a `retryPolicy` in the channel's service config): only for the methods a
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import threading
 import time
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
     from typing import Required
 
     from typing_extensions import Unpack
+
+logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -426,13 +431,16 @@ def _names(value: Names) -> list[str]:
 # --- documents ---------------------------------------------------------------------------------
 
 
-def iter_documents(source: DocumentSource) -> Iterator[common_pb2.Document]:
+def iter_documents(
+    source: DocumentSource, *, skipped: list[str] | None = None
+) -> Iterator[common_pb2.Document]:
     """Validated Documents from a JSONL file, a BEIR folder, or an iterable of dicts/Documents.
 
-    The path is checked now; lines and items are read and checked as the iterator is consumed.
+    The path is checked now; lines and items are read and checked as the iterator is consumed. A file's
+    documents are read by `read_jsonl` (which appends the ids it leaves out to `skipped`).
     """
     if isinstance(source, (str, os.PathLike)):
-        return read_jsonl(corpus_path(source))
+        return read_jsonl(corpus_path(source), skipped)
     if isinstance(source, Mapping) or not isinstance(source, Iterable):
         raise TypeError(
             f"source: expected a path or an iterable of dicts/Documents, got {type(source).__name__}"
@@ -453,8 +461,9 @@ def corpus_path(source: str | os.PathLike[str]) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> Iterator[common_pb2.Document]:
-    """Documents from a JSONL file (gzip when it ends in .gz); blank lines are skipped."""
+def json_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSON-lines file (gzip when it ends in
+    .gz): UTF-8 with or without a byte-order mark, LF or CRLF line ends."""
     with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as lines:
         for number, raw in enumerate(lines, start=1):
             where = f"{path}:{number}"
@@ -467,10 +476,38 @@ def read_jsonl(path: Path) -> Iterator[common_pb2.Document]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InvalidArgument(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-            yield document_from_mapping(record, where)
+            yield number, value
+
+
+def read_jsonl(path: Path, skipped: list[str] | None = None) -> Iterator[common_pb2.Document]:
+    """Documents from a JSONL file (`json_records`), as collections come: the id is "id" or "_id" (a
+    number becomes its decimal text); "title", "text" and "metadata" may be missing or null; other
+    fields are ignored.
+
+    A document with neither title nor text (blank counts as none) is left out, since the Pipeline
+    rejects a document without text: its id is appended to `skipped`, or, when no list is given, the
+    count is logged as a warning at the end of the file. A title-only document is sent with its title
+    as its text (and no title), so its title is what gets indexed.
+    """
+    left_out: list[str] = [] if skipped is None else skipped
+    for number, record in json_records(path):
+        where = f"{path}:{number}"
+        if isinstance(record, Mapping) and record.get("text") is None:
+            record = {**record, "text": ""}
+        doc = document_from_mapping(record, where)
+        if not doc.text.strip():
+            if not doc.title.strip():
+                left_out.append(doc.id)
+                continue
+            doc = common_pb2.Document(id=doc.id, text=doc.title, metadata=doc.metadata)
+        yield doc
+    if skipped is None and left_out:
+        logger.warning(
+            "%s: skipped %d documents with neither title nor text, e.g. %s", path, len(left_out), left_out[:5]
+        )
 
 
 def to_document(item: DocumentLike, where: str) -> common_pb2.Document:

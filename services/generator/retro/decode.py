@@ -23,9 +23,13 @@ One generation (`generate`) runs RETRO inference on a `RetroModel`:
   spaces before punctuation. Each step therefore decodes all generated ids again and emits only text that
   no later token can change: everything before the last whitespace (every rewrite starts at a whitespace),
   minus any tail that could be the start of a stop string. The pieces yielded concatenate to the final text.
-* **Citations.** Per neighbour passage, the attention mass (`RetroOutput.neighbour_weights`, last CCA
-  layer) it received from the positions that produced answer tokens, summed over chunks and divided by
-  the number of those positions: a share in [0, 1]; passages are sorted by it, largest first.
+* **Citations.** A passage's weight is a share in [0, 1]; passages are sorted by it, largest first.
+  With a copy head it is what the answer copied from the passage: per answer token, the pointer mass
+  (`RetroOutput.copy_weights`: (1 − gate) · pointer attention) that the position which produced it put
+  on the passage's tokens with that token's id, i.e. the probability that the token was copied from
+  that passage, averaged over the answer tokens. Without one, it is the attention mass
+  (`RetroOutput.neighbour_weights`, last CCA layer) the passage received from the positions that
+  produced answer tokens, summed over chunks and divided by the number of those positions.
 """
 
 from __future__ import annotations
@@ -181,6 +185,11 @@ def _answer_mass(weights: torch.Tensor, start: int, end: int, first_answer: int,
     return weights.float().cpu() * counts[:, None]
 
 
+def _copied_mass(pointer: torch.Tensor, row: torch.Tensor, token: int) -> torch.Tensor:
+    """(k,): one position's pointer mass (k, r) on the neighbour tokens of `row` (k, r) that are `token`."""
+    return (pointer * (row.cpu() == token)).sum(-1)
+
+
 def _citations(mass: torch.Tensor, sources: list[list[Neighbour]], answer_positions: int) -> list[Citation]:
     totals: dict[str, float] = {}
     passages: dict[str, Neighbour] = {}
@@ -231,10 +240,12 @@ def generate(
     cache: RetroCache | None = model.new_cache(1) if params.use_cache else None
     ids = list(prompt)
     first_answer = len(prompt) - 1  # this position's output is the first answer token
+    # (n_chunks, k) citation mass per chunk and neighbour slot: copied (copy head) or attended (CCA).
     mass = torch.zeros(-(-(len(prompt) + budget) // m), config.num_neighbours)
 
-    def forward(new: list[int]) -> torch.Tensor:
-        """Feeds `new` (the whole sequence without a cache) and returns the last position's logits."""
+    def forward(new: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feeds `new` (the whole sequence without a cache); returns the last position's logits and, with a
+        copy head, its pointer mass (k, r) on the neighbour tokens of its group."""
         total = len(ids)
         start = total - len(new)
         out = model(
@@ -243,16 +254,19 @@ def generate(
             cache=cache,
             output_neighbour_weights=True,
         )
+        if out.copy_weights is not None:
+            return out.logits[0, -1], out.copy_weights[0, -1].float().cpu()
         if out.neighbour_weights is not None:
             call = _answer_mass(out.neighbour_weights[0], start, total, first_answer, m)
             if cache is None:  # a full recompute covers every position again
                 mass.zero_()
             mass[: call.shape[0]] += call
-        return out.logits[0, -1]
+        return out.logits[0, -1], None
 
     timings = {"prefill": 0.0, "decode": 0.0, "chunk_retrieval": 0.0}
     started = time.perf_counter()
-    logits = forward(ids)
+    logits, pointer = forward(ids)
+    copy_head = pointer is not None
     timings["prefill"] = (time.perf_counter() - started) * 1000
     decode_started = time.perf_counter()
 
@@ -264,6 +278,10 @@ def generate(
         if token == end_id:
             finish = "stop"
             break
+        if pointer is not None:
+            # The position that produced `token` is the last of `ids`, in the attending group of this chunk.
+            chunk = (len(ids) - m) // m
+            mass[chunk] += _copied_mass(pointer, neighbours.rows[chunk], token)
         generated.append(token)
         ids.append(token)
         piece, stopped = stream.push(generated)
@@ -283,13 +301,15 @@ def generate(
                 fresh = retrieve(chunk_text)
                 timings["chunk_retrieval"] += (time.perf_counter() - retrieve_started) * 1000
             neighbours.add(fresh)
-        logits = forward([token] if cache is not None else ids)
+        logits, pointer = forward([token] if cache is not None else ids)
     if finish != "stop_string":
         piece = stream.finish(generated)
         if piece:
             yield piece
     timings["decode"] = (time.perf_counter() - decode_started) * 1000 - timings["chunk_retrieval"]
-    answer_positions = len(ids) - first_answer - (finish != "stop")
+    # Copied mass is counted per answer token; attention per position that produced one (the last
+    # position's output, the end-of-answer token, counts when it was chosen).
+    answer_positions = len(generated) if copy_head else len(ids) - first_answer - (finish != "stop")
     yield DecodeResult(
         text=stream.text,
         finish_reason=finish,

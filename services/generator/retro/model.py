@@ -135,6 +135,10 @@ class RetroOutput:
     # (last CCA layer, averaged over heads and tokens); zero rows for chunks that condition none of them.
     # None unless asked for, or when no retrieval is in effect.
     neighbour_weights: torch.Tensor | None = None
+    # (B, n, k, r), copy head only: the pointer mass (1 − gate) · attention each position puts on each
+    # neighbour token of its attending group (zero where it has none), what its output copies from where.
+    # None unless asked for (`output_neighbour_weights`), or without a copy head or retrieval.
+    copy_weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -401,15 +405,17 @@ class CopyHead(nn.Module):
         encoded: Encoded,
         offset: int = 0,
         select: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden (B, n, d) final states; logits (B, n, V), or (P, V) for the positions `select` (B, n)
         picks; neighbours (B, C, k, r) ids; encoded/offset as for CCA (`projected` by the pointer) →
-        log-probabilities shaped like `logits`, in float32."""
+        (log-probabilities shaped like `logits`, in float32; the pointer mass (1 − gate) · attention over
+        each position's k·r group tokens, (B, n, k·r) or (P, k·r), zero where it has no neighbours)."""
         b, n, _ = hidden.shape
         m = self.pointer.chunk_size
         log_probs = logits.float().log_softmax(-1)
+        kr = neighbours.shape[2] * neighbours.shape[3]
         if offset + n < m:
-            return log_probs
+            return log_probs, log_probs.new_zeros(*log_probs.shape[:-1], kr)
         follow = self._follow(hidden, neighbours, offset)
         probs, start, first, lead = self.pointer.probabilities(hidden, encoded, offset, follow)
         groups = probs.shape[1]
@@ -429,7 +435,8 @@ class CopyHead(nn.Module):
         generated = log_probs[copying].exp()
         copy = torch.zeros_like(generated).scatter_add_(-1, ids[copying], attention[copying])
         mixed = gate[copying] * generated + (1 - gate[copying]) * copy
-        return log_probs.index_put(copying, mixed.clamp_min(1e-12).log())
+        pointer = torch.zeros_like(attention).index_put(copying, (1 - gate[copying]) * attention[copying])
+        return log_probs.index_put(copying, mixed.clamp_min(1e-12).log()), pointer
 
 
 class EncoderLayer(nn.Module):
@@ -606,7 +613,8 @@ class RetroModel(nn.Module):
         (rows of chunks whose last token is not reached are not read, nor with a cache rows already encoded,
         unless the model has a copy head); None = no retrieval. `neighbour_mask` defaults to
         `neighbours != pad_token_id`. With a copy head and neighbours, `logits` are log-probabilities (their
-        softmax is the same distribution). `select` (B, n) limits the output to the positions it marks:
+        softmax is the same distribution). `output_neighbour_weights` asks for `RetroOutput.neighbour_weights`
+        and, with a copy head, `copy_weights`. `select` (B, n) limits the output to the positions it marks:
         `logits` is then (P, vocab), P positions in row-major order, so training pays for the
         vocabulary-sized head only where it takes a loss (answer tokens).
         """
@@ -657,13 +665,16 @@ class RetroModel(nn.Module):
             weights = F.pad(weights, (0, 0, 0, -(-total // cfg.chunk_size) - weights.shape[1]))
         x = self.norm(x)
         logits = self.lm_head(x if select is None else x[select])
+        copy_weights = None
         if self.copy is not None and encoded is not None:
             if neighbours is None:
                 raise ValueError("neighbours: a copy-head model needs the neighbour ids of every chunk")
             projected = None if cache is None else self._projected(-1, self.copy.pointer, encoded, cache)
             reads = Encoded(encoded, encoded_mask, projected)
-            logits = self.copy(x, logits, neighbours, reads, offset, select)
-        return RetroOutput(logits=logits, neighbour_weights=weights)
+            logits, pointer = self.copy(x, logits, neighbours, reads, offset, select)
+            if output_neighbour_weights:
+                copy_weights = pointer.view(*pointer.shape[:-1], cfg.num_neighbours, cfg.neighbour_len)
+        return RetroOutput(logits=logits, neighbour_weights=weights, copy_weights=copy_weights)
 
     @staticmethod
     def _projected(

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from services.retriever.backend import Backend, Hits, Query, SearchOptions, passage_text
+from services.retriever.backend import Backend, Hits, Query, passage_text
 from services.retriever.colbert.codec import NBITS
 from services.retriever.colbert.encoder import ColbertEncoder
 from services.retriever.colbert.plaid import PlaidIndex, SearchParams
@@ -72,7 +72,9 @@ def load_encoder(model: str, doc_maxlen: int, device: str) -> ColbertEncoder:
 
 
 class ColbertBackend(Backend):
-    SEARCH_OPTIONS: ClassVar[frozenset[str]] = frozenset(f.name for f in dataclasses.fields(SearchOptions))
+    SEARCH_OPTIONS: ClassVar[frozenset[str]] = frozenset(
+        ("exhaustive", "ncells", "centroid_score_threshold", "ndocs", "compressed_rerank")
+    )
 
     def __init__(self, spec: dict[str, Any], settings: Settings, version_dir: Path | None) -> None:
         self.spec = spec

@@ -49,18 +49,30 @@ class Passage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., doc_id: _Optional[str] = ..., position: _Optional[int] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ScoredPassage(_message.Message):
-    __slots__ = ("passage", "score", "retriever", "rank", "continuation")
+    __slots__ = ("passage", "score", "retriever", "rank", "continuation", "highlights")
     PASSAGE_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     RETRIEVER_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    HIGHLIGHTS_FIELD_NUMBER: _ClassVar[int]
     passage: Passage
     score: float
     retriever: str
     rank: int
     continuation: Passage
-    def __init__(self, passage: _Optional[_Union[Passage, _Mapping]] = ..., score: _Optional[float] = ..., retriever: _Optional[str] = ..., rank: _Optional[int] = ..., continuation: _Optional[_Union[Passage, _Mapping]] = ...) -> None: ...
+    highlights: _containers.RepeatedCompositeFieldContainer[Highlight]
+    def __init__(self, passage: _Optional[_Union[Passage, _Mapping]] = ..., score: _Optional[float] = ..., retriever: _Optional[str] = ..., rank: _Optional[int] = ..., continuation: _Optional[_Union[Passage, _Mapping]] = ..., highlights: _Optional[_Iterable[_Union[Highlight, _Mapping]]] = ...) -> None: ...
+
+class Highlight(_message.Message):
+    __slots__ = ("start", "end", "score")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    score: float
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("stage", "millis")
@@ -109,7 +121,7 @@ class ChunkingSpec(_message.Message):
     def __init__(self, chunk_tokens: _Optional[int] = ..., overlap_tokens: _Optional[int] = ..., sentence_aware: _Optional[bool] = ..., whole_documents: _Optional[bool] = ...) -> None: ...
 
 class IndexSpec(_message.Message):
-    __slots__ = ("vector_store", "faiss_index", "model", "chunking", "retrievers", "colbert_model", "nbits", "doc_maxlen")
+    __slots__ = ("vector_store", "faiss_index", "model", "chunking", "retrievers", "colbert_model", "nbits", "doc_maxlen", "mamba_model", "seal_model")
     VECTOR_STORE_FIELD_NUMBER: _ClassVar[int]
     FAISS_INDEX_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +130,8 @@ class IndexSpec(_message.Message):
     COLBERT_MODEL_FIELD_NUMBER: _ClassVar[int]
     NBITS_FIELD_NUMBER: _ClassVar[int]
     DOC_MAXLEN_FIELD_NUMBER: _ClassVar[int]
+    MAMBA_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEAL_MODEL_FIELD_NUMBER: _ClassVar[int]
     vector_store: str
     faiss_index: str
     model: str
@@ -126,21 +140,27 @@ class IndexSpec(_message.Message):
     colbert_model: str
     nbits: int
     doc_maxlen: int
-    def __init__(self, vector_store: _Optional[str] = ..., faiss_index: _Optional[str] = ..., model: _Optional[str] = ..., chunking: _Optional[_Union[ChunkingSpec, _Mapping]] = ..., retrievers: _Optional[_Iterable[str]] = ..., colbert_model: _Optional[str] = ..., nbits: _Optional[int] = ..., doc_maxlen: _Optional[int] = ...) -> None: ...
+    mamba_model: str
+    seal_model: str
+    def __init__(self, vector_store: _Optional[str] = ..., faiss_index: _Optional[str] = ..., model: _Optional[str] = ..., chunking: _Optional[_Union[ChunkingSpec, _Mapping]] = ..., retrievers: _Optional[_Iterable[str]] = ..., colbert_model: _Optional[str] = ..., nbits: _Optional[int] = ..., doc_maxlen: _Optional[int] = ..., mamba_model: _Optional[str] = ..., seal_model: _Optional[str] = ...) -> None: ...
 
 class SearchOptions(_message.Message):
-    __slots__ = ("exhaustive", "ncells", "centroid_score_threshold", "ndocs", "compressed_rerank")
+    __slots__ = ("exhaustive", "ncells", "centroid_score_threshold", "ndocs", "compressed_rerank", "beam", "ngram_length")
     EXHAUSTIVE_FIELD_NUMBER: _ClassVar[int]
     NCELLS_FIELD_NUMBER: _ClassVar[int]
     CENTROID_SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     NDOCS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSED_RERANK_FIELD_NUMBER: _ClassVar[int]
+    BEAM_FIELD_NUMBER: _ClassVar[int]
+    NGRAM_LENGTH_FIELD_NUMBER: _ClassVar[int]
     exhaustive: bool
     ncells: int
     centroid_score_threshold: float
     ndocs: int
     compressed_rerank: bool
-    def __init__(self, exhaustive: _Optional[bool] = ..., ncells: _Optional[int] = ..., centroid_score_threshold: _Optional[float] = ..., ndocs: _Optional[int] = ..., compressed_rerank: _Optional[bool] = ...) -> None: ...
+    beam: int
+    ngram_length: int
+    def __init__(self, exhaustive: _Optional[bool] = ..., ncells: _Optional[int] = ..., centroid_score_threshold: _Optional[float] = ..., ndocs: _Optional[int] = ..., compressed_rerank: _Optional[bool] = ..., beam: _Optional[int] = ..., ngram_length: _Optional[int] = ...) -> None: ...
 
 class Fusion(_message.Message):
     __slots__ = ("method", "rrf_k", "weights")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ragfleet.v1 import common_pb2 as ragfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bragfleet/v1/generator.proto\x12\x0bragfleet.v1\x1a\x18ragfleet/v1/common.proto\"\xbb\x01\n\x0fGenerateRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12+\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12-\n\tretrieval\x18\x05 \x01(\x0b\x32\x1a.ragfleet.v1.RetrievalSpec\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.ragfleet.v1.GenerationParamsJ\x04\x08\x03\x10\x04R\x05index\"M\n\x08\x43itation\x12\x12\n\npassage_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64oc_id\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x02\x12\r\n\x05title\x18\x04 \x01(\t\"\x99\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\tcitations\x18\x02 \x03(\x0b\x32\x15.ragfleet.v1.Citation\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12$\n\x07timings\x18\x04 \x03(\x0b\x32\x13.ragfleet.v1.Timing\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"X\n\rGenerateEvent\x12\x0f\n\x05token\x18\x01 \x01(\tH\x00\x12-\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1d.ragfleet.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent2\xa2\x01\n\tGenerator\x12G\n\x08Generate\x12\x1c.ragfleet.v1.GenerateRequest\x1a\x1d.ragfleet.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.ragfleet.v1.GenerateRequest\x1a\x1a.ragfleet.v1.GenerateEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bragfleet/v1/generator.proto\x12\x0bragfleet.v1\x1a\x18ragfleet/v1/common.proto\"\xbb\x01\n\x0fGenerateRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12+\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12-\n\tretrieval\x18\x05 \x01(\x0b\x32\x1a.ragfleet.v1.RetrievalSpec\x12-\n\x06params\x18\x04 \x01(\x0b\x32\x1d.ragfleet.v1.GenerationParamsJ\x04\x08\x03\x10\x04R\x05index\"y\n\x08\x43itation\x12\x12\n\npassage_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64oc_id\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x02\x12\r\n\x05title\x18\x04 \x01(\t\x12*\n\nhighlights\x18\x05 \x03(\x0b\x32\x16.ragfleet.v1.Highlight\"\x99\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\tcitations\x18\x02 \x03(\x0b\x32\x15.ragfleet.v1.Citation\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12$\n\x07timings\x18\x04 \x03(\x0b\x32\x13.ragfleet.v1.Timing\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"X\n\rGenerateEvent\x12\x0f\n\x05token\x18\x01 \x01(\tH\x00\x12-\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1d.ragfleet.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent2\xa2\x01\n\tGenerator\x12G\n\x08Generate\x12\x1c.ragfleet.v1.GenerateRequest\x1a\x1d.ragfleet.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.ragfleet.v1.GenerateRequest\x1a\x1a.ragfleet.v1.GenerateEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=71
   _globals['_GENERATEREQUEST']._serialized_end=258
   _globals['_CITATION']._serialized_start=260
-  _globals['_CITATION']._serialized_end=337
-  _globals['_GENERATERESPONSE']._serialized_start=340
-  _globals['_GENERATERESPONSE']._serialized_end=493
-  _globals['_GENERATEEVENT']._serialized_start=495
-  _globals['_GENERATEEVENT']._serialized_end=583
-  _globals['_GENERATOR']._serialized_start=586
-  _globals['_GENERATOR']._serialized_end=748
+  _globals['_CITATION']._serialized_end=381
+  _globals['_GENERATERESPONSE']._serialized_start=384
+  _globals['_GENERATERESPONSE']._serialized_end=537
+  _globals['_GENERATEEVENT']._serialized_start=539
+  _globals['_GENERATEEVENT']._serialized_end=627
+  _globals['_GENERATOR']._serialized_start=630
+  _globals['_GENERATOR']._serialized_end=792
 # @@protoc_insertion_point(module_scope)

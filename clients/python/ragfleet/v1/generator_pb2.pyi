@@ -20,16 +20,18 @@ class GenerateRequest(_message.Message):
     def __init__(self, question: _Optional[str] = ..., context: _Optional[_Iterable[_Union[_common_pb2.ScoredPassage, _Mapping]]] = ..., retrieval: _Optional[_Union[_common_pb2.RetrievalSpec, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ...) -> None: ...
 
 class Citation(_message.Message):
-    __slots__ = ("passage_id", "doc_id", "weight", "title")
+    __slots__ = ("passage_id", "doc_id", "weight", "title", "highlights")
     PASSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     DOC_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
+    HIGHLIGHTS_FIELD_NUMBER: _ClassVar[int]
     passage_id: str
     doc_id: str
     weight: float
     title: str
-    def __init__(self, passage_id: _Optional[str] = ..., doc_id: _Optional[str] = ..., weight: _Optional[float] = ..., title: _Optional[str] = ...) -> None: ...
+    highlights: _containers.RepeatedCompositeFieldContainer[_common_pb2.Highlight]
+    def __init__(self, passage_id: _Optional[str] = ..., doc_id: _Optional[str] = ..., weight: _Optional[float] = ..., title: _Optional[str] = ..., highlights: _Optional[_Iterable[_Union[_common_pb2.Highlight, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "citations", "model_id", "timings", "finish_reason")

@@ -1,0 +1,77 @@
+"""Hard negatives mined through the running fleet, for the trainers (the reranker's, the mamba retriever's).
+
+`prepare_index` ingests a training corpus into an index (whole documents, dense and bm25) unless it
+exists; `mine_examples` searches each query `depth` deep in dense and in bm25 through the Pipeline (the
+SDK's `search_batch`, `client` a `ragfleet.Client`) and gives one `Example` per (query, positive) whose
+negatives are the best hits of the two lists taken in turn, never a document the query excludes nor one
+of its positives. Queries with fewer than `negatives` such hits are left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from services.datasets.pairs import Query, document_text
+from services.ui import progress_bar
+
+MINED_RETRIEVERS = ("dense", "bm25")
+# Queries per search_batch call while mining.
+SEARCH_CHUNK = 256
+
+
+@dataclass
+class Example:
+    """One group of a step: `texts` is the positive, then the negatives; `teacher` scores them."""
+
+    query: str
+    texts: list[str]
+    teacher: list[float] | None = None
+
+
+def prepare_index(client: Any, index: str, documents: Iterable[dict[str, Any]]) -> bool:
+    """Ingests `documents` into `index` (whole documents, dense and bm25) unless it exists; returns
+    whether it ingested."""
+    import ragfleet
+
+    try:
+        client.describe_index(index)
+        return False
+    except ragfleet.errors.NotFound:
+        pass
+    spec = {"chunking": {"whole_documents": True}, "retrievers": list(MINED_RETRIEVERS)}
+    client.ingest(list(documents), index=index, spec=spec)
+    return True
+
+
+def mine_examples(
+    client: Any, index: str, queries: Sequence[Query], *, depth: int, negatives: int, progress: bool
+) -> list[Example]:
+    """One example per (query, positive) with `negatives` hard negatives from dense and bm25 in turn."""
+    hits: dict[str, list[list[tuple[str, str]]]] = {name: [] for name in MINED_RETRIEVERS}
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("mining negatives", total=len(queries) * len(MINED_RETRIEVERS))
+        for name in MINED_RETRIEVERS:
+            for start in range(0, len(queries), SEARCH_CHUNK):
+                chunk = [q.text for q in queries[start : start + SEARCH_CHUNK]]
+                reply = client.search_batch(chunk, index=index, retrievers=[name], top_k=depth)
+                for response in reply.responses:
+                    hits[name].append(
+                        [
+                            (h.passage.doc_id, document_text(h.passage.title, h.passage.text))
+                            for h in response.results
+                        ]
+                    )
+                bar.update(task, advance=len(chunk))
+    examples = []
+    for i, query in enumerate(queries):
+        found: dict[str, str] = {}
+        for pair in zip(*(hits[name][i] for name in MINED_RETRIEVERS)):
+            for doc_id, text in pair:
+                if doc_id not in query.exclude and text not in query.positives:
+                    found.setdefault(doc_id, text)
+        mined = list(found.values())[:negatives]
+        if len(mined) == negatives:
+            examples.extend(Example(query.text, [positive, *mined]) for positive in query.positives)
+    return examples

