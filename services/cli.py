@@ -16,6 +16,7 @@ Commands that talk to the fleet use --address (default RAGFLEET_ADDRESS, else Se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -57,6 +59,17 @@ IndexOpt = Annotated[str, typer.Option(help="Index name.")]
 RerankDepthOpt = Annotated[int, typer.Option(help="Passages reranked (0: top-k).")]
 RerankerModelOpt = Annotated[
     str | None, typer.Option(help="Reranker checkpoint path or id (default: the Reranker's).")
+]
+SearchRetrieversOpt = Annotated[str | None, typer.Option(help="Comma-separated retrievers (default: all).")]
+VectorStoreOpt = Annotated[str | None, typer.Option(help="faiss or chroma.")]
+ColbertModelOpt = Annotated[
+    str | None, typer.Option(help="ColBERT checkpoint path or id (e.g. from `ragfleet train colbert`).")
+]
+MambaModelOpt = Annotated[
+    str | None, typer.Option(help="Mamba checkpoint folder (default: what `ragfleet train mamba` wrote).")
+]
+SealModelOpt = Annotated[
+    str | None, typer.Option(help="SEAL language model folder (default: what `ragfleet train seal` wrote).")
 ]
 
 
@@ -297,7 +310,7 @@ def ingest(
     index: IndexOpt,
     address: AddressOpt = None,
     token: TokenOpt = None,
-    vector_store: Annotated[str | None, typer.Option(help="faiss or chroma.")] = None,
+    vector_store: VectorStoreOpt = None,
     faiss_index: Annotated[str | None, typer.Option(help="flat, ivf or hnsw.")] = None,
     model: Annotated[str | None, typer.Option(help="Sentence-transformers model path or id.")] = None,
     chunk_tokens: Annotated[int | None, typer.Option(help="Tokens per passage.")] = None,
@@ -309,18 +322,11 @@ def ingest(
     retrievers: Annotated[
         str | None, typer.Option(help="Comma-separated retrievers (default: the gateway's defaults).")
     ] = None,
-    colbert_model: Annotated[
-        str | None, typer.Option(help="ColBERT checkpoint path or id (e.g. from `ragfleet train colbert`).")
-    ] = None,
+    colbert_model: ColbertModelOpt = None,
     nbits: Annotated[int | None, typer.Option(help="ColBERT residual bits: 1, 2 or 4.")] = None,
     doc_maxlen: Annotated[int | None, typer.Option(help="ColBERT document length in tokens.")] = None,
-    mamba_model: Annotated[
-        str | None, typer.Option(help="Mamba checkpoint folder (default: what `ragfleet train mamba` wrote).")
-    ] = None,
-    seal_model: Annotated[
-        str | None,
-        typer.Option(help="SEAL language model folder (default: what `ragfleet train seal` wrote)."),
-    ] = None,
+    mamba_model: MambaModelOpt = None,
+    seal_model: SealModelOpt = None,
     upsert: Annotated[bool, typer.Option(help="Replace documents whose ids exist.")] = False,
 ) -> None:
     """Chunk and index documents through the Pipeline. Documents with neither title nor text are
@@ -371,7 +377,7 @@ def search(
     query: Annotated[str, typer.Argument()],
     index: IndexOpt,
     top_k: Annotated[int, typer.Option(help="Results to return.")] = 10,
-    retrievers: Annotated[str | None, typer.Option(help="Comma-separated retrievers (default: all).")] = None,
+    retrievers: SearchRetrieversOpt = None,
     fusion: Annotated[str, typer.Option(help="rrf or weighted.")] = "rrf",
     exhaustive: Annotated[bool, typer.Option(help="ColBERT: exact MaxSim over every passage.")] = False,
     ncells: Annotated[int, typer.Option(help="ColBERT/PLAID: centroids per query token (0: by k).")] = 0,
@@ -440,7 +446,7 @@ def ask(
     question: Annotated[str, typer.Argument()],
     index: IndexOpt,
     top_k: Annotated[int, typer.Option(help="Passages to retrieve.")] = 5,
-    retrievers: Annotated[str | None, typer.Option(help="Comma-separated retrievers (default: all).")] = None,
+    retrievers: SearchRetrieversOpt = None,
     rerank: Annotated[bool, typer.Option(help="Rerank when a reranker is configured.")] = False,
     rerank_depth: RerankDepthOpt = 0,
     reranker_model: RerankerModelOpt = None,
@@ -568,17 +574,10 @@ def eval_retrieval(
     index: Annotated[
         str | None, typer.Option(help="Search this existing index instead of ingesting the set.")
     ] = None,
-    vector_store: Annotated[str | None, typer.Option(help="faiss or chroma.")] = None,
-    colbert_model: Annotated[
-        str | None, typer.Option(help="ColBERT checkpoint path or id (e.g. from `ragfleet train colbert`).")
-    ] = None,
-    mamba_model: Annotated[
-        str | None, typer.Option(help="Mamba checkpoint folder (default: what `ragfleet train mamba` wrote).")
-    ] = None,
-    seal_model: Annotated[
-        str | None,
-        typer.Option(help="SEAL language model folder (default: what `ragfleet train seal` wrote)."),
-    ] = None,
+    vector_store: VectorStoreOpt = None,
+    colbert_model: ColbertModelOpt = None,
+    mamba_model: MambaModelOpt = None,
+    seal_model: SealModelOpt = None,
     chunk_tokens: Annotated[
         int | None, typer.Option(help="Chunk documents (default: whole documents).")
     ] = None,
@@ -719,10 +718,57 @@ def eval_report(
     )
 
 
+# --- training -------------------------------------------------------------------------------------
+
+# Options the trainers share, with the same help; each command gives its own default.
+BeirTrainOpt = Annotated[Path | None, typer.Option(help="BEIR folder: its split's queries and qrels.")]
+SplitTrainOpt = Annotated[str, typer.Option(help="qrels split of --beir.")]
+PseudoCorpusOpt = Annotated[
+    Path | None, typer.Option(help="JSONL file or BEIR folder without queries: trains on pseudo-queries.")
+]
+MineIndexOpt = Annotated[
+    str | None,
+    typer.Option(help="Index to mine negatives in (default: the data's name); ingested if it is new."),
+]
+StepsOpt = Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")]
+PeakLrOpt = Annotated[float, typer.Option(help="AdamW peak learning rate.")]
+MineDepthOpt = Annotated[int, typer.Option(help="Hits per retriever searched for negatives.")]
+MaxQueriesOpt = Annotated[int | None, typer.Option(help="Train on at most this many queries.")]
+CheckpointEveryOpt = Annotated[int, typer.Option(help="Steps between checkpoints.")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue from the last one in OUT/checkpoints.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
+
+
+def _run_trainer(
+    train: Callable[..., dict[str, Any]],
+    options: dict[str, Any],
+    model: str,
+    *,
+    fleet: bool = False,
+    errors: tuple[type[Exception], ...] = (),
+) -> None:
+    """Runs a `ragfleet train` command: `train(**options)` with the command's options, which are the
+    trainer's keyword arguments (but --address and --token: with `fleet`, the fleet's client they
+    reach goes first). A bad input, a missing file or a failed fleet call (or one of `errors`) exits
+    with its message; else it prints the metrics as JSON and where `model` was written (options' out)."""
+    import ragfleet
+
+    options = dict(options)
+    address, token = options.pop("address", None), options.pop("token", None)
+    with contextlib.ExitStack() as stack:
+        try:
+            client = [stack.enter_context(_client(address, token, timeout=3600.0))] if fleet else []
+            metrics = train(*client, **options)
+        except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError, *errors) as err:
+            _fail(err)
+    print(json.dumps(metrics))
+    console.print(f"{model} written to {options['out']}")
+
+
 @train_app.command("colbert")
 def train_colbert_command(
-    beir: Annotated[Path | None, typer.Option(help="BEIR folder: its split's queries and qrels.")] = None,
-    split: Annotated[str, typer.Option(help="qrels split of --beir.")] = "train",
+    beir: BeirTrainOpt = None,
+    split: SplitTrainOpt = "train",
     corpus: Annotated[
         Path | None, typer.Option(help="JSONL corpus without queries: trains on pseudo-queries.")
     ] = None,
@@ -731,121 +777,64 @@ def train_colbert_command(
     ] = None,
     base: Annotated[str, typer.Option(help="Student: MiniLM or a ColBERT checkpoint.")] = "all-MiniLM-L6-v2",
     teacher: Annotated[str, typer.Option(help="'dense' or 'cross-encoder:PATH'.")] = "dense",
-    steps: Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")] = 300,
+    steps: StepsOpt = 300,
     batch_size: Annotated[int, typer.Option(help="Queries per step.")] = 16,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
     seed: Annotated[int, typer.Option(help="Seed of the data order (and of pseudo-queries).")] = 0,
     candidates: Annotated[int, typer.Option(help="Candidates per query the teacher scores.")] = 32,
-    max_queries: Annotated[int | None, typer.Option(help="Train on at most this many queries.")] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
-    resume: Annotated[bool, typer.Option(help="Continue from the last one in OUT/checkpoints.")] = False,
+    max_queries: MaxQueriesOpt = None,
+    checkpoint_every: CheckpointEveryOpt = 50,
+    resume: ResumeOpt = False,
     device: Annotated[str, typer.Option(help="Device of the transformer (cpu, cuda).")] = "cpu",
 ) -> None:
     """Train the ColBERT projection by distillation from a teacher (transformer frozen)."""
-    import ragfleet
+    options = dict(locals())  # before any other name is bound
     from services.retriever.colbert.train import train_colbert
     from services.runtime.errors import ServiceError
 
     out = out or get_settings().home / "models" / "colbert-minilm"
-    try:
-        metrics = train_colbert(
-            out=out,
-            beir=beir,
-            split=split,
-            corpus=corpus,
-            base=base,
-            teacher=teacher,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            candidates=candidates,
-            max_queries=max_queries,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            device=device,
-        )
-    except (ValueError, FileNotFoundError, ServiceError, ragfleet.errors.RagfleetError) as err:
-        _fail(err)
-    print(json.dumps(metrics))
-    console.print(f"ColBERT checkpoint written to {out}")
+    _run_trainer(train_colbert, {**options, "out": out}, "ColBERT checkpoint", errors=(ServiceError,))
 
 
 @train_app.command("cross-encoder")
 def train_cross_encoder_command(
-    beir: Annotated[Path | None, typer.Option(help="BEIR folder: its split's queries and qrels.")] = None,
-    split: Annotated[str, typer.Option(help="qrels split of --beir.")] = "train",
-    corpus: Annotated[
-        Path | None, typer.Option(help="JSONL file or BEIR folder without queries: trains on pseudo-queries.")
-    ] = None,
-    index: Annotated[
-        str | None,
-        typer.Option(help="Index to mine negatives in (default: the data's name); ingested if it is new."),
-    ] = None,
+    beir: BeirTrainOpt = None,
+    split: SplitTrainOpt = "train",
+    corpus: PseudoCorpusOpt = None,
+    index: MineIndexOpt = None,
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: RAGFLEET_HOME/models/cross-encoder).")
     ] = None,
     base: Annotated[str, typer.Option(help="Student transformer: MiniLM or a path.")] = "all-MiniLM-L6-v2",
     teacher: Annotated[str, typer.Option(help="'none', 'dense' or 'cross-encoder:PATH'.")] = "none",
-    steps: Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")] = 100,
+    steps: StepsOpt = 100,
     batch_size: Annotated[int, typer.Option(help="Examples (query + positive + negatives) per step.")] = 8,
     negatives: Annotated[int, typer.Option(help="Hard negatives per example.")] = 3,
     max_length: Annotated[int, typer.Option(help="Tokens of a (query, passage) input.")] = 256,
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 5e-5,
-    mine_depth: Annotated[int, typer.Option(help="Hits per retriever searched for negatives.")] = 30,
-    max_queries: Annotated[int | None, typer.Option(help="Train on at most this many queries.")] = None,
+    lr: PeakLrOpt = 5e-5,
+    mine_depth: MineDepthOpt = 30,
+    max_queries: MaxQueriesOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the data order, the head and pseudo-queries.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
-    resume: Annotated[bool, typer.Option(help="Continue from the last one in OUT/checkpoints.")] = False,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    checkpoint_every: CheckpointEveryOpt = 50,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Train the default reranker: a cross-encoder on MiniLM, with hard negatives from the running fleet."""
-    import ragfleet
+    options = dict(locals())  # before any other name is bound
     from services.reranker.train import train_cross_encoder
 
     out = out or get_settings().home / "models" / "cross-encoder"
-    with _client(address, token, timeout=3600.0) as client:
-        try:
-            metrics = train_cross_encoder(
-                client,
-                out=out,
-                beir=beir,
-                split=split,
-                corpus=corpus,
-                index=index,
-                base=base,
-                teacher=teacher,
-                steps=steps,
-                batch_size=batch_size,
-                negatives=negatives,
-                max_length=max_length,
-                lr=lr,
-                mine_depth=mine_depth,
-                max_queries=max_queries,
-                seed=seed,
-                checkpoint_every=checkpoint_every,
-                resume=resume,
-                device=device,
-            )
-        except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError) as err:
-            _fail(err)
-    print(json.dumps(metrics))
-    console.print(f"cross-encoder written to {out}")
+    _run_trainer(train_cross_encoder, {**options, "out": out}, "cross-encoder", fleet=True)
 
 
 @train_app.command("first")
 def train_first_command(
-    beir: Annotated[Path | None, typer.Option(help="BEIR folder: its split's queries and qrels.")] = None,
-    split: Annotated[str, typer.Option(help="qrels split of --beir.")] = "train",
-    corpus: Annotated[
-        Path | None, typer.Option(help="JSONL file or BEIR folder without queries: trains on pseudo-queries.")
-    ] = None,
-    index: Annotated[
-        str | None,
-        typer.Option(help="Index to mine negatives in (default: the data's name); ingested if it is new."),
-    ] = None,
+    beir: BeirTrainOpt = None,
+    split: SplitTrainOpt = "train",
+    corpus: PseudoCorpusOpt = None,
+    index: MineIndexOpt = None,
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: RAGFLEET_HOME/models/first).")
     ] = None,
@@ -861,67 +850,35 @@ def train_first_command(
     ] = "minilm-decoder",
     window: Annotated[int, typer.Option(help="Passages per training window.")] = 20,
     passage_tokens: Annotated[int, typer.Option(help="Tokens of a passage in a window.")] = 48,
-    steps: Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")] = 100,
+    steps: StepsOpt = 100,
     batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 2,
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 5e-5,
+    lr: PeakLrOpt = 5e-5,
     ranking_weight: Annotated[float, typer.Option(help="Weight of the RankNet loss.")] = 10.0,
-    mine_depth: Annotated[int, typer.Option(help="Hits per retriever searched for negatives.")] = 30,
-    max_queries: Annotated[int | None, typer.Option(help="Train on at most this many queries.")] = None,
+    mine_depth: MineDepthOpt = 30,
+    max_queries: MaxQueriesOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the data and window orders, and pseudo-queries.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 25,
-    resume: Annotated[bool, typer.Option(help="Continue from the last one in OUT/checkpoints.")] = False,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    checkpoint_every: CheckpointEveryOpt = 25,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Train the FIRST reranker: a causal LM that ranks a window in its first token, taught by a teacher."""
-    import ragfleet
+    options = dict(locals())  # before any other name is bound
     from services.reranker.train_first import train_first
 
     home = get_settings().home
     out = out or home / "models" / "first"
     teacher = teacher or f"cross-encoder:{home / 'models' / 'cross-encoder'}"
-    with _client(address, token, timeout=3600.0) as client:
-        try:
-            metrics = train_first(
-                client,
-                out=out,
-                teacher=teacher,
-                beir=beir,
-                split=split,
-                corpus=corpus,
-                index=index,
-                base=base,
-                window=window,
-                passage_tokens=passage_tokens,
-                steps=steps,
-                batch_size=batch_size,
-                lr=lr,
-                ranking_weight=ranking_weight,
-                mine_depth=mine_depth,
-                max_queries=max_queries,
-                seed=seed,
-                checkpoint_every=checkpoint_every,
-                resume=resume,
-                device=device,
-            )
-        except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError) as err:
-            _fail(err)
-    print(json.dumps(metrics))
-    console.print(f"FIRST reranker written to {out}")
+    _run_trainer(train_first, {**options, "out": out, "teacher": teacher}, "FIRST reranker", fleet=True)
 
 
 @train_app.command("mamba")
 def train_mamba_command(
-    beir: Annotated[Path | None, typer.Option(help="BEIR folder: its split's queries and qrels.")] = None,
-    split: Annotated[str, typer.Option(help="qrels split of --beir.")] = "train",
-    corpus: Annotated[
-        Path | None, typer.Option(help="JSONL file or BEIR folder without queries: trains on pseudo-queries.")
-    ] = None,
-    index: Annotated[
-        str | None,
-        typer.Option(help="Index to mine negatives in (default: the data's name); ingested if it is new."),
-    ] = None,
+    beir: BeirTrainOpt = None,
+    split: SplitTrainOpt = "train",
+    corpus: PseudoCorpusOpt = None,
+    index: MineIndexOpt = None,
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: RAGFLEET_HOME/models/mamba).")
     ] = None,
@@ -933,77 +890,43 @@ def train_mamba_command(
     layers: Annotated[int, typer.Option(help="Mamba blocks.")] = 2,
     state_size: Annotated[int, typer.Option(help="SSM state size (d_state).")] = 8,
     expand: Annotated[int, typer.Option(help="SSM width as a multiple of d_model (384).")] = 1,
-    steps: Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")] = 200,
+    steps: StepsOpt = 200,
     batch_size: Annotated[int, typer.Option(help="Queries per step.")] = 16,
     max_length: Annotated[
         int, typer.Option(help="Training tokens per text (the retriever never cuts).")
     ] = 128,
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 1e-3,
+    lr: PeakLrOpt = 1e-3,
     distill_weight: Annotated[float, typer.Option(help="Weight of the teacher's KL term.")] = 1.0,
-    max_queries: Annotated[int | None, typer.Option(help="Train on at most this many queries.")] = None,
+    max_queries: MaxQueriesOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the data order, the weights and pseudo-queries.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
-    resume: Annotated[bool, typer.Option(help="Continue from the last one in OUT/checkpoints.")] = False,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    checkpoint_every: CheckpointEveryOpt = 50,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Train the default mamba retriever: a Mamba bi-encoder, InfoNCE with in-batch and mined hard
     negatives plus distillation from MiniLM (--negatives none: no fleet needed)."""
-    import contextlib
-
-    import ragfleet
+    options = dict(locals())  # before any other name is bound
     from services.datasets.mining import mine_examples, prepare_index
     from services.retriever.mamba.train import train_mamba
 
+    def train(client: Any = None, **kwargs: Any) -> dict[str, Any]:
+        def miner(name, documents, queries, count):
+            prepare_index(client, name, documents.values())
+            return mine_examples(client, name, queries, depth=30, negatives=count, progress=True)
+
+        return train_mamba(miner=miner if client is not None else None, **kwargs)
+
     out = out or get_settings().home / "models" / "mamba"
-    with contextlib.ExitStack() as stack:
-        miner = None
-        if negatives == "fleet":
-            client = stack.enter_context(_client(address, token, timeout=3600.0))
-
-            def miner(name, documents, queries, count):
-                prepare_index(client, name, documents.values())
-                return mine_examples(client, name, queries, depth=30, negatives=count, progress=True)
-
-        try:
-            metrics = train_mamba(
-                out=out,
-                beir=beir,
-                split=split,
-                corpus=corpus,
-                index=index,
-                miner=miner,
-                negatives=negatives,
-                hard_negatives=hard_negatives,
-                teacher=teacher,
-                layers=layers,
-                state_size=state_size,
-                expand=expand,
-                steps=steps,
-                batch_size=batch_size,
-                max_length=max_length,
-                lr=lr,
-                distill_weight=distill_weight,
-                max_queries=max_queries,
-                seed=seed,
-                checkpoint_every=checkpoint_every,
-                resume=resume,
-                device=device,
-            )
-        except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError) as err:
-            _fail(err)
-    print(json.dumps(metrics))
-    console.print(f"mamba retriever written to {out}")
+    _run_trainer(train, {**options, "out": out}, "mamba retriever", fleet=negatives == "fleet")
 
 
 @train_app.command("seal")
 def train_seal_command(
-    beir: Annotated[Path | None, typer.Option(help="BEIR folder: its split's queries and qrels.")] = None,
-    split: Annotated[str, typer.Option(help="qrels split of --beir.")] = "train",
-    corpus: Annotated[
-        Path | None, typer.Option(help="JSONL file or BEIR folder without queries: trains on pseudo-queries.")
-    ] = None,
+    beir: BeirTrainOpt = None,
+    split: SplitTrainOpt = "train",
+    corpus: PseudoCorpusOpt = None,
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: RAGFLEET_HOME/models/seal).")
     ] = None,
@@ -1011,43 +934,23 @@ def train_seal_command(
         str | None, typer.Option(help="A Hugging Face causal or seq2seq LM folder to fine-tune instead.")
     ] = None,
     pseudo: Annotated[bool, typer.Option(help="With --beir, add pseudo-queries of its corpus.")] = True,
-    steps: Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")] = 1000,
+    steps: StepsOpt = 1000,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (after warmup).")] = 1e-3,
     spans: Annotated[int, typer.Option(help="Passage spans (query -> n-gram targets) per pair.")] = 4,
     max_pairs: Annotated[int | None, typer.Option(help="Train on at most this many pairs.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the data order, the spans and pseudo-queries.")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
-    resume: Annotated[bool, typer.Option(help="Continue from the last one in OUT/checkpoints.")] = False,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    checkpoint_every: CheckpointEveryOpt = 200,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Train SEAL's language model: query -> passage n-gram and query -> title (default: a small GPT-2
     over MiniLM's tokenizer and embeddings)."""
+    options = dict(locals())  # before any other name is bound
     from services.retriever.seal.train import train_seal
 
     out = out or get_settings().home / "models" / "seal"
-    try:
-        metrics = train_seal(
-            out=out,
-            beir=beir,
-            split=split,
-            corpus=corpus,
-            base=base,
-            pseudo=pseudo,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            spans=spans,
-            max_pairs=max_pairs,
-            seed=seed,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            device=device,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        _fail(err)
-    print(json.dumps(metrics))
-    console.print(f"SEAL language model written to {out}")
+    _run_trainer(train_seal, {**options, "out": out}, "SEAL language model")
 
 
 @train_app.command("retro")
@@ -1070,7 +973,7 @@ def train_retro_command(
     ] = None,
     retrievers: Annotated[str, typer.Option(help="Retrievers that find neighbours (a,b).")] = "dense",
     tokenizer: Annotated[str, typer.Option(help="Tokenizer name or path.")] = "all-MiniLM-L6-v2",
-    resume: Annotated[bool, typer.Option(help="Continue from the last one in OUT/checkpoints.")] = False,
+    resume: ResumeOpt = False,
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:

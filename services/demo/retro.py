@@ -116,27 +116,34 @@ def model_dir(home: Path) -> Path:
     return Path(home) / "models" / "retro"
 
 
-def training_corpus() -> tuple[list[dict], list[dict]]:
-    """Documents and questions of the generated archipelagos 1…TRAINING_ARCHIPELAGOS."""
+def training_corpus(archipelagos: int = TRAINING_ARCHIPELAGOS) -> tuple[list[dict], list[dict]]:
+    """Documents and questions of the generated archipelagos 1…`archipelagos`."""
     documents, questions = [], []
-    for n in range(1, TRAINING_ARCHIPELAGOS + 1):
+    for n in range(1, archipelagos + 1):
         more_documents, more_questions = generated_archipelago(n)
         documents += more_documents
         questions += more_questions
     return documents, questions
 
 
-@cache
-def demo_fingerprint() -> str:
-    """Changes whenever the demo corpus, the training corpus or the training recipe does."""
+def recipe_fingerprint(
+    model: dict[str, Any], settings: TrainSettings, archipelagos: int = TRAINING_ARCHIPELAGOS
+) -> str:
+    """Changes whenever the demo corpus, the training corpus, the model or the training settings do."""
     recipe = {
         "documents": demo_documents(),
-        "training": training_corpus(),
-        "model": MODEL,
-        "settings": SETTINGS.__dict__,
+        "training": training_corpus(archipelagos),
+        "model": model,
+        "settings": settings.__dict__,
         "tokenizer": TOKENIZER,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@cache
+def demo_fingerprint() -> str:
+    """The fingerprint of the demo's own recipe (MODEL, SETTINGS): the one a current model records."""
+    return recipe_fingerprint(MODEL, SETTINGS)
 
 
 def recorded_fingerprint(path: Path) -> str | None:
@@ -166,7 +173,7 @@ def ensure_demo_model(
                 f"the shipped demo model was made by recipe {shipped}, the code's is {fingerprint}: "
                 "training a new one (`make demo-model` refreshes the shipped one)"
             )
-    train_demo_model(client, path, console, index=index, extra={"demo_fingerprint": fingerprint})
+    train_demo_model(client, path, console, index=index)
     return path
 
 
@@ -186,16 +193,18 @@ def train_demo_model(
     index: str = "demo",
     model: dict[str, Any] = MODEL,
     settings: TrainSettings = SETTINGS,
-    extra: dict[str, Any] | None = None,
+    archipelagos: int = TRAINING_ARCHIPELAGOS,
 ) -> dict[str, Any]:
     """Trains the demo model into `out` (starting afresh) on the training corpus, which it ingests into
     TRAINING_INDEX for the time of training; answers the demo questions on `index` with it, and returns
-    train.json's content, which then includes `demo` (the answers and how many are right)."""
+    train.json's content, which then includes `demo` (the answers and how many are right) and the
+    `demo_fingerprint` of the recipe used (`model`, `settings`, `archipelagos`: the demo's own unless
+    given, e.g. a short run's)."""
     tokenizer = load_tokenizer(TOKENIZER)
     config = RetroConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **model)
     for stale in (CHECKPOINTS_DIR, NEIGHBOURS_DIR):
         shutil.rmtree(Path(out) / stale, ignore_errors=True)
-    documents, questions = training_corpus()
+    documents, questions = training_corpus(archipelagos)
     replace_index(client, documents, TRAINING_INDEX, console, "ingesting the Retro training corpus")
     try:
         with progress_bar(console) as bar:
@@ -213,7 +222,7 @@ def train_demo_model(
                 settings=settings,
                 qa=[(q["question"], q["answer"]) for q in questions],
                 tokenizer=TOKENIZER,
-                extra=extra,
+                extra={"demo_fingerprint": recipe_fingerprint(model, settings, archipelagos)},
                 progress=show,
             )
     finally:

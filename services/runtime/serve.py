@@ -29,7 +29,7 @@ from services.runtime.settings import Endpoint, Settings, is_loopback, require_a
 
 log = logging.getLogger("ragfleet.serve")
 
-# The applications `ragfleet up` deploys, in start order (what the gateway calls before the gateway).
+# The applications `ragfleet up` deploys (all at once; see run_fleet).
 FLEET = (
     "retriever-dense",
     "retriever-bm25",
@@ -195,9 +195,12 @@ def run_fleet(settings: Settings) -> None:
         http_options={"host": settings.ray.host, "port": settings.ray.http_port},
         grpc_options=grpc_options(settings),
     )
-    for name in FLEET:
-        serve.run(application(name, deployed), name=name, route_prefix=f"/{name}", blocking=False)
-        log.info("deployed %s", name)
+    # All at once: the gateway and the generator connect to the others on first use, not at start-up,
+    # and each replica spends its start importing torch and loading models, which overlap.
+    serve.run_many(
+        [serve.RunTarget(application(name, deployed), name=name, route_prefix=f"/{name}") for name in FLEET]
+    )
+    log.info("deployed %s", ", ".join(FLEET))
 
 
 def app(args: dict[str, str]) -> serve.Application:

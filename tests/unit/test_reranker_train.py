@@ -19,6 +19,7 @@ from services.datasets import mining, pairs
 from services.demo.corpus import demo_documents
 from services.reranker import train, trainer
 from services.reranker.service import RerankerService
+from services.runtime import training
 from services.runtime.context import CallContext
 from services.runtime.model_errors import ParamError
 from services.runtime.settings import Settings
@@ -69,7 +70,7 @@ def test_training_lowers_the_loss_and_the_model_loads_in_the_reranker(
     metrics = train.train_cross_encoder(fleet, out=out, corpus=corpus, base=str(base), progress=False, **TINY)
     assert metrics["steps"] == 60 and metrics["final_loss"] < 0.8 * metrics["initial_loss"]
     assert "corpus" in fleet.indexes
-    record = json.loads((out / trainer.TRAIN_FILE).read_text())
+    record = json.loads((out / training.TRAIN_FILE).read_text())
     assert record["max_length"] == 64 and record["examples"] == metrics["examples"]
     assert (out / "checkpoints" / "step-00000060").is_dir()
 
@@ -141,7 +142,7 @@ def test_beir_qrels_with_a_cross_encoder_teacher(tmp_path: Path, base: Path) -> 
     assert metrics["examples"] == 8
     saved = json.loads((out / "checkpoints" / trainer.EXAMPLES_FILE).read_text())["examples"]
     assert all(len(ex["teacher"]) == 3 for ex in saved)
-    assert json.loads((out / trainer.TRAIN_FILE).read_text())["split"] == "train"
+    assert json.loads((out / training.TRAIN_FILE).read_text())["split"] == "train"
 
 
 def test_bad_settings_name_the_parameter(tmp_path: Path, corpus: Path) -> None:

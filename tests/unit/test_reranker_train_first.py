@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from ragfleet.v1 import common_pb2, reranker_pb2
 from services.datasets import mining
 from services.demo.corpus import demo_documents
-from services.reranker import train_first, trainer
+from services.reranker import train_first
 from services.reranker.first import LABELS, FirstReranker
 from services.reranker.service import RerankerService
+from services.runtime import training
 from services.runtime.context import CallContext
 from services.runtime.model_errors import ParamError
 from services.runtime.settings import RerankerSettings, Settings
@@ -93,7 +94,7 @@ def test_training_lowers_the_loss_and_the_model_serves(
         FakeFleet(), out=out, corpus=corpus, steps=30, progress=False, **settings_of(models)
     )
     assert metrics["steps"] == 30 and metrics["final_loss"] < 0.7 * metrics["initial_loss"]
-    record = json.loads((out / trainer.TRAIN_FILE).read_text())
+    record = json.loads((out / training.TRAIN_FILE).read_text())
     assert record["window"] == 4 and record["examples"] == metrics["examples"]
 
     service = RerankerService(Settings(home=tmp_path / "home", reranker={"first_window": 4}))

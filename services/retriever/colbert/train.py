@@ -58,10 +58,11 @@ from services.runtime.model_errors import ParamError
 from services.runtime.training import (
     CROSS_ENCODER_PREFIX,
     DENSE_TEACHER,
-    batch_indices,
     check_ranges,
+    check_source,
     check_teacher,
     teacher_temperature,
+    train_steps,
 )
 from services.ui import progress_bar
 
@@ -319,8 +320,7 @@ def train_colbert(
 ) -> dict[str, Any]:
     """Trains the projection of `base` (see the module docstring); returns the run's metrics."""
     started = time.perf_counter()
-    if (beir is None) == (corpus is None):
-        raise ParamError("beir", "give exactly one of a BEIR folder (--beir) or a JSONL corpus (--corpus)")
+    check_source(beir, corpus)
     check_ranges(
         at_least={
             "steps": (steps, 1),
@@ -347,15 +347,11 @@ def train_colbert(
     run.update(ce_weight=ce_weight, data=key)
 
     encoder = ColbertEncoder.load(base, device=device)
-    weight = torch.nn.Parameter(encoder.projection.detach().cpu().clone())
-    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=0.0)
-    step, losses = 0, []
+    # The trained tensor as a module's one parameter, so the shared loop checkpoints it as "weight".
+    projection = torch.nn.ParameterDict({"weight": encoder.projection.detach().cpu().clone()})
+    weight = projection["weight"]
     if latest is not None:
-        weights, losses = latest.resume(run, optimizer)
-        with torch.no_grad():
-            weight.copy_(weights["weight"])
-        step = latest.step
-    start_step = step
+        latest.check_run(run)  # before the costly inputs; train_steps loads the checkpoint
     inputs = DistillationInputs.load(checkpoints.root / INPUTS_FILE, key)
     if inputs is None:
         data = build_training_set(
@@ -364,37 +360,29 @@ def train_colbert(
         inputs = DistillationInputs.compute(encoder, data, progress)
         inputs.save(checkpoints.root / INPUTS_FILE, key)
 
-    n = len(inputs)
-    with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("train colbert", total=steps, completed=min(step, steps))
-        while step < steps:
-            loss = distillation_loss(
-                weight, inputs, batch_indices(step, batch_size, n, seed), temperature, ce_weight
-            )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            bar.update(task, advance=1, description=f"train colbert (loss {losses[-1]:.4f})")
-            if step % checkpoint_every == 0 or step == steps:
-                checkpoints.save(step, {"weight": weight}, optimizer, {"run": run, "losses": losses})
-
-    metrics = {
-        "steps": step,
-        "start_step": start_step,
-        "examples": n,
-        "candidates": int(inputs.candidates.shape[1]),
-        "initial_loss": float(np.mean(losses[:10])) if losses else None,
-        "final_loss": float(np.mean(losses[-10:])) if losses else None,
-        "loss_curve": _curve(losses),
-        "seconds": round(time.perf_counter() - started, 1),
-        "out": str(out),
-    }
+    done = train_steps(
+        projection,
+        lambda rows: distillation_loss(weight, inputs, rows, temperature, ce_weight),
+        len(inputs),
+        checkpoints=checkpoints,
+        run=run,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        decay=False,
+        weight_decay=0.0,
+        clip_norm=None,
+        label="train colbert",
+        progress=progress,
+    )
+    metrics = done.metrics(len(inputs), started, out)
+    metrics |= {"candidates": int(inputs.candidates.shape[1]), "loss_curve": _curve(done.losses)}
     encoder.projection = weight.detach().to(device).clone()
     encoder.metadata["ragfleet_training"] = {
         **run,
-        "steps": step,
+        "steps": done.step,
         "final_loss": metrics["final_loss"],
         "data_source": str(beir or corpus),
         "split": split if beir else None,

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,27 +52,28 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from services.datasets.mining import Example
-from services.datasets.pairs import Query, beir_queries, pseudo_queries, read_corpus, sample
+from services.datasets.pairs import Query
 from services.retriever.mamba.model import MambaConfig, MambaEncoder, MambaModel, load_weights
-from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, publish_dir, publish_file
+from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, publish_file
 from services.runtime.model_errors import ParamError
 from services.runtime.models import MINILM_ID, load_sentence_transformer, resolve_model
 from services.runtime.storage import atomic_write_json
 from services.runtime.training import (
     DENSE_TEACHER,
-    batch_indices,
     check_ranges,
+    check_source,
+    index_name,
+    publish_run,
     teacher_temperature,
-    warmup_decay_lr,
+    train_steps,
+    training_queries,
 )
-from services.ui import progress_bar
 
 TOKENIZER = "all-MiniLM-L6-v2"
 NEGATIVES = ("fleet", "none")
 TEACHERS = ("none", DENSE_TEACHER)
 EXAMPLES_FILE = "examples.json"
 TEACHER_FILE = "teacher.safetensors"
-TRAIN_FILE = "train.json"
 # Mines hard negatives: (index, the corpus by id, the queries, negatives per example) -> examples.
 Miner = Callable[[str, dict[str, dict[str, Any]], Sequence[Query], int], list[Example]]
 
@@ -177,11 +177,6 @@ def batch_loss(
     return loss
 
 
-def _index_name(source: Path) -> str:
-    name = source.name if source.is_dir() else source.name.split(".")[0]
-    return re.sub(r"[^A-Za-z0-9._-]", "-", name)[:100] or "mamba-train"
-
-
 def _load_data(path: Path, key: str) -> TrainingData | None:
     if not path.is_file():
         return None
@@ -225,8 +220,7 @@ def train_mamba(
     """Trains a Mamba bi-encoder (see the module docstring); `miner` mines hard negatives (the CLI's
     goes through the fleet) and is needed only with negatives="fleet"; returns the run's metrics."""
     started = time.perf_counter()
-    if (beir is None) == (corpus is None):
-        raise ParamError("beir", "give exactly one of a BEIR folder (--beir) or a corpus (--corpus)")
+    check_source(beir, corpus)
     if negatives not in NEGATIVES:
         raise ParamError("negatives", f"expected one of {', '.join(NEGATIVES)}, got {negatives!r}")
     if teacher not in TEACHERS:
@@ -250,22 +244,11 @@ def train_mamba(
         raise ParamError("negatives", "'fleet' needs the running fleet to mine them (or use 'none')")
     out = Path(out)
     checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
-    latest = checkpoints.start(resume)
+    checkpoints.start(resume)
 
+    documents, queries = training_queries(beir, split, corpus, max_queries, seed)
     source = Path(beir or corpus)
-    if beir is not None:
-        documents, queries = beir_queries(beir, split)
-    else:
-        documents = read_corpus(corpus)
-        queries = pseudo_queries(documents, seed)
-    queries = sample(queries, max_queries, seed)
-    if not queries:
-        raise ParamError(
-            "data",
-            "no training queries (no judged query with a relevant document in the corpus, "
-            "or no document of two sentences)",
-        )
-    index = index or _index_name(source)
+    index = index or index_name(source, "mamba-train")
     described = {"queries": [[q.text, q.positives, sorted(q.exclude)] for q in queries], "index": index}
     described |= {"negatives": negatives, "hard_negatives": hard_negatives if negatives == "fleet" else 0}
     key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
@@ -301,65 +284,39 @@ def train_mamba(
     model = model.to(device)
     encoder = MambaEncoder(model, tokenizer, max_tokens=max_length, window=max_length + 1, model_id=str(out))
     model.embeddings.weight.requires_grad_(not freeze_embeddings)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
-    step, losses = 0, []
-    if latest is not None:
-        weights, losses = latest.resume(run, optimizer)
-        model.load_state_dict(weights)
-        step = latest.step
-    start_step = step
-
     eos = model.config.eos_token_id
 
     def token_ids(texts: list[str]) -> list[list[int]]:
         ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
         return [[*row, eos] for row in ids]
 
-    model.train()
-    with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("train mamba", total=steps, completed=min(step, steps))
-        while step < steps:
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_decay_lr(step, lr, warmup=warmup, decay_start=warmup, decay_end=steps)
-            batch = batch_indices(step, batch_size, len(data.examples), seed)
-            loss = batch_loss(
-                encoder,
-                data,
-                batch,
-                token_ids,
-                temperature=temperature,
-                teacher=teacher_vectors,
-                distill_weight=distill_weight,
-            )
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            bar.update(task, advance=1, description=f"train mamba (loss {losses[-1]:.4f})")
-            if step % checkpoint_every == 0 or step == steps:
-                checkpoints.save(step, model.state_dict(), optimizer, {"run": run, "losses": losses})
-
-    metrics = {
-        "steps": step,
-        "start_step": start_step,
-        "examples": len(data.examples),
-        "initial_loss": float(np.mean(losses[:10])),
-        "final_loss": float(np.mean(losses[-10:])),
-        "seconds": round(time.perf_counter() - started, 1),
-        "out": str(out),
-    }
+    done = train_steps(
+        model,
+        lambda rows: batch_loss(
+            encoder,
+            data,
+            rows,
+            token_ids,
+            temperature=temperature,
+            teacher=teacher_vectors,
+            distill_weight=distill_weight,
+        ),
+        len(data.examples),
+        checkpoints=checkpoints,
+        run=run,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        label="train mamba",
+        progress=progress,
+    )
+    metrics = done.metrics(len(data.examples), started, out)
     record = {**run, "negatives": negatives, "index": index}
     record["hard_negatives"] = hard_negatives if negatives == "fleet" else 0
     record |= {"data_source": str(source), "split": split if beir else None, "tokenizer": MINILM_ID}
     record |= {"examples": len(data.examples), "final_loss": metrics["final_loss"]}
-    model.eval()
-
-    def build(tmp: Path) -> None:
-        encoder.save(tmp)
-        atomic_write_json(tmp / TRAIN_FILE, record)
-
-    publish_dir(out, build, carry=(CHECKPOINTS_DIR,))
+    publish_run(out, encoder.save, record)
     return metrics

@@ -19,9 +19,9 @@ pseudo-queries of its corpus; with `corpus` (JSONL or BEIR folder, as `ragfleet 
 pseudo-queries alone: the inverse cloze task of `datasets.pairs.inverse_cloze` (a sentence as the query,
 the rest of its passage as the target source, so the model cannot copy the query).
 
-Training: cross-entropy on the target tokens only; AdamW with a linear warmup, then a constant rate
-(`runtime.training.warmup_decay_lr`); batches from `runtime.training.batch_indices`, so a resumed run
-sees the batches an uninterrupted one would. Checkpoints (`runtime.artifacts.Checkpoints`) every
+Training (`runtime.training.train_steps`): cross-entropy on the target tokens only; AdamW with a linear
+warmup, then a constant rate; batches from `runtime.training.batch_indices`, so a resumed run sees the
+batches an uninterrupted one would. Checkpoints (`runtime.artifacts.Checkpoints`) every
 `checkpoint_every` steps and at the end in `out/checkpoints/`; `resume=True` continues from the latest.
 The result is a Hugging Face folder at `out` (config, safetensors weights, tokenizer), published whole.
 """
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -41,16 +40,22 @@ import torch
 from services.datasets.collections import load_beir
 from services.datasets.pairs import inverse_cloze, judged_queries, read_corpus, sample
 from services.retriever.seal.lm import SealLM
-from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, publish_dir
+from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints
 from services.runtime.model_errors import ParamError
-from services.runtime.training import batch_indices, check_ranges, warmup_decay_lr
-from services.ui import progress_bar
+from services.runtime.training import (
+    check_ranges,
+    check_source,
+    publish_run,
+    save_pretrained,
+    train_steps,
+)
 
 DEFAULT_LAYERS = 2
 DEFAULT_HEADS = 6
 DEFAULT_POSITIONS = 128
 # A target passage's tokens read for spans (spans start at a word within them).
 PASSAGE_TOKENS = 256
+TRAINING_FILE = "ragfleet_training.json"
 
 
 def default_lm(layers: int = DEFAULT_LAYERS, heads: int = DEFAULT_HEADS, device: str = "cpu") -> SealLM:
@@ -167,8 +172,7 @@ def train_seal(
 ) -> dict[str, Any]:
     """Trains SEAL's LM (see the module docstring) into `out`; returns the run's metrics."""
     started = time.perf_counter()
-    if (beir is None) == (corpus is None):
-        raise ParamError("beir", "give exactly one of a BEIR folder (--beir) or a corpus (--corpus)")
+    check_source(beir, corpus)
     check_ranges(
         at_least={
             "steps": (steps, 1),
@@ -182,7 +186,7 @@ def train_seal(
     )
     out = Path(out)
     checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
-    latest = checkpoints.start(resume)
+    checkpoints.start(resume)
     torch.manual_seed(seed)
     lm = SealLM.load(base, device) if base else default_lm(device=device)
     pairs = sample(training_pairs(beir, split, corpus, pseudo, seed), max_pairs, seed)
@@ -193,56 +197,23 @@ def train_seal(
     run = {"base": base or lm.model_id, "batch_size": batch_size, "lr": lr, "warmup": warmup, "seed": seed}
     run["data"] = digest
 
-    model = lm.model.train()
-    params = dict(model.named_parameters())  # tied weights appear once
-    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.01)
-    step, losses = 0, []
-    if latest is not None:
-        weights, losses = latest.resume(run, optimizer)
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        step = latest.step
-    start_step = step
-    with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("train seal", total=steps, completed=min(step, steps))
-        while step < steps:
-            for group in optimizer.param_groups:
-                # No decay: a run resumed with more steps trains as one that asked for them at first.
-                group["lr"] = warmup_decay_lr(
-                    step, lr, warmup=warmup, decay_start=math.inf, decay_end=math.inf
-                )
-            loss = batch_loss(lm, examples, batch_indices(step, batch_size, len(examples), seed))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            bar.update(task, advance=1, description=f"train seal (loss {losses[-1]:.3f})")
-            if step % checkpoint_every == 0 or step == steps:
-                checkpoints.save(step, params, optimizer, {"run": run, "losses": losses})
-    model.eval()
-
-    def build(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        lm.tokenizer.save_pretrained(tmp)
-        training = {
-            **run,
-            "data_source": str(beir or corpus),
-            "split": split if beir else None,
-            "steps": step,
-        }
-        (tmp / "ragfleet_training.json").write_text(json.dumps(training, indent=2, sort_keys=True))
-
-    publish_dir(out, build, carry=(CHECKPOINTS_DIR,))
-    return {
-        "steps": step,
-        "start_step": start_step,
-        "pairs": len(pairs),
-        "examples": len(examples),
-        "initial_loss": float(np.mean(losses[:10])) if losses else None,
-        "final_loss": float(np.mean(losses[-10:])) if losses else None,
-        "seconds": round(time.perf_counter() - started, 1),
-        "out": str(out),
-    }
+    done = train_steps(
+        lm.model,
+        lambda rows: batch_loss(lm, examples, rows),
+        len(examples),
+        checkpoints=checkpoints,
+        run=run,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        warmup=warmup,
+        # No decay: a run resumed with more steps trains as one that asked for them at first.
+        decay=False,
+        label="train seal",
+        progress=progress,
+    )
+    record = {**run, "data_source": str(beir or corpus), "split": split if beir else None, "steps": done.step}
+    publish_run(out, save_pretrained(lm.model, lm.tokenizer), record, record_file=TRAINING_FILE)
+    return {"pairs": len(pairs)} | done.metrics(len(examples), started, out)
