@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from services.datasets.mining import Example
 from services.reranker.trainer import training_data
-from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints
+from services.runtime.artifacts import Checkpoints
 from services.runtime.models import resolve_model
 from services.runtime.training import (
     check_ranges,
@@ -131,8 +131,7 @@ def train_cross_encoder(
     )
     check_teacher(teacher, allow_none=True)
     out = Path(out)
-    checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
-    checkpoints.start(resume)
+    checkpoints = Checkpoints.for_run(out, resume)
     data = training_data(
         client,
         checkpoints,

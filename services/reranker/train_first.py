@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from services.datasets.mining import Example
 from services.reranker.first import FirstReranker, Prompt, max_positions
 from services.reranker.trainer import training_data
-from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints
+from services.runtime.artifacts import Checkpoints
 from services.runtime.models import resolve_model
 from services.runtime.settings import RerankerSettings
 from services.runtime.training import check_ranges, check_teacher, publish_run, save_pretrained, train_steps
@@ -196,8 +196,7 @@ def train_first(
     settings = RerankerSettings(first_window=window, first_passage_tokens=passage_tokens, device=device)
     check_teacher(teacher)
     out = Path(out)
-    checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
-    checkpoints.start(resume)
+    checkpoints = Checkpoints.for_run(out, resume)
     data = training_data(
         client,
         checkpoints,

@@ -188,6 +188,13 @@ class Checkpoints:
         found = self.all()
         return found[-1] if found else None
 
+    @classmethod
+    def for_run(cls, out: Path, resume: bool) -> Checkpoints:
+        """The checkpoints of a trainer writing to `out` (`out/checkpoints`), checked by `start`."""
+        checkpoints = cls(out / CHECKPOINTS_DIR)
+        checkpoints.start(resume)
+        return checkpoints
+
     def start(self, resume: bool) -> Checkpoint | None:
         """Where a run starts: the latest checkpoint if `resume` (None if there is none yet), None for a new
         run; ParamError naming `resume` if a new run would train into the run saved here."""

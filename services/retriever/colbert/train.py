@@ -53,7 +53,7 @@ from kernels.maxsim import maxsim_reference
 from services.datasets.collections import load_beir
 from services.datasets.pairs import document_text, inverse_cloze, judged_queries, sample
 from services.retriever.colbert.encoder import ColbertEncoder, project_tokens
-from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, publish_file
+from services.runtime.artifacts import Checkpoints, publish_file
 from services.runtime.model_errors import ParamError
 from services.runtime.training import (
     CROSS_ENCODER_PREFIX,
@@ -333,8 +333,8 @@ def train_colbert(
     )
     check_teacher(teacher)
     out = Path(out)
-    checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
-    latest = checkpoints.start(resume)
+    checkpoints = Checkpoints.for_run(out, resume)
+    latest = checkpoints.latest()
 
     pairs = (
         beir_pairs(beir, split, max_queries, seed) if beir else pseudo_query_pairs(corpus, max_queries, seed)

@@ -54,7 +54,7 @@ from safetensors.torch import load_file, save_file
 from services.datasets.mining import Example
 from services.datasets.pairs import Query
 from services.retriever.mamba.model import MambaConfig, MambaEncoder, MambaModel, load_weights
-from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, publish_file
+from services.runtime.artifacts import Checkpoints, publish_file
 from services.runtime.model_errors import ParamError
 from services.runtime.models import MINILM_ID, load_sentence_transformer, resolve_model
 from services.runtime.storage import atomic_write_json
@@ -243,8 +243,7 @@ def train_mamba(
     if negatives == "fleet" and miner is None:
         raise ParamError("negatives", "'fleet' needs the running fleet to mine them (or use 'none')")
     out = Path(out)
-    checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
-    checkpoints.start(resume)
+    checkpoints = Checkpoints.for_run(out, resume)
 
     documents, queries = training_queries(beir, split, corpus, max_queries, seed)
     source = Path(beir or corpus)

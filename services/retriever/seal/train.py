@@ -40,7 +40,7 @@ import torch
 from services.datasets.collections import load_beir
 from services.datasets.pairs import inverse_cloze, judged_queries, read_corpus, sample
 from services.retriever.seal.lm import SealLM
-from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints
+from services.runtime.artifacts import Checkpoints
 from services.runtime.model_errors import ParamError
 from services.runtime.training import (
     check_ranges,
@@ -185,8 +185,7 @@ def train_seal(
         positive={"lr": lr},
     )
     out = Path(out)
-    checkpoints = Checkpoints(out / CHECKPOINTS_DIR)
-    checkpoints.start(resume)
+    checkpoints = Checkpoints.for_run(out, resume)
     torch.manual_seed(seed)
     lm = SealLM.load(base, device) if base else default_lm(device=device)
     pairs = sample(training_pairs(beir, split, corpus, pseudo, seed), max_pairs, seed)
