@@ -596,6 +596,12 @@ def eval_retrieval(
         list[str] | None,
         typer.Option(help="BACKEND=PATH_OR_ID: a backend's checkpoint (repeatable; default: the Reranker's)"),
     ] = None,
+    retrieval_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Weight (0 to 1) of the retrieval scores in the reranked order (default: each model's own)."
+        ),
+    ] = None,
     batch_size: Annotated[
         int, typer.Option(min=1, help="Queries per SearchBatch call (1: one search a query, each timed).")
     ] = 64,
@@ -629,6 +635,7 @@ def eval_retrieval(
             rerank=_names(rerank or ""),
             rerank_depth=rerank_depth,
             reranker_models=reranker_models(reranker_model or []),
+            retrieval_weight=retrieval_weight,
             batch_size=batch_size,
         )
         with _client(address, token, timeout=3600.0) as client:
@@ -733,6 +740,10 @@ MineIndexOpt = Annotated[
 StepsOpt = Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")]
 PeakLrOpt = Annotated[float, typer.Option(help="AdamW peak learning rate.")]
 MineDepthOpt = Annotated[int, typer.Option(help="Hits per retriever searched for negatives.")]
+ValidationOpt = Annotated[
+    float,
+    typer.Option(help="Share of the queries held out to tune the weight of the retrieval scores."),
+]
 MaxQueriesOpt = Annotated[int | None, typer.Option(help="Train on at most this many queries.")]
 CheckpointEveryOpt = Annotated[int, typer.Option(help="Steps between checkpoints.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue from the last one in OUT/checkpoints.")]
@@ -813,6 +824,7 @@ def train_cross_encoder_command(
     max_length: Annotated[int, typer.Option(help="Tokens of a (query, passage) input.")] = 256,
     lr: PeakLrOpt = 5e-5,
     mine_depth: MineDepthOpt = 30,
+    validation: ValidationOpt = 0.1,
     max_queries: MaxQueriesOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the data order, the head and pseudo-queries.")] = 0,
     checkpoint_every: CheckpointEveryOpt = 50,
@@ -855,6 +867,7 @@ def train_first_command(
     lr: PeakLrOpt = 5e-5,
     ranking_weight: Annotated[float, typer.Option(help="Weight of the RankNet loss.")] = 10.0,
     mine_depth: MineDepthOpt = 30,
+    validation: ValidationOpt = 0.1,
     max_queries: MaxQueriesOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the data and window orders, and pseudo-queries.")] = 0,
     checkpoint_every: CheckpointEveryOpt = 25,

@@ -96,11 +96,13 @@ def inverse_cloze(texts: Sequence[str], seed: int) -> list[Cloze]:
 
 @dataclass(frozen=True)
 class Query:
-    """A training query: its positive texts and the documents that must not be its negatives."""
+    """A training query: its positive texts, the documents that must not be its negatives, and the
+    documents of the corpus that count as its relevant ones when it validates a model."""
 
     text: str
     positives: list[str]
     exclude: frozenset[str]
+    relevant: frozenset[str]
 
 
 def beir_queries(folder: str | Path, split: str) -> tuple[dict[str, dict[str, Any]], list[Query]]:
@@ -109,15 +111,17 @@ def beir_queries(folder: str | Path, split: str) -> tuple[dict[str, dict[str, An
     queries = []
     for judged in judged_queries(data):
         positives = [document_text(data.corpus[d]["title"], data.corpus[d]["text"]) for d in judged.relevant]
-        queries.append(Query(judged.text, positives, judged.judged))
+        queries.append(Query(judged.text, positives, judged.judged, frozenset(judged.relevant)))
     return data.corpus, queries
 
 
 def pseudo_queries(documents: dict[str, dict[str, Any]], seed: int) -> list[Query]:
-    """Inverse-cloze queries from the documents' texts; a positive keeps its document's title."""
+    """Inverse-cloze queries from the documents' texts; a positive keeps its document's title, and the
+    document a query was cut from is its relevant one."""
     ids = list(documents)
     queries = []
     for source, query, rest in inverse_cloze([doc["text"] for doc in documents.values()], seed):
         doc_id = ids[source]
-        queries.append(Query(query, [document_text(documents[doc_id]["title"], rest)], frozenset([doc_id])))
+        positive = document_text(documents[doc_id]["title"], rest)
+        queries.append(Query(query, [positive], frozenset([doc_id]), frozenset([doc_id])))
     return queries

@@ -17,7 +17,9 @@ in `retrievers`, an item is a list of retriever names (fused) or one name.
     batch_size: 64      # IR queries per SearchBatch call (default 1: each query timed on its own)
 
 In `rerank`, false is no reranking, true the Reranker's default backend and a name that backend;
-`reranker_models` names the checkpoint (path or id) of a backend, else the Reranker's default is used.
+`reranker_models` names the checkpoint (path or id) of a backend, else the Reranker's default is used;
+`retrieval_weight` (0 to 1) sets the weight of the retrieval scores in every reranked order, else each
+model's own is used.
 
 `run_experiment` drives the Pipeline through the SDK client:
 
@@ -293,9 +295,10 @@ class RunConfig:
     colbert_model: str = ""
     mamba_model: str = ""
     seal_model: str = ""
-    # Both are 0 / "" for a run without reranking.
+    # 0 / "" / None for a run without reranking; a None weight is each reranker model's own.
     rerank_depth: int = 0
     reranker_model: str = ""
+    retrieval_weight: float | None = None
 
     @property
     def ingest(self) -> IngestSettings:
@@ -318,7 +321,8 @@ class RunConfig:
         """The SDK's `rerank` argument of a reranked run that rescores `depth` passages: required, so a
         Reranker without a model fails the run instead of leaving retrieval order."""
         backend = "" if self.rerank is True else str(self.rerank)
-        return {"backend": backend, "model": self.reranker_model, "depth": depth, "required": True}
+        spec = {"backend": backend, "model": self.reranker_model, "depth": depth, "required": True}
+        return spec if self.retrieval_weight is None else spec | {"retrieval_weight": self.retrieval_weight}
 
 
 class ExperimentConfig(BaseModel):
@@ -340,6 +344,9 @@ class ExperimentConfig(BaseModel):
     # The checkpoint (path or id) of each reranker backend that sweep.rerank names; the Reranker's
     # default for the others.
     reranker_models: dict[str, str] = {}
+    # The weight (0 to 1) of the retrieval scores in every reranked run's order; None: each reranker
+    # model's own (the weight its trainer tuned).
+    retrieval_weight: float | None = Field(None, ge=0, le=1)
 
     @field_validator("metrics")
     @classmethod
@@ -427,6 +434,7 @@ class ExperimentConfig(BaseModel):
                 seal,
                 rerank_depth=depth if rerank is not False else 0,
                 reranker_model=self.reranker_models.get(rerank, "") if isinstance(rerank, str) else "",
+                retrieval_weight=self.retrieval_weight if rerank is not False else None,
             )
             for (
                 store,
@@ -776,6 +784,7 @@ def _rerank_summary(reports: Sequence[Any]) -> dict[str, Any]:
         "model_ids": sorted({r.model_id for r in reports if r.model_id}),
         "candidates": sum(r.candidates for r in reports),
         "truncated": sum(r.truncated for r in reports),
+        "retrieval_weights": sorted({round(r.retrieval_weight, 4) for r in reports if r.model_id}),
     }
 
 

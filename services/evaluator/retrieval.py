@@ -88,6 +88,7 @@ def retrieval_experiment(
     rerank: Sequence[str] = (),
     rerank_depth: int = 30,
     reranker_models: Mapping[str, str] | None = None,
+    retrieval_weight: float | None = None,
     batch_size: int = BATCH_SIZE,
 ) -> experiments.ExperimentConfig:
     """The experiment behind `ragfleet eval retrieval` (see the module docstring); `index` names an
@@ -127,6 +128,7 @@ def retrieval_experiment(
         index=index,
         keep_index=keep_index,
         reranker_models=dict(reranker_models or {}),
+        retrieval_weight=retrieval_weight,
         batch_size=batch_size,
     )
 

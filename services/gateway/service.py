@@ -319,6 +319,8 @@ class PipelineService:
             model=rerank.model,
             backend=rerank.backend,
         )
+        if rerank.HasField("retrieval_weight"):
+            request.retrieval_weight = rerank.retrieval_weight
         try:
             reply = await reranker.stub.Rerank(
                 request, metadata=reranker.metadata(ctx), timeout=self._timeout(ctx)
@@ -328,7 +330,8 @@ class PipelineService:
                 note = f"the reranker has no model ({err.details()}), so passages are in retrieval order"
                 return passages[:top_k], pipeline_pb2.RerankReport(note=note), []
             field, _, problem = (err.details() or "").partition(": ")
-            if err.code() == grpc.StatusCode.INVALID_ARGUMENT and field in ("model", "backend"):
+            caller_fields = ("model", "backend", "retrieval_weight")
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT and field in caller_fields:
                 raise invalid_argument(f"reranking.{field}", f"{problem} (reranker)") from err
             raise relay(err, "reranker") from err
         report = pipeline_pb2.RerankReport(
@@ -337,6 +340,7 @@ class PipelineService:
             candidates=len(passages),
             truncated=reply.truncated,
             max_length=reply.max_length,
+            retrieval_weight=reply.retrieval_weight,
         )
         timings = [common_pb2.Timing(stage="rerank", millis=_ms(start)), *reply.timings]
         return list(reply.results), report, timings

@@ -12,16 +12,20 @@ another backend.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
+
+import numpy as np
 
 from services.runtime.model_errors import ArtifactError
 from services.runtime.models import resolve_model
 from services.runtime.settings import RerankerSettings
+from services.runtime.training import TRAIN_FILE
 
 # name -> "module:Class"
 BACKENDS: dict[str, str] = {
@@ -51,6 +55,9 @@ class RerankerModel(ABC):
     TRAIN_COMMAND: ClassVar[str | None]
     # A file every complete checkpoint folder holds (a trainer's checkpoints may come first).
     CHECKPOINT_FILE: ClassVar[str] = "config.json"
+    # The weight of the retrieval scores in this model's final order (see `blend`) when a call names
+    # none: what the checkpoint's trainer tuned on held-out queries (`trained_retrieval_weight`), else 0.
+    retrieval_weight: float = 0.0
 
     @classmethod
     @abstractmethod
@@ -111,6 +118,43 @@ def find_checkpoint(name_or_path: str, architectures: tuple[str, ...], kind: str
             f"{name_or_path!r} is not {kind}: its config names {', '.join(found) or 'no architecture'}"
         )
     return ModelFiles(path, local_only, config)
+
+
+def trained_retrieval_weight(path: str) -> float:
+    """The retrieval weight a ragfleet trainer recorded in the checkpoint folder's train.json; 0 for a
+    checkpoint without one (a hub id, a model trained elsewhere)."""
+    record = Path(path) / TRAIN_FILE
+    if not record.is_file():
+        return 0.0
+    try:
+        weight = float(json.loads(record.read_text()).get("retrieval_weight", 0.0))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ArtifactError(f"{record} is not a training record ({err})") from err
+    if not 0.0 <= weight <= 1.0:
+        raise ArtifactError(f"{record}: retrieval_weight must be between 0 and 1, got {weight}")
+    return weight
+
+
+def _scaled(values: np.ndarray) -> np.ndarray:
+    """Min-max scaled to [0, 1]; all zeros when every value is the same."""
+    span = float(values.max() - values.min())
+    return (values - values.min()) / span if span > 0 else np.zeros_like(values)
+
+
+def blend(ranking: Ranking, retrieval: Sequence[float], weight: float) -> Ranking:
+    """`ranking` reordered by (1 - weight) x its scores + weight x the candidates' `retrieval` scores
+    (by candidate position), each min-max scaled over the candidates; ties keep the model's order.
+
+    Interpolating a reranker's scores with the first stage's is the usual guard against a reranker that
+    is weaker than its retrievers on some corpus: weight 1 is retrieval order, 0 the model's alone."""
+    if weight == 0.0:
+        return ranking
+    order = np.asarray(ranking.order)
+    model = np.empty(len(order))
+    model[order] = ranking.scores
+    mixed = (1.0 - weight) * _scaled(model) + weight * _scaled(np.asarray(retrieval, dtype=float))
+    ranked = order[np.argsort(-mixed[order], kind="stable")]
+    return replace(ranking, order=ranked.tolist(), scores=mixed[ranked].tolist())
 
 
 def backend_class(name: str) -> type[RerankerModel]:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from services.reranker.backend import Ranking, RerankerModel, find_checkpoint
+from services.reranker.backend import Ranking, RerankerModel, find_checkpoint, trained_retrieval_weight
 from services.runtime.model_errors import ArtifactError
 from services.runtime.settings import RerankerSettings
 
@@ -52,7 +52,9 @@ class CrossEncoderReranker(RerankerModel):
         except (OSError, ValueError) as err:
             raise ArtifactError(f"{name_or_path!r} cannot be loaded as a cross-encoder ({err})") from err
         model.eval()
-        return cls(model, settings.batch_size)
+        loaded = cls(model, settings.batch_size)
+        loaded.retrieval_weight = trained_retrieval_weight(found.path)
+        return loaded
 
     @property
     def max_length(self) -> int:

@@ -12,10 +12,11 @@ A checkpoint is any Hugging Face causal LM (`*ForCausalLM` or `*LMHeadModel`) wi
 local folder or a hub id; every identifier letter must be one token of that tokenizer. The prompt is
 built from token ids, without a chat template: the query is cut to QUERY_TOKENS, and each passage to
 `max_length` tokens (`reranker.first_passage_tokens`, fewer when a full window would not fit the
-model's positions); passages cut that way are reported as truncated. Scores are 1 / rank. `Prompt`
-builds these ids for the backend and for its trainer (`services.reranker.train_first`, `ragfleet train
-first`, which writes the default checkpoint to <home>/models/first: a plain Hugging Face causal LM, so
-loading it needs nothing of its own here).
+model's positions); passages cut that way are reported as truncated. Scores are positional, 1 for the
+first of n and 1/n less for each rank below (so blending them with retrieval scores weighs every rank
+alike). `Prompt` builds these ids for the backend and for its trainer (`services.reranker.train_first`,
+`ragfleet train first`, which writes the default checkpoint to <home>/models/first: a plain Hugging
+Face causal LM, so loading it needs nothing of its own here).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from services.reranker.backend import Ranking, RerankerModel, find_checkpoint
+from services.reranker.backend import Ranking, RerankerModel, find_checkpoint, trained_retrieval_weight
 from services.runtime.model_errors import ArtifactError
 from services.runtime.settings import RerankerSettings
 
@@ -114,7 +115,9 @@ class FirstReranker(RerankerModel):
             model = AutoModelForCausalLM.from_pretrained(found.path, local_files_only=found.local_files_only)
         except (OSError, ValueError) as err:
             raise ArtifactError(f"{name_or_path!r} cannot be loaded as a causal LM ({err})") from err
-        return cls(model.to(settings.device), tokenizer, settings)
+        loaded = cls(model.to(settings.device), tokenizer, settings)
+        loaded.retrieval_weight = trained_retrieval_weight(found.path)
+        return loaded
 
     @property
     def max_length(self) -> int:
@@ -149,7 +152,7 @@ class FirstReranker(RerankerModel):
         scored = time.perf_counter()
         return Ranking(
             order=order,
-            scores=[1.0 / rank for rank in range(1, len(order) + 1)],
+            scores=[1.0 - i / len(order) for i in range(len(order))],
             truncated=truncated,
             timings=[
                 ("rerank.tokenize", (tokenized - start) * 1000),

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ragfleet.v1 import common_pb2, reranker_pb2
-from services.reranker.backend import BACKENDS, Ranking, RerankerModel, backend_class
+from services.reranker.backend import BACKENDS, Ranking, RerankerModel, backend_class, blend
 from services.runtime import validation
 from services.runtime.context import CallContext
 from services.runtime.errors import failed_precondition, invalid_argument
@@ -196,11 +196,18 @@ class RerankerService:
         validation.candidates(request.candidates, "candidates", self.limits, self.config.max_candidates)
         top_k = validation.top_k_of(request.top_k, "top_k", len(request.candidates), "candidates")
         texts = [passage_text(c.passage) for c in request.candidates]
+        asked_weight = request.HasField("retrieval_weight")
+        if asked_weight and not 0.0 <= request.retrieval_weight <= 1.0:
+            raise invalid_argument(
+                "retrieval_weight", f"must be between 0 and 1, got {request.retrieval_weight}"
+            )
 
         start = time.perf_counter()
         loaded = await asyncio.to_thread(self.model, backend, request.model)
         load_ms = (time.perf_counter() - start) * 1000
         ranking = await loaded.batcher.rank(query, texts)
+        weight = request.retrieval_weight if asked_weight else loaded.model.retrieval_weight
+        ranking = blend(ranking, [c.score for c in request.candidates], weight)
         results = []
         for rank, (i, score) in enumerate(zip(ranking.order[:top_k], ranking.scores), start=1):
             result = common_pb2.ScoredPassage()
@@ -216,4 +223,5 @@ class RerankerService:
             truncated=ranking.truncated,
             max_length=loaded.model.max_length,
             backend=backend,
+            retrieval_weight=weight,
         )

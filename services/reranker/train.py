@@ -42,9 +42,11 @@ import torch
 import torch.nn.functional as F
 
 from services.datasets.mining import Example
-from services.reranker.trainer import training_data
+from services.reranker.cross_encoder import CrossEncoderReranker
+from services.reranker.trainer import TunedRecord, training_data
 from services.runtime.artifacts import Checkpoints
 from services.runtime.models import resolve_model
+from services.runtime.settings import RerankerSettings
 from services.runtime.training import (
     check_ranges,
     check_teacher,
@@ -104,6 +106,7 @@ def train_cross_encoder(
     warmup: int = 20,
     distill_weight: float = 1.0,
     mine_depth: int = 30,
+    validation: float = 0.1,
     max_queries: int | None = None,
     seed: int = 0,
     checkpoint_every: int = 50,
@@ -128,6 +131,7 @@ def train_cross_encoder(
         },
         positive={"lr": lr},
         non_negative={"distill_weight": distill_weight},
+        below_one={"validation": validation},
     )
     check_teacher(teacher, allow_none=True)
     out = Path(out)
@@ -144,6 +148,7 @@ def train_cross_encoder(
         mine_depth=mine_depth,
         negatives=negatives,
         teacher=teacher,
+        validation=validation,
         device=device,
         progress=progress,
     )
@@ -188,5 +193,8 @@ def train_cross_encoder(
     record |= {"split": split if beir else None, "examples": len(data.examples)}
     record |= {"final_loss": metrics["final_loss"]}
     tokenizer.model_max_length = max_length
-    publish_run(out, save_pretrained(model, tokenizer), record)
-    return metrics
+    model.eval()
+    settings = RerankerSettings(device=device)
+    tuned = TunedRecord(record, CrossEncoderReranker, settings, data.held_out, progress)
+    publish_run(out, save_pretrained(model, tokenizer), tuned)
+    return metrics | {"retrieval_weight": tuned.tuned["retrieval_weight"]}

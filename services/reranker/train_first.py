@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from services.datasets.mining import Example
 from services.reranker.first import FirstReranker, Prompt, max_positions
-from services.reranker.trainer import training_data
+from services.reranker.trainer import TunedRecord, training_data
 from services.runtime.artifacts import Checkpoints
 from services.runtime.models import resolve_model
 from services.runtime.settings import RerankerSettings
@@ -170,6 +170,7 @@ def train_first(
     warmup: int = 10,
     ranking_weight: float = 10.0,
     mine_depth: int = 30,
+    validation: float = 0.1,
     max_queries: int | None = None,
     seed: int = 0,
     checkpoint_every: int = 25,
@@ -192,6 +193,7 @@ def train_first(
         },
         positive={"lr": lr},
         non_negative={"ranking_weight": ranking_weight},
+        below_one={"validation": validation},
     )
     settings = RerankerSettings(first_window=window, first_passage_tokens=passage_tokens, device=device)
     check_teacher(teacher)
@@ -209,6 +211,7 @@ def train_first(
         mine_depth=mine_depth,
         negatives=window - 1,
         teacher=teacher,
+        validation=validation,
         device=device,
         progress=progress,
     )
@@ -245,5 +248,7 @@ def train_first(
     record |= {"data_source": str(data.source), "split": split if beir else None}
     record |= {"examples": len(windows), "positions": max_positions(model.config)}
     record |= {"final_loss": metrics["final_loss"]}
-    publish_run(out, save_pretrained(model, tokenizer), record)
-    return metrics
+    model.eval()
+    tuned = TunedRecord(record, FirstReranker, settings, data.held_out, progress)
+    publish_run(out, save_pretrained(model, tokenizer), tuned)
+    return metrics | {"retrieval_weight": tuned.tuned["retrieval_weight"]}

@@ -18,6 +18,14 @@ every text of an example. The examples and their teacher scores are kept in
 `out/checkpoints/examples.json` under a key of the data and mining settings, so a resumed run needs
 neither the fleet nor the teacher.
 
+Validation: a `validation` share of the queries (drawn by the seed) is held out of training. Each is
+searched through the Pipeline in dense and bm25 fused, `mine_depth` deep, as an Ask with reranking would
+be, and the list is kept with the examples. Once trained, the model reranks those lists, and the weight
+of the retrieval scores in the final order (`backend.blend`) that gives the best mean nDCG@10 over them
+(0 to 1 by tenths, the smallest on a tie) is written to the model's train.json with the whole curve:
+the Reranker blends by it when a call names no weight. On pseudo-queries a held-out query's relevant
+document is the one it was cut from.
+
 The loop (`runtime.training.train_steps`): AdamW with linear warmup and linear decay to 0 at `steps`;
 batches follow a fixed permutation per epoch drawn from (seed, epoch) (`runtime.training.batch_indices`),
 and dropout draws from torch's RNG, whose state the checkpoints keep (`runtime.artifacts.Checkpoints`,
@@ -30,13 +38,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from services.datasets.mining import Example, mine_examples, prepare_index
+from services.datasets.mining import MINED_RETRIEVERS, SEARCH_CHUNK, Example, mine_examples, prepare_index
+from services.datasets.pairs import Query, document_text
+from services.evaluator.metrics.ir import evaluate_run
+from services.reranker.backend import RerankerModel, blend
 from services.reranker.cross_encoder import CrossEncoderReranker
 from services.runtime.artifacts import Checkpoints
 from services.runtime.model_errors import ParamError
@@ -44,16 +57,34 @@ from services.runtime.models import load_sentence_transformer
 from services.runtime.settings import RerankerSettings
 from services.runtime.storage import atomic_write_json
 from services.runtime.training import CROSS_ENCODER_PREFIX, DENSE_TEACHER, index_name, training_queries
+from services.ui import progress_bar
 
 DENSE_MODEL = "all-MiniLM-L6-v2"
 EXAMPLES_FILE = "examples.json"
+# The retrieval weights tried on the held-out queries.
+WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
+# Held-out lists reranked per progress-bar update.
+VALIDATION_CHUNK = 8
+
+
+@dataclass
+class HeldOut:
+    """A held-out query's fused retrieval list, as the Reranker would get it, and its relevant documents."""
+
+    query: str
+    doc_ids: list[str]
+    texts: list[str]
+    scores: list[float]
+    relevant: list[str]
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """A run's examples, the key of the data and settings they were made from, and where from."""
+    """A run's examples and held-out lists, the key of the data and settings they came from, and where
+    from."""
 
     examples: list[Example]
+    held_out: list[HeldOut]
     key: str
     index: str
     source: Path
@@ -85,11 +116,96 @@ def add_teacher_scores(examples: list[Example], teacher: str, device: str, progr
         ex.teacher = [float(x) for x in logits[i * group : (i + 1) * group]]
 
 
-def _load_examples(path: Path, key: str) -> list[Example] | None:
+def split_off(queries: list[Query], share: float, seed: int) -> tuple[list[Query], list[Query]]:
+    """(training queries, held-out queries): `share` of them (rounded down) held out, drawn by `seed`."""
+    held = set(np.random.default_rng(seed).permutation(len(queries))[: int(len(queries) * share)].tolist())
+    return (
+        [q for i, q in enumerate(queries) if i not in held],
+        [q for i, q in enumerate(queries) if i in held],
+    )
+
+
+def held_out_lists(client: Any, index: str, queries: Sequence[Query], depth: int) -> list[HeldOut]:
+    """Each query's list from the fleet: dense and bm25 fused, `depth` deep."""
+    lists = []
+    for start in range(0, len(queries), SEARCH_CHUNK):
+        chunk = queries[start : start + SEARCH_CHUNK]
+        reply = client.search_batch(
+            [q.text for q in chunk], index=index, retrievers=list(MINED_RETRIEVERS), top_k=depth
+        )
+        for query, response in zip(chunk, reply.responses, strict=True):
+            hits = list(response.results)
+            lists.append(
+                HeldOut(
+                    query=query.text,
+                    doc_ids=[h.passage.doc_id for h in hits],
+                    texts=[document_text(h.passage.title, h.passage.text) for h in hits],
+                    scores=[h.score for h in hits],
+                    relevant=sorted(query.relevant),
+                )
+            )
+    return [h for h in lists if h.texts]
+
+
+def tune_retrieval_weight(model: RerankerModel, lists: Sequence[HeldOut], progress: bool) -> dict[str, Any]:
+    """The retrieval weight (of WEIGHTS) that gives `model` the best mean nDCG@10 over the held-out
+    lists, the smallest on a tie, with each weight's nDCG@10; weight 0 when there are no lists."""
+    if not lists:
+        return {"retrieval_weight": 0.0, "validation": None}
+    rankings = []
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("tuning the retrieval weight", total=len(lists))
+        for start in range(0, len(lists), VALIDATION_CHUNK):
+            chunk = lists[start : start + VALIDATION_CHUNK]
+            rankings.extend(model.rerank_many([(h.query, h.texts) for h in chunk]))
+            bar.update(task, advance=len(chunk))
+    qrels = {str(i): {doc: 1 for doc in h.relevant} for i, h in enumerate(lists)}
+    curve = {}
+    for weight in WEIGHTS:
+        run = {}
+        for i, (held, ranking) in enumerate(zip(lists, rankings, strict=True)):
+            order = blend(ranking, held.scores, weight).order
+            ranked: dict[str, float] = {}
+            for position, candidate in enumerate(order):
+                ranked.setdefault(held.doc_ids[candidate], float(len(order) - position))
+            run[str(i)] = ranked
+        curve[weight] = round(evaluate_run(run, qrels, ["ndcg_cut_10"])[0]["ndcg@10"], 5)
+    best = max(WEIGHTS, key=lambda w: (curve[w], -w))
+    validation = {"queries": len(lists), "depth": max(len(h.texts) for h in lists)}
+    validation["ndcg@10"] = {str(w): v for w, v in curve.items()}
+    return {"retrieval_weight": best, "validation": validation}
+
+
+class TunedRecord:
+    """The train.json of a model saved in a folder (a `record` for `runtime.training.publish_run`): the
+    run's `record` and the retrieval weight tuned on `lists` with the saved model as the backend loads
+    it; `tuned` keeps what the tuning found."""
+
+    def __init__(
+        self,
+        record: Mapping[str, Any],
+        backend: type[RerankerModel],
+        settings: RerankerSettings,
+        lists: Sequence[HeldOut],
+        progress: bool,
+    ) -> None:
+        self.record, self.backend, self.settings = record, backend, settings
+        self.lists, self.progress = lists, progress
+        self.tuned: dict[str, Any] = {}
+
+    def __call__(self, folder: Path) -> dict[str, Any]:
+        model = self.backend.load(str(folder), self.settings)
+        self.tuned = tune_retrieval_weight(model, self.lists, self.progress)
+        return {**self.record, **self.tuned}
+
+
+def _load_saved(path: Path, key: str) -> tuple[list[Example], list[HeldOut]] | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return [Example(**ex) for ex in saved["examples"]] if saved.get("key") == key else None
+    if saved.get("key") != key:
+        return None
+    return [Example(**ex) for ex in saved["examples"]], [HeldOut(**h) for h in saved["held_out"]]
 
 
 def training_data(
@@ -105,28 +221,35 @@ def training_data(
     mine_depth: int,
     negatives: int,
     teacher: str,
+    validation: float,
     device: str,
     progress: bool,
 ) -> TrainingData:
-    """The run's examples: the saved ones if their key matches, else mined through `client` (a
-    `ragfleet.Client` of the running fleet), scored by `teacher` ("none" for no scores) and saved."""
+    """The run's examples and held-out lists: the saved ones if their key matches, else mined through
+    `client` (a `ragfleet.Client` of the running fleet), scored by `teacher` ("none" for no scores) and
+    saved."""
     documents, queries = training_queries(beir, split, corpus, max_queries, seed)
     source = Path(beir or corpus)
     index = index or index_name(source, "reranker-train")
-    data = {"queries": [asdict(q) | {"exclude": sorted(q.exclude)} for q in queries], "index": index}
-    data |= {"mine_depth": mine_depth, "negatives": negatives, "teacher": teacher}
+    sets = {"exclude": sorted, "relevant": sorted}
+    data = {"queries": [asdict(q) | {k: f(getattr(q, k)) for k, f in sets.items()} for q in queries]}
+    data |= {"index": index, "mine_depth": mine_depth, "negatives": negatives, "teacher": teacher}
+    data |= {"validation": validation, "seed": seed}
     key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     examples_file = checkpoints.root / EXAMPLES_FILE
-    examples = _load_examples(examples_file, key)
-    if examples is None:
+    saved = _load_saved(examples_file, key)
+    if saved is None:
+        training, held = split_off(queries, validation, seed)
         prepare_index(client, index, documents.values())
         examples = mine_examples(
-            client, index, queries, depth=mine_depth, negatives=negatives, progress=progress
+            client, index, training, depth=mine_depth, negatives=negatives, progress=progress
         )
         if not examples:
             raise ParamError("data", f"the fleet's index {index!r} gave no query {negatives} negatives")
         if teacher != "none":
             add_teacher_scores(examples, teacher, device, progress)
-        atomic_write_json(examples_file, {"key": key, "examples": [asdict(ex) for ex in examples]})
-    return TrainingData(examples, key, index, source)
+        saved = examples, held_out_lists(client, index, held, mine_depth)
+        record = {"key": key, "examples": [asdict(ex) for ex in saved[0]]}
+        atomic_write_json(examples_file, record | {"held_out": [asdict(h) for h in saved[1]]})
+    return TrainingData(*saved, key, index, source)

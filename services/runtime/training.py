@@ -48,9 +48,11 @@ def check_ranges(
     at_least: Mapping[str, tuple[float, float]] | None = None,
     positive: Mapping[str, float | None] | None = None,
     non_negative: Mapping[str, float | None] | None = None,
+    below_one: Mapping[str, float] | None = None,
 ) -> None:
     """ParamError naming the first field out of range, checking `at_least` (field -> (value, lowest
-    allowed)), then `positive`, then `non_negative` (field -> value; None for one left unset)."""
+    allowed)), then `positive`, then `non_negative` (field -> value; None for one left unset), then
+    `below_one` (field -> a share, 0 <= value < 1)."""
     for field, (value, low) in (at_least or {}).items():
         if not value >= low:
             raise ParamError(field, f"must be at least {low}, got {value}")
@@ -60,6 +62,9 @@ def check_ranges(
     for field, value in (non_negative or {}).items():
         if value is not None and not value >= 0:
             raise ParamError(field, f"must not be negative, got {value}")
+    for field, value in (below_one or {}).items():
+        if not 0 <= value < 1:
+            raise ParamError(field, f"must be at least 0 and below 1, got {value}")
 
 
 def check_source(beir: Path | None, corpus: Path | None) -> None:
@@ -246,14 +251,19 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor])
 
 
 def publish_run(
-    out: Path, save: Callable[[Path], None], record: Mapping[str, Any], *, record_file: str = TRAIN_FILE
+    out: Path,
+    save: Callable[[Path], None],
+    record: Mapping[str, Any] | Callable[[Path], Mapping[str, Any]],
+    *,
+    record_file: str = TRAIN_FILE,
 ) -> None:
     """`save(folder)` (the trained model) and `record` (as JSON in `record_file`) published at `out`
-    whole, the run's checkpoints carried along."""
+    whole, the run's checkpoints carried along. A callable `record` is called with the folder the model
+    was saved in, so it can measure the saved model before anyone sees it."""
 
     def build(tmp: Path) -> None:
         save(tmp)
-        atomic_write_json(tmp / record_file, record)
+        atomic_write_json(tmp / record_file, record(tmp) if callable(record) else record)
 
     publish_dir(out, build, carry=(CHECKPOINTS_DIR,))
 

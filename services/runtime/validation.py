@@ -179,6 +179,10 @@ def reranking(
             f"{field}.depth",
             f"must be between retrieval.top_k ({top_k}) and {limits.max_top_k}, got {spec.depth}",
         )
+    if spec.HasField("retrieval_weight") and not 0.0 <= spec.retrieval_weight <= 1.0:
+        raise invalid_argument(
+            f"{field}.retrieval_weight", f"must be between 0 and 1, got {spec.retrieval_weight}"
+        )
     return checked
 
 

@@ -71,7 +71,7 @@ def words(text: str) -> set[str]:
 
 class FakeFleet:
     """What the trainers use of `ragfleet.Client`: an index of whole documents searched by word overlap
-    (bm25) or by overlap of the first three letters of words (dense)."""
+    (bm25) or by overlap of the first three letters of words (dense), and fused when both are named."""
 
     def __init__(self) -> None:
         self.indexes: dict[str, list[dict]] = {}
@@ -86,21 +86,26 @@ class FakeFleet:
         self.indexes[index] = list(documents)
 
     def search_batch(self, queries, *, index: str, retrievers: list[str], top_k: int):
-        (name,) = retrievers
-        self.searches.append((name, top_k))
-        view = words if name == "bm25" else (lambda t: {w[:3] for w in words(t)})
+        """Each retriever's ranking, or for several their ranks fused (reciprocal rank, k = 60)."""
+        self.searches.append((",".join(retrievers), top_k))
         responses = []
         for query in queries:
-            ranked = sorted(
-                self.indexes[index], key=lambda d: -len(view(query) & view(d["title"] + " " + d["text"]))
-            )
+            fused: dict[str, float] = {}
+            for name in retrievers:
+                view = words if name == "bm25" else (lambda t: {w[:3] for w in words(t)})
+                ranked = sorted(
+                    self.indexes[index], key=lambda d: -len(view(query) & view(d["title"] + " " + d["text"]))
+                )
+                for rank, d in enumerate(ranked, start=1):
+                    fused[d["id"]] = fused.get(d["id"], 0.0) + 1 / (60 + rank)
+            docs = {d["id"]: {"title": d["title"], "text": d["text"]} for d in self.indexes[index]}
+            best = sorted(fused, key=lambda doc_id: -fused[doc_id])[:top_k]
             results = [
                 common_pb2.ScoredPassage(
-                    passage=common_pb2.Passage(
-                        id=f"{d['id']}#0", doc_id=d["id"], title=d["title"], text=d["text"]
-                    )
+                    passage=common_pb2.Passage(id=f"{d}#0", doc_id=d, **docs[d]),
+                    score=fused[d],
                 )
-                for d in ranked[:top_k]
+                for d in best
             ]
             responses.append(pipeline_pb2.PipelineSearchResponse(results=results))
         return pipeline_pb2.PipelineSearchBatchResponse(responses=responses)

@@ -85,7 +85,9 @@ class FakeClient:
         else:
             self.calls.append(("rerank", tuple(retrievers), top_k, rerank))
             ranking = ranking[: rerank["depth"]][::-1][:top_k]
-            report = SimpleNamespace(model_id=rerank["backend"], candidates=len(ranking), truncated=0)
+            report = SimpleNamespace(
+                model_id=rerank["backend"], candidates=len(ranking), truncated=0, retrieval_weight=0.0
+            )
         return SimpleNamespace(
             rerank=report,
             results=[

@@ -47,6 +47,7 @@ def test_defaults_give_one_run() -> None:
         "seal_model": "",
         "rerank_depth": 0,
         "reranker_model": "",
+        "retrieval_weight": None,
     }
     assert config.metrics is None and config.max_queries is None and not config.keep_index
 
@@ -109,6 +110,10 @@ reranker_models: {cross_encoder: /ckpt/ce}
         "required": True,
     }
     assert runs[-1].rerank_spec(30)["backend"] == ""
+    # A retrieval weight set for the experiment goes with every reranked run, and only with those.
+    weighted = ExperimentConfig.from_yaml(path).model_copy(update={"retrieval_weight": 0.4}).runs()
+    assert [r.retrieval_weight for r in weighted] == [None] + [0.4] * 6
+    assert weighted[1].rerank_spec(10)["retrieval_weight"] == 0.4
 
 
 def test_whole_documents_ignore_window_sizes_when_sharing_an_index() -> None:
@@ -232,7 +237,10 @@ class FakeClient:
             results = [passage(p.passage.doc_id, 9, -1.0 * i) for i, p in enumerate(reversed(candidates))]
             results = results[:top_k]
             timings.append(SimpleNamespace(stage="rerank", millis=5.0))
-            report = SimpleNamespace(model_id="ce@1", candidates=len(candidates), truncated=1)
+            weight = rerank.get("retrieval_weight", 0.3)
+            report = SimpleNamespace(
+                model_id="ce@1", candidates=len(candidates), truncated=1, retrieval_weight=weight
+            )
         return SimpleNamespace(
             results=results,
             timings=timings,
@@ -331,7 +339,9 @@ def test_reranked_runs_put_the_reranked_head_before_the_retrieval_tail(
     assert deep["per_query"]["q1"]["mrr@10"] == 1.0
     assert plain["rerank"] is None and plain["config"]["rerank"] is False
     assert shallow["config"] | {"rerank": "cross_encoder", "rerank_depth": 1} == shallow["config"]
-    assert deep["rerank"] == {"model_ids": ["ce@1"], "candidates": 3, "truncated": 2}
+    assert deep["rerank"] == {
+        "model_ids": ["ce@1"], "candidates": 3, "truncated": 2, "retrieval_weights": [0.3]
+    }
     assert set(deep["latency_ms"]["per_query"]["q1"]) == {"retrieve", "rerank", "total"}
 
 

@@ -38,7 +38,8 @@ def test_judged_queries_keep_those_with_a_relevant_document_in_the_corpus(beir_d
 def test_beir_queries_give_positive_texts_and_exclude_every_judged_document(beir_dir: Path) -> None:
     corpus, queries = pairs.beir_queries(beir_dir, "train")
     assert list(corpus) == ["d1", "d2", "d3"]
-    assert queries == [pairs.Query("query q1", ["third", "Alpha first"], frozenset({"d1", "d2", "d3"}))]
+    judged, relevant = frozenset({"d1", "d2", "d3"}), frozenset({"d1", "d3"})
+    assert queries == [pairs.Query("query q1", ["third", "Alpha first"], judged, relevant)]
 
 
 def test_pseudo_queries_leave_their_sentence_out_of_the_positive() -> None:

@@ -36,7 +36,7 @@ def test_one_window_is_one_forward_pass(checkpoint: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(model.model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     ranking = model.rerank("which protein", TEXTS[:20])
     assert sorted(ranking.order) == list(range(20)) and len(calls) == 1
-    assert ranking.scores == [1 / r for r in range(1, 21)] and ranking.truncated == 0
+    assert ranking.scores == [1 - i / 20 for i in range(20)] and ranking.truncated == 0
 
 
 def test_the_window_slides_from_the_bottom_and_lifts_the_best(

@@ -55,6 +55,7 @@ class Reranker(reranker_pb2_grpc.RerankerServicer):
         reordered = list(reversed(request.candidates))[: request.top_k]
         return reranker_pb2.RerankResponse(
             results=reordered,
+            retrieval_weight=request.retrieval_weight if request.HasField("retrieval_weight") else 0.25,
             model_id="reverse",
             backend="cross_encoder",
             truncated=1,
@@ -103,6 +104,19 @@ async def test_search_reranks_the_deeper_list(remotes) -> None:
     report = reply.rerank
     assert (report.model_id, report.candidates, report.truncated, report.max_length) == ("reverse", 4, 1, 256)
     assert {"retrieve", "rerank", "rerank.score"} <= {t.stage for t in reply.timings}
+
+
+async def test_the_retrieval_weight_goes_to_the_reranker_only_when_set(remotes) -> None:
+    address, _, reranker = remotes
+    pipeline = gateway(address)
+    reply = await pipeline.Search(search(enabled=True, depth=4), CallContext())
+    assert not reranker.requests[0].HasField("retrieval_weight") and reply.rerank.retrieval_weight == 0.25
+    reply = await pipeline.Search(search(enabled=True, depth=4, retrieval_weight=0.0), CallContext())
+    assert reranker.requests[1].HasField("retrieval_weight") and reply.rerank.retrieval_weight == 0.0
+    with pytest.raises(ServiceError) as err:
+        await pipeline.Search(search(enabled=True, retrieval_weight=2.0), CallContext())
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.message.startswith("reranking.retrieval_weight:") and len(reranker.requests) == 2
 
 
 async def test_search_without_reranking_is_unchanged(remotes) -> None:

@@ -16,7 +16,7 @@ import pytest
 from reranker_fixtures import MAX_POSITIONS, make_tiny_bi_encoder, make_tiny_cross_encoder
 
 from ragfleet.v1 import common_pb2, reranker_pb2
-from services.reranker.backend import Ranking
+from services.reranker.backend import Ranking, blend
 from services.reranker.cross_encoder import CrossEncoderReranker
 from services.reranker.service import Batcher, RerankerService
 from services.runtime.context import CallContext
@@ -139,6 +139,9 @@ async def test_bad_input_names_the_field(tmp_path: Path, checkpoint: Path) -> No
         ({"candidates": candidates()[:3], "top_k": 1, "model": str(tmp_path / "missing")}, "model"),
         ({"candidates": candidates()[:3], "top_k": 1, "model": str(bi_encoder)}, "model"),
         ({"candidates": candidates()[:3], "top_k": 1, "model": str(two_labels)}, "model"),
+        ({"candidates": candidates()[:3], "top_k": 1, "retrieval_weight": 1.5}, "retrieval_weight"),
+        ({"candidates": candidates()[:3], "top_k": 1, "retrieval_weight": -0.1}, "retrieval_weight"),
+        ({"candidates": candidates()[:3], "top_k": 1, "retrieval_weight": float("nan")}, "retrieval_weight"),
     ]:
         with pytest.raises(ServiceError) as err:
             await rerank(svc, **fields)
@@ -146,6 +149,40 @@ async def test_bad_input_names_the_field(tmp_path: Path, checkpoint: Path) -> No
         assert err.value.message.startswith(f"{field}:"), (fields, err.value.message)
     with pytest.raises(ServiceError, match="not a cross-encoder"):
         await rerank(svc, candidates=candidates()[:3], top_k=1, model=str(bi_encoder))
+
+
+async def test_retrieval_scores_are_blended_by_the_calls_weight_else_the_models(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    svc = service(tmp_path, cross_encoder_model=str(checkpoint))
+    alone = await rerank(svc)
+    assert alone.retrieval_weight == 0.0
+    # Retrieval scores fall with the candidate's position, so weight 1 is retrieval order.
+    retrieval = await rerank(svc, retrieval_weight=1.0)
+    assert [r.passage.id for r in retrieval.results] == [f"d{i}#0" for i in range(len(TEXTS))]
+    assert retrieval.retrieval_weight == 1.0 and retrieval.results[0].score == pytest.approx(1.0)
+    # A trainer's weight in the checkpoint's train.json is the default; a call's weight overrides it.
+    tuned = tmp_path / "tuned"
+    shutil.copytree(checkpoint, tuned)
+    (tuned / "train.json").write_text('{"retrieval_weight": 1.0}')
+    by_model = await rerank(svc, model=str(tuned))
+    assert by_model.retrieval_weight == 1.0
+    assert [r.passage.id for r in by_model.results] == [r.passage.id for r in retrieval.results]
+    overridden = await rerank(svc, model=str(tuned), retrieval_weight=0.0)
+    assert [r.passage.id for r in overridden.results] == [r.passage.id for r in alone.results]
+    (tuned / "train.json").write_text('{"retrieval_weight": 3}')
+    with pytest.raises(ServiceError, match="retrieval_weight must be between 0 and 1"):
+        await rerank(svc, model=str(tuned))
+
+
+def test_blend_interpolates_scaled_scores_and_keeps_the_models_order_on_ties() -> None:
+    ranking = Ranking(order=[2, 0, 1], scores=[3.0, 2.0, 1.0], truncated=0)
+    assert blend(ranking, [0.0, 0.0, 0.0], 0.0) is ranking
+    assert blend(ranking, [0.0, 0.0, 0.0], 0.5).order == [2, 0, 1]
+    assert blend(ranking, [9.0, 5.0, 1.0], 1.0).order == [0, 1, 2]
+    # Model scaled: d2 1, d0 0.5, d1 0; retrieval scaled: d0 1, d1 0.5, d2 0 -> d0 0.75, d2 0.5, d1 0.25.
+    mixed = blend(ranking, [9.0, 5.0, 1.0], 0.5)
+    assert mixed.order == [0, 2, 1] and mixed.scores == pytest.approx([0.75, 0.5, 0.25])
 
 
 async def test_only_the_newest_models_stay_loaded(tmp_path: Path, checkpoint: Path) -> None:

@@ -53,7 +53,7 @@ def test_mined_negatives_skip_excluded_documents_and_alternate_retrievers() -> N
     fleet = FakeFleet()
     mining.prepare_index(fleet, "kb", DOCUMENTS)
     source = DOCUMENTS[0]
-    query = pairs.Query(source["text"].split(".")[0], ["the positive"], frozenset([source["id"]]))
+    query = pairs.Query(source["text"].split(".")[0], ["the positive"], *[frozenset([source["id"]])] * 2)
     (example,) = mining.mine_examples(fleet, "kb", [query], depth=10, negatives=4, progress=False)
     texts = {pairs.document_text(d["title"], d["text"]): d["id"] for d in DOCUMENTS}
     assert example.texts[0] == "the positive" and len(example.texts) == 5
@@ -67,12 +67,24 @@ def test_training_lowers_the_loss_and_the_model_loads_in_the_reranker(
 ) -> None:
     out = tmp_path / "home" / "models" / "cross-encoder"
     fleet = FakeFleet()
-    metrics = train.train_cross_encoder(fleet, out=out, corpus=corpus, base=str(base), progress=False, **TINY)
-    assert metrics["steps"] == 60 and metrics["final_loss"] < 0.8 * metrics["initial_loss"]
+    metrics = train.train_cross_encoder(
+        fleet, out=out, corpus=corpus, base=str(base), progress=False, **(TINY | {"steps": 100})
+    )
+    assert metrics["steps"] == 100 and metrics["final_loss"] < 0.8 * metrics["initial_loss"]
     assert "corpus" in fleet.indexes
     record = json.loads((out / training.TRAIN_FILE).read_text())
     assert record["max_length"] == 64 and record["examples"] == metrics["examples"]
-    assert (out / "checkpoints" / "step-00000060").is_dir()
+    assert (out / "checkpoints" / "step-00000100").is_dir()
+    # A tenth of the queries was held out of training, searched fused, and tuned the retrieval weight.
+    saved = json.loads((out / "checkpoints" / trainer.EXAMPLES_FILE).read_text())
+    held = {h["query"] for h in saved["held_out"]}
+    assert len(held) == record["validation"]["queries"] == 2
+    assert not held & {ex["query"] for ex in saved["examples"]}
+    assert ("dense,bm25", 30) in fleet.searches
+    assert record["retrieval_weight"] == metrics["retrieval_weight"] in trainer.WEIGHTS
+    curve = record["validation"]["ndcg@10"]
+    assert list(curve) == [str(w) for w in trainer.WEIGHTS]
+    assert curve[str(record["retrieval_weight"])] == max(curve.values())
 
     service = RerankerService(Settings(home=tmp_path / "home"))
     doc = DOCUMENTS[0]
@@ -151,6 +163,7 @@ def test_bad_settings_name_the_parameter(tmp_path: Path, corpus: Path) -> None:
         ({"corpus": corpus, "steps": 0}, "steps"),
         ({"corpus": corpus, "negatives": 5, "mine_depth": 3}, "mine_depth"),
         ({"corpus": corpus, "teacher": "oracle"}, "teacher"),
+        ({"corpus": corpus, "validation": 1.0}, "validation"),
     ]:
         with pytest.raises(ParamError) as err:
             train.train_cross_encoder(FakeFleet(), out=tmp_path / "x", progress=False, **kwargs)

@@ -138,34 +138,38 @@ class PassageList(_message.Message):
     def __init__(self, passages: _Optional[_Iterable[_Union[_common_pb2.ScoredPassage, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.Timing, _Mapping]]] = ..., rerank: _Optional[_Union[RerankReport, _Mapping]] = ...) -> None: ...
 
 class RerankSpec(_message.Message):
-    __slots__ = ("enabled", "backend", "model", "depth", "required")
+    __slots__ = ("enabled", "backend", "model", "depth", "required", "retrieval_weight")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     backend: str
     model: str
     depth: int
     required: bool
-    def __init__(self, enabled: _Optional[bool] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., depth: _Optional[int] = ..., required: _Optional[bool] = ...) -> None: ...
+    retrieval_weight: float
+    def __init__(self, enabled: _Optional[bool] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., depth: _Optional[int] = ..., required: _Optional[bool] = ..., retrieval_weight: _Optional[float] = ...) -> None: ...
 
 class RerankReport(_message.Message):
-    __slots__ = ("model_id", "backend", "candidates", "truncated", "max_length", "note")
+    __slots__ = ("model_id", "backend", "candidates", "truncated", "max_length", "note", "retrieval_weight")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     backend: str
     candidates: int
     truncated: int
     max_length: int
     note: str
-    def __init__(self, model_id: _Optional[str] = ..., backend: _Optional[str] = ..., candidates: _Optional[int] = ..., truncated: _Optional[int] = ..., max_length: _Optional[int] = ..., note: _Optional[str] = ...) -> None: ...
+    retrieval_weight: float
+    def __init__(self, model_id: _Optional[str] = ..., backend: _Optional[str] = ..., candidates: _Optional[int] = ..., truncated: _Optional[int] = ..., max_length: _Optional[int] = ..., note: _Optional[str] = ..., retrieval_weight: _Optional[float] = ...) -> None: ...
 
 class PipelineDeleteResponse(_message.Message):
     __slots__ = ("retrievers",)

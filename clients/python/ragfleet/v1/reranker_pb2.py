@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from ragfleet.v1 import common_pb2 as ragfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aragfleet/v1/reranker.proto\x12\x0bragfleet.v1\x1a\x18ragfleet/v1/common.proto\"}\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12.\n\ncandidates\x18\x02 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\"\xad\x01\n\x0eRerankResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12$\n\x07timings\x18\x03 \x03(\x0b\x32\x13.ragfleet.v1.Timing\x12\x11\n\ttruncated\x18\x04 \x01(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t2M\n\x08Reranker\x12\x41\n\x06Rerank\x12\x1a.ragfleet.v1.RerankRequest\x1a\x1b.ragfleet.v1.RerankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aragfleet/v1/reranker.proto\x12\x0bragfleet.v1\x1a\x18ragfleet/v1/common.proto\"\xb1\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12.\n\ncandidates\x18\x02 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x1d\n\x10retrieval_weight\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x13\n\x11_retrieval_weight\"\xc7\x01\n\x0eRerankResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.ragfleet.v1.ScoredPassage\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12$\n\x07timings\x18\x03 \x03(\x0b\x32\x13.ragfleet.v1.Timing\x12\x11\n\ttruncated\x18\x04 \x01(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x18\n\x10retrieval_weight\x18\x07 \x01(\x02\x32M\n\x08Reranker\x12\x41\n\x06Rerank\x12\x1a.ragfleet.v1.RerankRequest\x1a\x1b.ragfleet.v1.RerankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ragfleet.v1.reranker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RERANKREQUEST']._serialized_start=69
-  _globals['_RERANKREQUEST']._serialized_end=194
-  _globals['_RERANKRESPONSE']._serialized_start=197
-  _globals['_RERANKRESPONSE']._serialized_end=370
-  _globals['_RERANKER']._serialized_start=372
-  _globals['_RERANKER']._serialized_end=449
+  _globals['_RERANKREQUEST']._serialized_start=70
+  _globals['_RERANKREQUEST']._serialized_end=247
+  _globals['_RERANKRESPONSE']._serialized_start=250
+  _globals['_RERANKRESPONSE']._serialized_end=449
+  _globals['_RERANKER']._serialized_start=451
+  _globals['_RERANKER']._serialized_end=528
 # @@protoc_insertion_point(module_scope)
