@@ -605,6 +605,13 @@ def eval_retrieval(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Queries per SearchBatch call (1: one search a query, each timed).")
     ] = 64,
+    unseen_by: Annotated[
+        str | None,
+        typer.Option(
+            help="Also score the queries whose relevant documents are never relevant in this split "
+            "(e.g. train: what a model trained on it cannot have memorised)."
+        ),
+    ] = None,
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -639,7 +646,7 @@ def eval_retrieval(
             batch_size=batch_size,
         )
         with _client(address, token, timeout=3600.0) as client:
-            results = run_retrieval_eval(client, experiment, home=get_settings().home)
+            results = run_retrieval_eval(client, experiment, home=get_settings().home, unseen_by=unseen_by)
     except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError) as err:
         _fail(err)
     table = markdown_table(results)
@@ -793,12 +800,21 @@ def train_colbert_command(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
     seed: Annotated[int, typer.Option(help="Seed of the data order (and of pseudo-queries).")] = 0,
     candidates: Annotated[int, typer.Option(help="Candidates per query the teacher scores.")] = 32,
+    train_layers: Annotated[
+        int, typer.Option(help="Top transformer layers fine-tuned with the projection (0: projection only).")
+    ] = 0,
+    layer_lr: Annotated[float, typer.Option(help="AdamW learning rate of those layers.")] = 5e-5,
+    export: Annotated[
+        Path | None,
+        typer.Option(help="Also write the trained layers and projection as a delta over MiniLM (a file)."),
+    ] = None,
     max_queries: MaxQueriesOpt = None,
     checkpoint_every: CheckpointEveryOpt = 50,
     resume: ResumeOpt = False,
     device: Annotated[str, typer.Option(help="Device of the transformer (cpu, cuda).")] = "cpu",
 ) -> None:
-    """Train the ColBERT projection by distillation from a teacher (transformer frozen)."""
+    """Train a ColBERT encoder on MiniLM by distillation from a teacher: the projection, and the top
+    transformer layers with --train-layers."""
     options = dict(locals())  # before any other name is bound
     from services.retriever.colbert.train import train_colbert
     from services.runtime.errors import ServiceError

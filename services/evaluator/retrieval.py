@@ -19,6 +19,11 @@ Pipeline reranks each query's list on its own), which gives the same lists as on
 several times faster; `batch_size=1` searches one query a call, timing each on its own.
 
 `top_k` counts passages; with whole documents that is also the number of documents per query.
+
+Leakage. A split may share documents with the one models were trained on (SciFact's train and test
+do): a model can have memorised those documents as relevant. With `unseen_by` (a split of the same
+folder), the summary also scores every run on the queries none of whose relevant documents is relevant
+in that split, under `"unseen"`: `{name: {metric: value}, "queries": count, "by": split}`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from services.datasets import beir
 from services.evaluator import experiments
 from services.evaluator.report import markdown_table as _table
 from services.runtime.settings import GatewaySettings
@@ -35,6 +41,7 @@ HYBRID = "hybrid"
 HYBRID_RETRIEVERS = ("dense", "bm25")
 TIMINGS = "timings"
 DATASET = "dataset"
+UNSEEN = "unseen"
 # Queries per SearchBatch: 64 queries of 100 whole SciFact documents (1.5 kB a scored passage on the wire,
 # on average) make a reply of about 10 MB, under the fleet's 16 MiB default (limits.max_reply_bytes; a
 # batch refused as larger is searched in halves).
@@ -133,11 +140,21 @@ def retrieval_experiment(
     )
 
 
-def summary(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+def unseen_queries(folder: str | Path, split: str, by: str) -> list[str]:
+    """The `split` queries none of whose relevant documents is relevant to a query of split `by`."""
+    seen = {doc for judged in beir.load_qrels(folder, by).values() for doc, rel in judged.items() if rel > 0}
+    qrels = beir.load_qrels(folder, split)
+    return [qid for qid, judged in qrels.items() if not {d for d, rel in judged.items() if rel > 0} & seen]
+
+
+def summary(
+    records: Sequence[Mapping[str, Any]], unseen: tuple[str, Sequence[str]] | None = None
+) -> dict[str, Any]:
     """`{name: aggregate metrics, "timings": {"ingest_s", "<name>_search_s", "<name>_qps"}, "dataset":
     {"queries", "skipped_documents", "queries_without_qrels"}}` of the runs' records (a name as in the
-    module docstring); `ingest_s` is None when no index was built."""
-    results: dict[str, dict[str, float | None]] = {}
+    module docstring); `ingest_s` is None when no index was built. With `unseen` (the split `by` and
+    its `unseen_queries`), also the metrics' means over those queries under "unseen"."""
+    results: dict[str, Any] = {}
     timings: dict[str, float | None] = {"ingest_s": records[0]["ingest_s"] if records else None}
     for record in records:
         name = _name_of(record["config"])
@@ -149,6 +166,18 @@ def summary(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float |
     if records:
         counted = ("queries", "skipped_documents", "queries_without_qrels")
         results[DATASET] = {key: records[0]["dataset"][key] for key in counted}
+    if unseen is not None:
+        by, judged = unseen
+        asked = records[0]["per_query"] if records else {}
+        qids = [q for q in judged if q in asked]  # max_queries may have asked only some
+        subset: dict[str, Any] = {"by": by, "queries": len(qids)}
+        for record in records:
+            per_query = record["per_query"]
+            subset[_name_of(record["config"])] = {
+                m: sum(per_query[q][m] for q in qids) / len(qids) if qids else None
+                for m in experiments.IR_DEFAULT_METRICS
+            }
+        results[UNSEEN] = subset
     return results
 
 
@@ -157,19 +186,27 @@ def run_retrieval_eval(
     config: experiments.ExperimentConfig,
     *,
     home: str | Path,
+    unseen_by: str | None = None,
     progress: bool = True,
-) -> dict[str, dict[str, float | None]]:
-    """Runs a `retrieval_experiment` and returns its `summary`."""
+) -> dict[str, Any]:
+    """Runs a `retrieval_experiment` and returns its `summary` (with the `unseen_by` split's unseen
+    queries scored apart, see the module docstring)."""
+    unseen = None
+    if unseen_by is not None:
+        dataset = config.dataset
+        if not isinstance(dataset, dict) or dataset.get("kind") != "beir":
+            raise ValueError("unseen_by: needs the experiment of a BEIR folder (retrieval_experiment)")
+        unseen = (unseen_by, unseen_queries(dataset["path"], dataset["split"], unseen_by))
     with experiments.progress_display(progress) as show:
         run_ids = experiments.run_experiment(client, config, home=home, progress=show)
-    return summary([experiments.load_run(home, run_id) for run_id in run_ids])
+    return summary([experiments.load_run(home, run_id) for run_id in run_ids], unseen)
 
 
 def markdown_table(results: Mapping[str, Mapping[str, float | None]]) -> str:
     """One row per run (retriever, reranked or not): its metrics, search seconds and queries per second;
     then ingest time and what the loader left out."""
     timings = results.get(TIMINGS, {})
-    names = [name for name in results if name not in (TIMINGS, DATASET)]
+    names = [name for name in results if name not in (TIMINGS, DATASET, UNSEEN)]
     metrics = list(dict.fromkeys(key for name in names for key in results[name]))
     rows = [
         {
@@ -189,5 +226,12 @@ def markdown_table(results: Mapping[str, Mapping[str, float | None]]) -> str:
             f"\n\nqueries: {counts['queries']:.0f} asked, {counts['queries_without_qrels']:.0f} without "
             "qrels not asked; documents with neither title nor text skipped: "
             f"{counts['skipped_documents']:.0f} (where judged, misses)"
+        )
+    unseen = results.get(UNSEEN)
+    if unseen:
+        rows = [{"retriever": name, **unseen[name]} for name in names]
+        table += (
+            f"\n\nthe {unseen['queries']} queries whose relevant documents are never relevant in "
+            f"{unseen['by']}:\n\n" + _table(rows, ["retriever", *metrics])
         )
     return table

@@ -175,6 +175,7 @@ def train_steps(
     weight_decay: float = 0.01,
     clip_norm: float | None = 1.0,
     micro_batch: int | None = None,
+    lr_scale: Mapping[str, float] | None = None,
     label: str,
     progress: bool,
 ) -> Trained:
@@ -185,9 +186,16 @@ def train_steps(
     The rate warms up over `warmup` steps, then decays linearly to 0 at `steps` if `decay` (a run resumed
     with more steps then stretches its decay), else stays. `micro_batch` examples go through each forward
     and backward pass (all of the batch when None): the step's gradient is the same, held in less memory.
+    `lr_scale` maps a parameter-name prefix to a factor of the rate for the parameters under it (e.g.
+    pretrained layers that must move slower than a new head); the others take the rate itself.
     """
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
+    scales: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            found = [f for prefix, f in (lr_scale or {}).items() if name.startswith(prefix)]
+            scales.setdefault(found[0] if found else 1.0, []).append(param)
+    groups = [{"params": params, "scale": scale} for scale, params in scales.items()]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     step, losses = 0, []
     latest = checkpoints.latest()
     if latest is not None:
@@ -202,10 +210,9 @@ def train_steps(
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task(label, total=steps, completed=min(step, steps))
         while step < steps:
+            rate = warmup_decay_lr(step, lr, warmup=warmup, decay_start=decay_start, decay_end=decay_end)
             for group in optimizer.param_groups:
-                group["lr"] = warmup_decay_lr(
-                    step, lr, warmup=warmup, decay_start=decay_start, decay_end=decay_end
-                )
+                group["lr"] = rate * group.get("scale", 1.0)  # absent from older checkpoints
             rows = batch_indices(step, batch_size, examples, seed)
             optimizer.zero_grad()
             loss = 0.0
@@ -215,7 +222,7 @@ def train_steps(
                 part_loss.backward()
                 loss += part_loss.item()
             if clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trained, clip_norm)
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], clip_norm)
             optimizer.step()
             step += 1
             losses.append(loss)

@@ -241,3 +241,32 @@ def test_minilm_with_the_untrained_projection():
 def test_untrained_projection_is_fixed_by_its_seed():
     assert torch.equal(untrained_projection(48, 8), untrained_projection(48, 8))
     assert not torch.equal(untrained_projection(48, 8), untrained_projection(48, 8, seed=1))
+
+
+def test_a_delta_over_minilm_round_trips_its_layers_and_projection(tmp_path):
+    encoder = ColbertEncoder.load("all-MiniLM-L6-v2")
+    with torch.no_grad():
+        top = encoder.bert.encoder.layer[-1]
+        top.output.dense.weight.add_(0.01 * torch.randn_like(top.output.dense.weight))
+        encoder.projection = untrained_projection(384, 128, seed=3)
+    encoder.metadata["ragfleet_training"] = {"steps": 7}
+    path = tmp_path / "delta.safetensors"
+    encoder.save_delta(path, layers=1)
+    keys = load_file(path).keys()
+    assert "linear.weight" in keys and all(k.startswith(("bert.encoder.layer.5.", "linear.")) for k in keys)
+    assert path.stat().st_size < 4 * 2**20
+
+    loaded = ColbertEncoder.load_delta(path, doc_maxlen=100)
+    assert loaded.doc_maxlen == 100 and loaded.metadata["ragfleet_training"] == {"steps": 7}
+    assert loaded.model_id.startswith("colbert:delta@")
+    texts = ["Penguins live in the southern hemisphere and cannot fly."]
+    expected, got = encoder.encode_documents(texts)[0], loaded.encode_documents(texts)[0]
+    assert np.abs(expected.astype(np.float32) - got.astype(np.float32)).max() < 5e-3
+    assert not np.allclose(got, ColbertEncoder.load("all-MiniLM-L6-v2").encode_documents(texts)[0])
+
+    broken = {k: v for k, v in load_file(path).items() if k != "linear.weight"}
+    save_file(broken, tmp_path / "broken.safetensors", metadata={"base": "all-MiniLM-L6-v2", "settings": "{}"})
+    with pytest.raises(ArtifactError, match="linear.weight"):
+        ColbertEncoder.load_delta(tmp_path / "broken.safetensors")
+    with pytest.raises(ArtifactError, match="does not load"):
+        ColbertEncoder.load_delta(tmp_path / "missing.safetensors")

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from services.retriever.colbert import train
 from services.retriever.colbert.encoder import ColbertEncoder
 from services.retriever.colbert.train import (
     DistillationInputs,
+    Trained,
     beir_pairs,
     build_training_set,
     distillation_loss,
@@ -104,12 +106,42 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path, tin
     assert json.loads((out / "artifact.metadata").read_text())["ragfleet_training"]["steps"] == 30
     # The loss over every example, before and after, with the same data the run used.
     data = build_training_set(beir_pairs(beir_folder, "train"), candidates=6, progress=False)
-    inputs = DistillationInputs.compute(base, data, progress=False)
+    inputs = DistillationInputs.compute(base, data, len(base.bert.encoder.layer), progress=False)
     everything = np.arange(len(data.queries))
     with torch.no_grad():
-        before = distillation_loss(base.projection, inputs, everything, 0.05, 1.0)
-        after = distillation_loss(trained.projection, inputs, everything, 0.05, 1.0)
+        before = distillation_loss(Trained([], base.projection), inputs, everything, 0.05, 1.0)
+        after = distillation_loss(Trained([], trained.projection), inputs, everything, 0.05, 1.0)
     assert after < 0.8 * before
+
+
+def test_fine_tuning_the_top_layer_trains_it_from_the_frozen_layers_outputs(tmp_path, tiny_base, beir_folder):
+    base = ColbertEncoder.load(tiny_base)
+    layers = len(base.bert.encoder.layer)
+    data = build_training_set(beir_pairs(beir_folder, "train"), candidates=6, progress=False)
+    # The top layer on the kept outputs of the layers below scores exactly as the whole encoder does.
+    below = DistillationInputs.compute(base, data, layers - 1, progress=False)
+    top = DistillationInputs.compute(base, data, layers, progress=False)
+    everything = np.arange(len(data.queries))
+    with torch.no_grad():
+        whole = distillation_loss(Trained([], base.projection), top, everything, 0.05, 1.0)
+        split = distillation_loss(
+            Trained(base.bert.encoder.layer[-1:], base.projection).eval(), below, everything, 0.05, 1.0
+        )
+    assert split == pytest.approx(float(whole), rel=1e-4)
+
+    out = tmp_path / "tuned"
+    settings = {**TINY, "train_layers": 1, "layer_lr": 1e-3}
+    metrics = train_colbert(out=out, beir=beir_folder, base=tiny_base, steps=20, **settings)
+    assert metrics["final_loss"] < metrics["initial_loss"]
+    tuned = load_file(out / "model.safetensors")
+    original = load_file(Path(tiny_base) / "model.safetensors")
+    changed = {k for k in original if not torch.equal(original[k], tuned[k])}
+    assert "linear.weight" in changed and any(
+        k.startswith(f"bert.encoder.layer.{layers - 1}.") for k in changed
+    )
+    assert all(k.startswith((f"bert.encoder.layer.{layers - 1}.", "linear.")) for k in changed)
+    assert _field(lambda: train_colbert(out=tmp_path / "x", beir=beir_folder, base=tiny_base, **TINY,
+                                        train_layers=layers + 1)) == "train_layers"  # fmt: skip
 
 
 def test_resume_continues_at_the_last_checkpoint_and_ends_where_an_uninterrupted_run_does(

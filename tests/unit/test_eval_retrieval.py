@@ -17,6 +17,7 @@ from services.evaluator.retrieval import (
     reranker_models,
     retrieval_experiment,
     run_retrieval_eval,
+    unseen_queries,
 )
 
 QUERIES = {"q1": "find one", "q2": "find two and three", "q3": "find four"}
@@ -154,6 +155,22 @@ def test_known_metrics_for_each_retriever(beir_dir: Path):
     for name in ("dense", "bm25", "hybrid"):
         assert timings[f"{name}_search_s"] > 0
         assert timings[f"{name}_qps"] == pytest.approx(3 / timings[f"{name}_search_s"])
+
+
+def test_queries_unseen_by_another_split_are_scored_apart(beir_dir: Path):
+    # d2 is relevant in train, so q2 (d2, d3) is seen; q1 (d1) and q3 (d4) are not.
+    (beir_dir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq9\td2\t1\nq8\td4\t0\n")
+    assert unseen_queries(beir_dir, "test", "train") == ["q1", "q3"]
+    results = run_retrieval_eval(
+        FakeClient(), retrieval_experiment(beir_dir), home=beir_dir.parent / "home", unseen_by="train",
+        progress=False,
+    )  # fmt: skip
+    unseen = results["unseen"]
+    assert (unseen["by"], unseen["queries"]) == ("train", 2)
+    # hybrid: q1 perfect, q3 got nothing.
+    assert unseen["hybrid"] == pytest.approx({"ndcg@10": 0.5, "recall@100": 0.5, "mrr@10": 0.5})
+    assert unseen["dense"]["ndcg@10"] == 1.0
+    assert "never relevant in train" in markdown_table(results)
 
 
 def test_one_index_of_whole_documents_every_query_at_depth_top_k_then_dropped(beir_dir: Path):

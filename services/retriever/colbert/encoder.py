@@ -21,7 +21,12 @@ Checkpoints use the Hugging Face layout that colbert-ir/colbertv2.0 is published
 tokenizer files and `artifact.metadata` (ColBERT's config as JSON; the fields of `ColbertSettings` are
 honoured, the others are kept and written back by `save`). "all-MiniLM-L6-v2" loads MiniLM's transformer
 from the offline package with an untrained projection (a fixed random orthonormal map, which keeps dot
-products roughly intact up to scale); `ragfleet train colbert` trains that projection.
+products roughly intact up to scale, a baseline); `ragfleet train colbert` trains that projection and,
+with --train-layers, MiniLM's top layers.
+
+"ragfleet-colbert" (SHIPPED_NAME) is the trained default that ships with the project: a delta over the
+pip-installed MiniLM (`save_delta`: the fine-tuned top layers and the projection in float16, a few MB,
+with the settings and the training record in the safetensors metadata) at SHIPPED_FILE.
 """
 
 from __future__ import annotations
@@ -39,10 +44,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from services.runtime.artifacts import CHECKPOINTS_DIR, publish_dir
+from services.runtime.artifacts import CHECKPOINTS_DIR, publish_dir, publish_file
 from services.runtime.model_errors import ArtifactError, ParamError
 from services.runtime.models import MINILM_ID, MINILM_NAMES, resolve_model
 
+# The trained default that ships with the project: MiniLM's top layer(s) fine-tuned with a projection,
+# stored as a delta over the pip-installed MiniLM (`save_delta`; `make colbert-model` makes it).
+SHIPPED_NAME = "ragfleet-colbert"
+SHIPPED_FILE = Path(__file__).with_name("shipped") / f"{SHIPPED_NAME}.safetensors"
 SAFETENSORS_FILE = "model.safetensors"
 PYTORCH_FILE = "pytorch_model.bin"
 METADATA_FILE = "artifact.metadata"
@@ -149,6 +158,8 @@ class ColbertEncoder:
         """
         from transformers import AutoModel, AutoTokenizer
 
+        if name_or_path == SHIPPED_NAME:
+            return cls.load_delta(SHIPPED_FILE, device=device, doc_maxlen=doc_maxlen)
         minilm = name_or_path in MINILM_NAMES
         folder = Path(resolve_model(name_or_path)) if minilm else _checkpoint_folder(name_or_path)
         model_id = f"colbert:{MINILM_ID}+untrained-projection" if minilm else name_or_path
@@ -192,6 +203,65 @@ class ColbertEncoder:
             )
         return cls(bert, tokenizer, projection, settings, model_id=model_id, device=device, metadata=metadata)
 
+    @classmethod
+    def load_delta(cls, path: Path, *, device: str = "cpu", doc_maxlen: int | None = None) -> ColbertEncoder:
+        """MiniLM with the layers and projection of a delta file (`save_delta`) in place of its own."""
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+            base, settings = meta["base"], json.loads(meta["settings"])
+        except (OSError, KeyError, ValueError, SafetensorError) as err:
+            raise ArtifactError(f"colbert delta {str(path)!r} does not load: {err}") from err
+        if base not in MINILM_NAMES:
+            raise ArtifactError(f"colbert delta {str(path)!r}: base {base!r} is not MiniLM")
+        encoder = cls.load(base, device=device)
+        state = encoder.bert.state_dict()
+        layers = {k.removeprefix(BERT_PREFIX): v for k, v in tensors.items() if k != LINEAR_KEY}
+        wrong = [k for k, v in layers.items() if k not in state or state[k].shape != v.shape]
+        if LINEAR_KEY not in tensors or wrong:
+            raise ArtifactError(f"colbert delta {str(path)!r}: {wrong[:5] or [LINEAR_KEY]} do not fit MiniLM")
+        encoder.bert.load_state_dict(layers, strict=False)
+        settings = ColbertSettings.model_validate(settings)
+        if doc_maxlen is not None:
+            settings = settings.model_copy(update={"doc_maxlen": doc_maxlen})
+        training = json.loads(meta.get("training", "{}"))
+        metadata = {**settings.model_dump(), "ragfleet_training": training}
+        return cls(
+            encoder.bert,
+            encoder.tokenizer,
+            tensors[LINEAR_KEY],
+            settings,
+            model_id=f"colbert:{path.stem}@{meta.get('fingerprint', '')[:10]}",
+            device=device,
+            metadata=metadata,
+        )
+
+    def save_delta(self, path: Path | str, layers: int) -> None:
+        """Writes the top `layers` transformer layers and the projection as a delta over MiniLM (what
+        `load_delta` reads): float16, with the settings, the training record and a fingerprint of the
+        tensors in the metadata. Only for an encoder whose base is MiniLM."""
+        import hashlib
+
+        total = len(self.bert.encoder.layer)
+        prefixes = tuple(f"encoder.layer.{i}." for i in range(total - layers, total))
+        tensors = {
+            BERT_PREFIX + k: v.detach().cpu().to(torch.float16).contiguous()
+            for k, v in self.bert.state_dict().items()
+            if k.startswith(prefixes)
+        }
+        tensors[LINEAR_KEY] = self.projection.detach().cpu().to(torch.float16).contiguous()
+        digest = hashlib.sha256()
+        for key in sorted(tensors):
+            digest.update(key.encode() + tensors[key].numpy().tobytes())
+        meta = {
+            "base": MINILM_ID,
+            "settings": json.dumps(self.settings.model_dump(), sort_keys=True),
+            "training": json.dumps(self.metadata.get("ragfleet_training", {}), sort_keys=True),
+            "fingerprint": digest.hexdigest(),
+        }
+        publish_file(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
     def save(self, path: Path | str) -> None:
         """Writes a checkpoint in the layout `load` reads, published whole (`artifacts.publish_dir`): a
         folder already at `path` is replaced, except for its `checkpoints/` (the training state of
@@ -227,40 +297,48 @@ class ColbertEncoder:
         """One (tokens_i, dim) float16 array of unit vectors per text, in input order, without the
         padding and punctuation outputs ([CLS], [D] and [SEP] remain, so tokens_i >= 3)."""
         out: list[np.ndarray] = [np.empty((0, self.dim), np.float16)] * len(texts)
-        for positions, hidden, keep in self._document_batches(texts, batch_size):
+        for positions, hidden, keep, _ in self._document_batches(texts, batch_size):
             vectors = project_tokens(hidden, self.projection).to(torch.float16).cpu()
             keep = keep.cpu()
             for row, i in enumerate(positions):
                 out[i] = vectors[row][keep[row]].numpy()
         return out
 
-    def query_hidden_states(self, texts: Sequence[str], batch_size: int = QUERY_BATCH_SIZE) -> torch.Tensor:
-        """The transformer outputs behind `encode_queries`: (n, query_maxlen, hidden) float32, CPU."""
-        rows = self._with_markers(texts, self._query_marker, self.query_maxlen)
-        mask_id = self.tokenizer.mask_token_id
+    def query_hidden_states(
+        self, texts: Sequence[str], batch_size: int = QUERY_BATCH_SIZE, layer: int | None = None
+    ) -> torch.Tensor:
+        """The transformer outputs behind `encode_queries`: (n, query_maxlen, hidden) float32, CPU; with
+        `layer`, the hidden states after that many transformer layers instead of after all of them."""
+        ids, attention = self.query_inputs(texts)
         batches = [torch.empty((0, self.query_maxlen, self.hidden_size))]
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            ids = torch.full((len(chunk), self.query_maxlen), mask_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for r, row in enumerate(chunk):
-                ids[r, : len(row)] = torch.tensor(row)
-                attention[r, : len(row)] = 1
-            if self.settings.attend_to_mask_tokens:
-                attention[:] = 1
-            batches.append(self._hidden(ids, attention).cpu())
+        for start in range(0, len(ids), batch_size):
+            end = start + batch_size
+            batches.append(self._hidden(ids[start:end], attention[start:end], layer).cpu())
         return torch.cat(batches)
 
-    def document_hidden_states(
-        self, texts: Sequence[str], batch_size: int = 32, dtype: torch.dtype = torch.float32
-    ) -> list[torch.Tensor]:
-        """The transformer outputs behind `encode_documents`: (tokens_i, hidden) per text, CPU, with the
-        same tokens dropped."""
-        out: list[torch.Tensor] = [torch.empty((0, self.hidden_size), dtype=dtype)] * len(texts)
-        for positions, hidden, keep in self._document_batches(texts, batch_size):
-            hidden, keep = hidden.to(dtype).cpu(), keep.cpu()
+    def query_inputs(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries' token ids (n, query_maxlen), padded with [MASK], and their attention mask."""
+        rows = self._with_markers(texts, self._query_marker, self.query_maxlen)
+        ids = torch.full((len(rows), self.query_maxlen), self.tokenizer.mask_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row)
+            attention[r, : len(row)] = 1
+        if self.settings.attend_to_mask_tokens:
+            attention[:] = 1
+        return ids, attention
+
+    def document_states(
+        self, texts: Sequence[str], layer: int, batch_size: int = 32, dtype: torch.dtype = torch.float32
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per text, the hidden states after `layer` transformer layers of all its tokens (tokens_i,
+        hidden), CPU, and which of them `encode_documents` keeps (tokens_i,) bool: what the layers above
+        need to finish the encoding (`run_layers`)."""
+        out: list[tuple[torch.Tensor, torch.Tensor]] = [()] * len(texts)  # type: ignore[list-item]
+        for positions, hidden, keep, attention in self._document_batches(texts, batch_size, layer):
+            hidden, keep, lengths = hidden.to(dtype).cpu(), keep.cpu(), attention.sum(1).tolist()
             for row, i in enumerate(positions):
-                out[i] = hidden[row][keep[row]]
+                out[i] = (hidden[row, : lengths[row]], keep[row, : lengths[row]])
         return out
 
     def _with_markers(self, texts: Sequence[str], marker: int, maxlen: int) -> list[list[int]]:
@@ -274,10 +352,11 @@ class ColbertEncoder:
         return [[cls, marker, *ids, sep] for ids in tokens["input_ids"]]
 
     def _document_batches(
-        self, texts: Sequence[str], batch_size: int
-    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """(input positions, hidden states (b, L, hidden), tokens to keep (b, L)) per batch; texts are
-        sorted by length so that a batch holds little padding."""
+        self, texts: Sequence[str], batch_size: int, layer: int | None = None
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(input positions, hidden states (b, L, hidden) after `layer` layers (None: all), tokens to
+        keep (b, L), attention mask (b, L)) per batch; texts are sorted by length so that a batch holds
+        little padding."""
         rows = self._with_markers(texts, self._doc_marker, self.doc_maxlen)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)
         for start in range(0, len(order), batch_size):
@@ -289,12 +368,28 @@ class ColbertEncoder:
                 ids[r, : len(rows[i])] = torch.tensor(rows[i])
                 attention[r, : len(rows[i])] = 1
             keep = attention.bool() & ~torch.isin(ids, self._skip_ids)
-            yield positions, self._hidden(ids, attention), keep.to(self.device)
+            yield positions, self._hidden(ids, attention, layer), keep.to(self.device), attention
 
-    def _hidden(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    def _hidden(self, ids: torch.Tensor, attention: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         with torch.inference_mode():
-            out = self.bert(input_ids=ids.to(self.device), attention_mask=attention.to(self.device))
-            return out.last_hidden_state.float()
+            out = self.bert(
+                input_ids=ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                output_hidden_states=layer is not None,
+            )
+            return (out.last_hidden_state if layer is None else out.hidden_states[layer]).float()
+
+
+def run_layers(
+    layers: Sequence[torch.nn.Module], hidden: torch.Tensor, attention: torch.Tensor
+) -> torch.Tensor:
+    """`layers` (BERT layers, in order) applied to hidden states (b, L, hidden) under an attention mask
+    (b, L) of 1 for real tokens: what the transformer does above a layer whose outputs were kept."""
+    blocked = (1.0 - attention[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=blocked)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden
 
 
 def _checkpoint_folder(name_or_path: str) -> Path:

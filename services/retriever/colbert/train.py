@@ -1,9 +1,13 @@
-"""`ragfleet train colbert`: trains the projection of a ColBERT encoder by distillation from a teacher.
+"""`ragfleet train colbert`: trains a ColBERT encoder by distillation from a teacher.
 
-No ColBERT weights ship offline here, so the default student is MiniLM's transformer with an untrained
-projection (`ColbertEncoder.load("all-MiniLM-L6-v2")`). The transformer stays frozen and only the
-projection (hidden -> 128) is trained: each text's transformer outputs are computed once up front, and a
-step is a matrix product, a MaxSim and a loss, so a useful run takes minutes on a CPU.
+No ColBERT weights are installable here, so the default student is MiniLM's transformer with an
+untrained projection (`ColbertEncoder.load("all-MiniLM-L6-v2")`). The projection (hidden -> 128) is
+always trained, and with `train_layers` = k so are the transformer's top k layers (at `layer_lr`; the
+new projection learns faster, at `lr`): a frozen encoder caps late interaction below single-vector dense
+retrieval, as real ColBERT trains its encoder. The layers below stay frozen, so their outputs for every
+text are computed once up front, and a step runs only the k layers, the projection, a MaxSim and a
+loss: minutes on a CPU for the projection alone, k layers costing about k/6 of MiniLM's forward and
+backward per candidate.
 
 Data, one example per query with its candidate passages:
 - `beir`: a BEIR folder's queries judged in `split` (default "train"; report on "test"), their relevant
@@ -25,13 +29,16 @@ ColBERTv2): KL(softmax(teacher / T) || softmax(s)) + ce_weight * (-log of the so
 positives). AdamW on the projection; batches follow a fixed per-epoch permutation of the examples drawn
 from (seed, epoch), so a run is deterministic.
 
-Checkpoints go to `out/checkpoints/step-NNNNNNNN/` (`runtime.artifacts.Checkpoints`: the projection, the
-AdamW state, the run settings and losses) every `checkpoint_every` steps and at the end, only the last one
-kept; `resume=True` continues from it and ends with the same weights as an uninterrupted run. The
-precomputed inputs (teacher scores, transformer outputs; ~0.8 GB for SciFact) are kept in
-`out/checkpoints/inputs.safetensors`, keyed by the data and the model names, so a resumed run skips both
-transformer passes; delete `out/checkpoints` to reclaim the space once no more training is planned. The
-result is a full ColBERT checkpoint at `out` in the Hugging Face layout `ColbertEncoder.load` reads.
+Checkpoints go to `out/checkpoints/step-NNNNNNNN/` (`runtime.artifacts.Checkpoints`: the trained
+tensors, the AdamW state, the run settings and losses) every `checkpoint_every` steps and at the end,
+only the last one kept; `resume=True` continues from it and ends with the same weights as an
+uninterrupted run. The precomputed inputs (teacher scores, frozen layers' outputs; ~1 GB for SciFact)
+are kept in `out/checkpoints/inputs.safetensors`, keyed by the data and the model names, so a resumed
+run skips both transformer passes; delete `out/checkpoints` to reclaim the space once no more training
+is planned. The result is a full ColBERT checkpoint at `out` in the Hugging Face layout
+`ColbertEncoder.load` reads, and with `export` the trained part as a delta over MiniLM
+(`ColbertEncoder.save_delta`): how the project's shipped default ("ragfleet-colbert", `make colbert-
+model`) is made.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +60,10 @@ from safetensors.torch import load_file, save_file
 from kernels.maxsim import maxsim_reference
 from services.datasets.collections import load_beir
 from services.datasets.pairs import document_text, inverse_cloze, judged_queries, sample
-from services.retriever.colbert.encoder import ColbertEncoder, project_tokens
+from services.retriever.colbert.encoder import ColbertEncoder, project_tokens, run_layers
 from services.runtime.artifacts import Checkpoints, publish_file
 from services.runtime.model_errors import ParamError
+from services.runtime.models import MINILM_NAMES
 from services.runtime.training import (
     CROSS_ENCODER_PREFIX,
     DENSE_TEACHER,
@@ -198,18 +207,31 @@ def _cross_encoder_scores(path: str, pairs: Pairs, chosen: np.ndarray, progress:
 
 
 class DistillationInputs:
-    """Everything a training step reads, as tensors: the frozen transformer's outputs for the queries
-    (n, Lq, hidden) and for the kept tokens of every candidate text (packed into one (tokens + 1, hidden)
-    float16 tensor whose last row is zeros, for padding), each query's candidates as rows of that packing,
-    which of them are positives, and the teacher's scores. Saved to and loaded from one safetensors file,
-    so a resumed run skips the expensive transformer passes."""
+    """Everything a training step reads, as tensors: the frozen transformer layers' outputs (those below
+    the trained ones) for the queries (n, Lq, hidden) with their attention masks, and for every token of
+    every candidate text (packed into one (tokens + 1, hidden) float16 tensor whose last row is zeros,
+    for padding) with which tokens the encoder keeps, each query's candidates as rows of that packing,
+    which of them are positives, and the teacher's scores. Saved to and loaded from one safetensors
+    file, so a resumed run skips the expensive transformer passes."""
 
-    FIELDS = ("queries", "tokens", "offsets", "lengths", "candidates", "positives", "teacher")
+    FIELDS = (
+        "queries",
+        "query_attention",
+        "tokens",
+        "keep",
+        "offsets",
+        "lengths",
+        "candidates",
+        "positives",
+        "teacher",
+    )
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = tensors
         self.queries = tensors["queries"]  # (n, Lq, hidden) float32
+        self.query_attention = tensors["query_attention"]  # (n, Lq) int64
         self.tokens = tensors["tokens"]  # (tokens + 1, hidden) float16
+        self.keep = tensors["keep"]  # (tokens + 1,) bool
         self.offsets = tensors["offsets"]  # (texts,) first row of each text in `tokens`
         self.lengths = tensors["lengths"]  # (texts,)
         self.candidates = tensors["candidates"]  # (n, N) text numbers
@@ -217,21 +239,27 @@ class DistillationInputs:
         self.teacher = tensors["teacher"]  # (n, N) float32
 
     @classmethod
-    def compute(cls, encoder: ColbertEncoder, data: TrainingSet, progress: bool) -> DistillationInputs:
+    def compute(
+        cls, encoder: ColbertEncoder, data: TrainingSet, layer: int, progress: bool
+    ) -> DistillationInputs:
+        """The inputs of a run that trains the layers above `layer` (all of them frozen at the top)."""
         used, slots = np.unique(data.candidates, return_inverse=True)
-        parts: list[torch.Tensor] = []
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         with progress_bar(enabled=progress) as bar:
             task = bar.add_task("transformer outputs", total=len(used))
             for start in range(0, len(used), ENCODE_CHUNK):
                 chunk = [data.texts[i] for i in used[start : start + ENCODE_CHUNK]]
-                parts.extend(encoder.document_hidden_states(chunk, dtype=torch.float16))
+                parts.extend(encoder.document_states(chunk, layer, dtype=torch.float16))
                 bar.update(task, advance=len(chunk))
-        lengths = torch.tensor([len(p) for p in parts], dtype=torch.int64)
-        parts.append(torch.zeros(1, encoder.hidden_size, dtype=torch.float16))
+        lengths = torch.tensor([len(hidden) for hidden, _ in parts], dtype=torch.int64)
+        padding = (torch.zeros(1, encoder.hidden_size, dtype=torch.float16), torch.zeros(1, dtype=torch.bool))
+        parts.append(padding)
         return cls(
             {
-                "queries": encoder.query_hidden_states(data.queries),
-                "tokens": torch.cat(parts),
+                "queries": encoder.query_hidden_states(data.queries, layer=layer),
+                "query_attention": encoder.query_inputs(data.queries)[1],
+                "tokens": torch.cat([hidden for hidden, _ in parts]),
+                "keep": torch.cat([keep for _, keep in parts]),
                 "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]]),
                 "lengths": lengths,
                 "candidates": torch.from_numpy(slots.reshape(data.candidates.shape).astype(np.int64)),
@@ -257,18 +285,38 @@ class DistillationInputs:
     def __len__(self) -> int:
         return len(self.candidates)
 
-    def documents(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded (len(rows), max tokens, hidden) float32 outputs of the packed texts `rows`, and their
-        token counts."""
+    def documents(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The packed texts `rows`, padded: hidden states (len(rows), max tokens, hidden) float32, the
+        attention mask and the tokens the encoder keeps (both (len(rows), max tokens))."""
         lengths = self.lengths[rows]
         positions = torch.arange(int(lengths.max()))
-        index = self.offsets[rows, None] + positions
-        index = index.masked_fill(positions >= lengths[:, None], len(self.tokens) - 1)
-        return self.tokens[index].float(), lengths
+        attention = positions < lengths[:, None]
+        index = (self.offsets[rows, None] + positions).masked_fill(~attention, len(self.tokens) - 1)
+        return self.tokens[index].float(), attention.long(), self.keep[index]
+
+
+class Trained(torch.nn.Module):
+    """What a run trains: the top transformer layers (none for the projection alone) and the projection
+    (its one tensor named "weight", as in checkpoints of projection-only runs)."""
+
+    def __init__(self, layers: Sequence[torch.nn.Module], projection: torch.Tensor) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+        self.weight = torch.nn.Parameter(projection.detach().clone())
+
+    def encode(self, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Unit token vectors from the frozen layers' outputs."""
+        return project_tokens(run_layers(self.layers, hidden, attention), self.weight)
+
+
+def _kept_first(vectors: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's kept vectors moved to its front (in order), and how many each row keeps."""
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    return vectors.gather(1, order[..., None].expand_as(vectors)), keep.sum(1)
 
 
 def distillation_loss(
-    weight: torch.Tensor,
+    model: Trained,
     inputs: DistillationInputs,
     batch: np.ndarray,
     temperature: float,
@@ -277,9 +325,10 @@ def distillation_loss(
     """KL(teacher || student) over each query's candidates, plus ce_weight times the positives' NLL."""
     batch = torch.from_numpy(batch)
     candidates = inputs.candidates[batch]  # (B, N)
-    queries = project_tokens(inputs.queries[batch], weight)  # (B, Lq, dim)
-    hidden, lengths = inputs.documents(candidates.reshape(-1))
-    docs = project_tokens(hidden, weight).view(*candidates.shape, hidden.shape[1], -1)
+    queries = model.encode(inputs.queries[batch], inputs.query_attention[batch])  # (B, Lq, dim)
+    hidden, attention, keep = inputs.documents(candidates.reshape(-1))
+    docs, lengths = _kept_first(model.encode(hidden, attention), keep)
+    docs = docs.view(*candidates.shape, hidden.shape[1], -1)
     query_lengths = torch.full((1,), queries.shape[1], dtype=torch.int64)
     # unbind, not docs[b]: indexing would make the backward pass add B full-size gradients.
     student = torch.stack(
@@ -312,13 +361,18 @@ def train_colbert(
     candidates: int = 32,
     temperature: float | None = None,
     ce_weight: float = 1.0,
+    train_layers: int = 0,
+    layer_lr: float = 5e-5,
+    export: Path | None = None,
     max_queries: int | None = None,
     checkpoint_every: int = 50,
     resume: bool = False,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Trains the projection of `base` (see the module docstring); returns the run's metrics."""
+    """Trains the projection of `base`, and its top `train_layers` transformer layers at `layer_lr` (see
+    the module docstring); with `export`, also writes the trained part as a delta over MiniLM there (the
+    shipped default's form). Returns the run's metrics."""
     started = time.perf_counter()
     check_source(beir, corpus)
     check_ranges(
@@ -327,11 +381,14 @@ def train_colbert(
             "batch_size": (batch_size, 1),
             "candidates": (candidates, 2),
             "checkpoint_every": (checkpoint_every, 1),
+            "train_layers": (train_layers, 0),
         },
-        positive={"lr": lr, "temperature": temperature},
+        positive={"lr": lr, "temperature": temperature, "layer_lr": layer_lr},
         non_negative={"ce_weight": ce_weight},
     )
     check_teacher(teacher)
+    if export is not None and base not in MINILM_NAMES:
+        raise ParamError("export", f"a delta is over MiniLM, and the base is {base!r}")
     out = Path(out)
     checkpoints = Checkpoints.for_run(out, resume)
     latest = checkpoints.latest()
@@ -341,15 +398,20 @@ def train_colbert(
     )
     if temperature is None:
         temperature = teacher_temperature(teacher)
+    encoder = ColbertEncoder.load(base, device=device)
+    stack = encoder.bert.encoder.layer
+    if train_layers > len(stack):
+        raise ParamError("train_layers", f"the model has {len(stack)} layers, got {train_layers}")
+    frozen = len(stack) - train_layers  # the layers whose outputs are computed once
     models = {"base": base, "dense_model": dense_model, "teacher": teacher, "candidates": candidates}
+    models["frozen_layers"] = frozen
     key = hashlib.sha256(json.dumps({"pairs": pairs.fingerprint(), **models}).encode()).hexdigest()
     run = {**models, "batch_size": batch_size, "lr": lr, "seed": seed, "temperature": temperature}
     run.update(ce_weight=ce_weight, data=key)
+    if train_layers:
+        run.update(train_layers=train_layers, layer_lr=layer_lr)
 
-    encoder = ColbertEncoder.load(base, device=device)
-    # The trained tensor as a module's one parameter, so the shared loop checkpoints it as "weight".
-    projection = torch.nn.ParameterDict({"weight": encoder.projection.detach().cpu().clone()})
-    weight = projection["weight"]
+    model = Trained(list(stack[frozen:]), encoder.projection.cpu())
     if latest is not None:
         latest.check_run(run)  # before the costly inputs; train_steps loads the checkpoint
     inputs = DistillationInputs.load(checkpoints.root / INPUTS_FILE, key)
@@ -357,12 +419,12 @@ def train_colbert(
         data = build_training_set(
             pairs, dense_model=dense_model, teacher=teacher, candidates=candidates, progress=progress
         )
-        inputs = DistillationInputs.compute(encoder, data, progress)
+        inputs = DistillationInputs.compute(encoder, data, frozen, progress)
         inputs.save(checkpoints.root / INPUTS_FILE, key)
 
     done = train_steps(
-        projection,
-        lambda rows: distillation_loss(weight, inputs, rows, temperature, ce_weight),
+        model,
+        lambda rows: distillation_loss(model, inputs, rows, temperature, ce_weight),
         len(inputs),
         checkpoints=checkpoints,
         run=run,
@@ -374,12 +436,14 @@ def train_colbert(
         decay=False,
         weight_decay=0.0,
         clip_norm=None,
+        lr_scale={"layers.": layer_lr / lr},
         label="train colbert",
         progress=progress,
     )
     metrics = done.metrics(len(inputs), started, out)
     metrics |= {"candidates": int(inputs.candidates.shape[1]), "loss_curve": _curve(done.losses)}
-    encoder.projection = weight.detach().to(device).clone()
+    encoder.bert.eval()  # its top layers are the trained ones
+    encoder.projection = model.weight.detach().to(device).clone()
     encoder.metadata["ragfleet_training"] = {
         **run,
         "steps": done.step,
@@ -388,6 +452,8 @@ def train_colbert(
         "split": split if beir else None,
     }
     encoder.save(out)
+    if export is not None:
+        encoder.save_delta(export, train_layers)
     return metrics
 
 
