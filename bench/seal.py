@@ -24,9 +24,11 @@ For every corpus size (`--tokens`, default 1M, 10M and 50M) a corpus of Zipfian 
              p50 / p99 ms of a whole query, of the LM's part (its forward passes) and of the rest (index
              work: next_tokens, counts, locate, scoring), and of one constrained decoding step with the
              LM (the beam search's time over its steps: the LM's `next_logprobs` of up to 15 beams plus
-             their `next_tokens`). The goal is <= 50 ms of index work per query beside the LM's time.
+             their `next_tokens`) and without it (`e2e_step_index`: the step's index work alone). The
+             goals are <= 50 ms of index work per query beside the LM's time and <= 1 ms per step.
 
-Run with `python -m bench.seal` (`--tokens 1000000` for a quick run); results go to bench/results/seal.json.
+Run with `python -m bench.seal` (`--tokens 1000000` for a quick run, `--only e2e` for the query rows
+alone); results go to bench/results/seal.json.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ VOCAB = 30_000
 NGRAM_LENGTHS = (1, 2, 4, 8)
 BEAM = 15
 LOCATE_MAX = 1500  # SEAL proposes passages from n-grams with at most this many occurrences
+PARTS = ("index", "segments", "e2e")  # what --only picks: index_rows, segment_rows, end_to_end_rows
 
 
 def zipf_corpus(n_tokens: int, vocab: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -269,7 +272,7 @@ def end_to_end_rows(model: Path, beir: Path, queries: int, split: str = "test") 
     rows = [{**base, "part": "e2e_build", "tokenize_s": round(tokenize_s, 2), "build_s": round(build_s, 2)}]
 
     timed, params = _TimedLM(lm), SealParams()
-    total, lm_part, step = [], [], []
+    total, lm_part, step, step_index = [], [], [], []
     for text in list(data.queries.values())[:queries]:
         ids, words = lm.encode_query(text)
         if not ids:
@@ -279,16 +282,19 @@ def end_to_end_rows(model: Path, beir: Path, queries: int, split: str = "test") 
         search(timed, index, ids, words, 10, params)
         total.append((time.perf_counter() - start) * 1e3)
         lm_part.append(timed.seconds * 1e3)
-        timed.calls = 0
+        timed.calls, timed.seconds = 0, 0.0
         start = time.perf_counter()
         constrained_beam_search(timed, index, ids, params.beam, params.max_ngram)
-        step.append((time.perf_counter() - start) * 1e3 / max(1, timed.calls))
+        beam_s, steps = time.perf_counter() - start, max(1, timed.calls)
+        step.append(beam_s * 1e3 / steps)
+        step_index.append((beam_s - timed.seconds) * 1e3 / steps)
     index_part = [t - m for t, m in zip(total, lm_part, strict=True)]
     for part, samples in (
         ("e2e_query", total),
         ("e2e_lm", lm_part),
         ("e2e_index", index_part),
         ("e2e_step", step),
+        ("e2e_step_index", step_index),
     ):
         summary = percentiles(samples)
         rows.append(
@@ -344,13 +350,17 @@ def main() -> None:
     parser.add_argument(
         "--segment-tokens", type=int, default=10_000_000, help="SegmentedIndex rows for sizes up to this"
     )
+    parser.add_argument(
+        "--only", nargs="+", choices=PARTS, default=PARTS, help="the kinds of rows to measure (default: all)"
+    )
     args = parser.parse_args()
     rows = []
     for n_tokens in args.tokens:
-        rows.extend(index_rows(n_tokens, args.queries, args.scans))
-        if n_tokens <= args.segment_tokens:
+        if "index" in args.only:
+            rows.extend(index_rows(n_tokens, args.queries, args.scans))
+        if "segments" in args.only and n_tokens <= args.segment_tokens:
             rows.extend(segment_rows(n_tokens, args.queries, args.segments))
-    if args.seal_model and args.beir:
+    if "e2e" in args.only and args.seal_model and args.beir:
         rows.extend(end_to_end_rows(args.seal_model, args.beir, args.e2e_queries))
     write_bench_results(NAME, rows)
 

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.retriever.seal import fmindex
 from services.retriever.seal.fmindex import FMIndex
 from services.retriever.seal.segments import SegmentedIndex
 from services.runtime.model_errors import ArtifactError, ParamError
@@ -97,6 +98,10 @@ def test_fmindex_equals_a_scan(case: tuple[int, list[list[int]], list[list[int]]
     check(index, corpus, ngrams)
     for number, tokens in corpus.items():
         assert index.passage(number).tolist() == tokens
+    numbers = [*reversed(corpus), *corpus][:7]  # any order, repeats allowed
+    tokens, lengths = index.passages(np.array(numbers, np.int64))
+    assert tokens.tolist() == [t for n in numbers for t in corpus[n]]
+    assert lengths.tolist() == [len(corpus[n]) for n in numbers]
     with tempfile.TemporaryDirectory() as tmp:
         index.save(Path(tmp) / "fm")
         loaded = FMIndex.load(Path(tmp) / "fm")
@@ -167,6 +172,10 @@ def test_segmented_index_equals_a_scan(case: tuple[int, list[tuple], list[list[i
             check(index, live, ngrams)
             for rowid, tokens in live.items():
                 assert index.tokens(rowid).tolist() == tokens
+            asked = list(reversed(live))  # across segments, out of their order
+            tokens, lengths = index.passages(asked)
+            assert tokens.tolist() == [t for r in asked for t in live[r]]
+            assert lengths.tolist() == [len(live[r]) for r in asked]
         for folder, digest, then in saved:  # copy-on-write: what was opened from stays as it was saved
             assert tree_digest(folder) == digest
             check(SegmentedIndex.open(folder), then, ngrams)
@@ -187,6 +196,17 @@ def test_wide_ranges_count_next_tokens_alike(vocab: int) -> None:
             counts[:] = 0
 
 
+def test_cached_and_evicted_ranges_answer_alike(monkeypatch) -> None:
+    """Suffix-array ranges are cached (a tiny cache here, emptied every other n-gram): long n-grams, their
+    prefixes and extensions, asked cold, warm and after the cache starts afresh, answer as the scan."""
+    monkeypatch.setattr(fmindex, "CACHED_PREFIXES", 2)
+    passages = [[0] * 100, [0] * 40 + [1] + [0] * 50]
+    index = FMIndex.build(passages, 2)
+    corpus = dict(enumerate(passages))
+    long = [0] * 70
+    check(index, corpus, [long, long[:45], long[:46], [0] * 40 + [1], long, [1, 0, 0], [1, 0, 0, 1]])
+
+
 def test_segments_survive_tombstones_and_merge(tmp_path: Path) -> None:
     index = SegmentedIndex.empty(5)
     index.add([(10, [1, 2, 3]), (11, [1, 2, 4]), (12, [2, 3])])
@@ -194,7 +214,7 @@ def test_segments_survive_tombstones_and_merge(tmp_path: Path) -> None:
     index.remove([11, 99])
     assert index.count([1, 2]) == 3
     assert index.next_tokens([1, 2])[0].tolist() == [3]
-    assert sorted(index.locate([1, 2])) == [(10, 0), (20, 0), (20, 3)]
+    assert index.locate([1, 2]).tolist() == [[10, 0], [20, 0], [20, 3]]
     index.save(tmp_path / "v1")
     before = tree_digest(tmp_path / "v1")
     reopened = SegmentedIndex.open(tmp_path / "v1")
@@ -239,6 +259,7 @@ def test_unchanged_segments_are_hard_linked(tmp_path: Path) -> None:
         (lambda: SegmentedIndex.empty(5).locate([9]), "ngram"),
         (lambda: SegmentedIndex.empty(5).remove([1.5]), "rowids"),
         (lambda: SegmentedIndex.empty(5).tokens(3), "rowid"),
+        (lambda: SegmentedIndex.empty(5).passages([3]), "rowids"),
     ],
 )
 def test_bad_input_names_the_argument(call, field: str) -> None:

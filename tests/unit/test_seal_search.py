@@ -3,14 +3,17 @@ on a tiny in-memory n-gram index with the FM-index's methods and a bigram LM def
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
+from collections import defaultdict
 
 import numpy as np
 import pytest
 
 from services.retriever.seal.search import (
     Match,
+    ScoredPassage,
     SealParams,
     constrained_beam_search,
     find_ngrams,
@@ -50,10 +53,11 @@ class BruteIndex:
         return tokens, np.array([found[t] for t in tokens.tolist()], dtype=np.int64)
 
     def locate(self, ngram, limit=None):
-        return list(self._starts(ngram))[:limit]
+        return np.array(list(self._starts(ngram))[:limit], dtype=np.int64).reshape(-1, 2)
 
-    def tokens(self, rowid):
-        return np.array(self.rows[rowid], dtype=np.int64)
+    def passages(self, rowids):
+        texts = [self.rows[r] for r in np.asarray(rowids).tolist()]
+        return np.array([t for text in texts for t in text], dtype=np.int64), np.array(list(map(len, texts)))
 
 
 class BigramLM:
@@ -125,37 +129,112 @@ def test_query_keys_are_whole_word_ngrams_up_to_three_words():
     assert query_keys(tokens, words, max_words=3, max_ngram=2) == [(5, 6), (7,), (7, 8), (8,), (8, 9), (9,)]
 
 
+def find_in(texts: list[list[int]], ngrams: list[tuple[int, ...]]) -> list[set[tuple[int, int]]]:
+    """find_ngrams over `texts`: each text's set of (n-gram number, start)."""
+    tokens = np.array([t for text in texts for t in text], dtype=np.int64)
+    found = find_ngrams(tokens, np.array(list(map(len, texts))), ngrams)
+    hits: list[set[tuple[int, int]]] = [set() for _ in texts]
+    for passage, number, start in zip(*(column.tolist() for column in found), strict=True):
+        hits[passage].add((number, start))
+    assert len(found.passage) == sum(map(len, hits))  # no occurrence twice
+    return hits
+
+
 @pytest.mark.parametrize("seed", [5, 6])
 def test_find_ngrams_matches_a_scan(seed):
     rows = random_rows(seed, vocab=3)
-    texts = [np.array(t) for t in rows.values()]
-    ngrams = sorted(
-        {tuple(t[i : i + n]) for t in rows.values() for n in (1, 2, 4) for i in range(len(t) - n + 1)}
-    )
+    texts = [*rows.values(), []]
+    ngrams = sorted({tuple(t[i : i + n]) for t in texts for n in (1, 2, 4) for i in range(len(t) - n + 1)})
     ngrams.append((0, 0, 0, 0, 0, 0, 0))
-    found = find_ngrams(texts, ngrams)
-    for text, hits in zip(texts, found, strict=True):
+    for text, hits in zip(texts, find_in(texts, ngrams), strict=True):
         expected = {
             (k, i)
             for k, ng in enumerate(ngrams)
             for i in range(len(text))
             if tuple(text[i : i + len(ng)]) == ng
         }
-        assert set(hits) == expected and len(hits) == len(expected)
+        assert hits == expected
+    assert find_in([[], [1]], []) == [set(), set()]
+
+
+def place_one(text: list[int], ngrams: list[tuple[int, ...]], weights: list[float], beta: float):
+    """place for one passage: (score, its Placements as (start, end, weight) rows)."""
+    found = find_ngrams(np.array(text, dtype=np.int64), np.array([len(text)]), ngrams)
+    scores, placed = place(
+        np.array([len(text)]), found, np.array(list(map(len, ngrams))), np.array(weights), beta
+    )
+    return float(scores[0]), list(zip(placed.start.tolist(), placed.end.tolist(), placed.weight.tolist()))
 
 
 def test_place_covers_greedily_with_the_coverage_factor():
     ngrams = [(1, 2, 3), (2, 3, 4, 5), (9,)]
-    weights = [4.0, 2.0, 1.0]
     # text: 1 2 3 4 5 ; (2,3,4,5) overlaps the placed (1,2,3) on two tokens: 2 new of 4.
-    score, matches = place(5, [(0, 0), (1, 1)], ngrams, weights, beta=0.8)
+    score, matches = place_one([1, 2, 3, 4, 5], ngrams, [4.0, 2.0, 1.0], beta=0.8)
     assert score == pytest.approx(4.0 + 2.0 * (0.2 + 0.8 * 2 / 4))
-    assert matches == (Match(0, 3, 4.0), Match(1, 5, pytest.approx(2.0 * 0.6)))
+    assert matches == [(0, 3, 4.0), (1, 5, pytest.approx(2.0 * 0.6))]
     # An n-gram twice: placed once, where it is new; one adding nothing is dropped.
-    text, ngrams = np.array([7, 8, 7, 1, 7, 8]), [(7, 8, 7), (7, 8), (7,)]
-    (found,) = find_ngrams([text], ngrams)
-    score, matches = place(len(text), found, ngrams, [3.0, 2.0, 1.0], 0.8)
-    assert [(m.start, m.end) for m in matches] == [(0, 3), (4, 6)] and score == pytest.approx(3.0 + 2.0)
+    score, matches = place_one([7, 8, 7, 1, 7, 8], [(7, 8, 7), (7, 8), (7,)], [3.0, 2.0, 1.0], 0.8)
+    assert [(start, end) for start, end, _ in matches] == [(0, 3), (4, 6)] and score == pytest.approx(
+        3.0 + 2.0
+    )
+
+
+def reference_score_passages(index, ngrams, k, params, allowed=None):
+    """score_passages as a loop over passages and n-grams (the implementation before it was vectorised)."""
+    keys, weights, counts = [], [], []
+    for ngram, logprob in ngrams.items():
+        count = index.count(ngram)
+        weight = ngram_weight(logprob, count, index.n_tokens, params.smoothing, params.alpha)
+        if 0 < count <= params.max_occurrences and weight > 0:
+            keys.append(ngram)
+            weights.append(weight)
+            counts.append(count)
+    proposed: dict[int, float] = defaultdict(float)
+    for ngram, weight, count in zip(keys, weights, counts, strict=True):
+        if count <= params.max_hits:
+            for rowid in {r for r, _ in index.locate(ngram).tolist()}:
+                if allowed is None or rowid in allowed:
+                    proposed[rowid] += weight
+    candidates = heapq.nlargest(params.fully_score, proposed, key=lambda r: (proposed[r], -r))
+    scored = []
+    for rowid in candidates:
+        text = index.rows[rowid]
+        covered, score, matches = [0] * len(text), 0.0, []
+        for number in sorted(range(len(keys)), key=lambda n: (-weights[n], n)):
+            size = len(keys[number])
+            places = [s for s in range(len(text) - size + 1) if tuple(text[s : s + size]) == keys[number]]
+            if not places:
+                continue
+            new, start = max((size - sum(covered[s : s + size]), -s) for s in places)
+            if new == 0:
+                continue
+            weight = weights[number] * (1 - params.beta + params.beta * new / size)
+            covered[-start : -start + size] = [1] * size
+            score += weight
+            matches.append(Match(-start, -start + size, weight))
+        scored.append(ScoredPassage(rowid, score, tuple(sorted(matches, key=lambda m: m.start))))
+    return heapq.nlargest(k, scored, key=lambda s: (s.score, -s.rowid))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_score_passages_equals_the_loop_exactly(seed):
+    """Same passages, scores and matches to the last bit, ties (equal weights, an n-gram at one start as
+    another) included."""
+    rng = np.random.default_rng(seed)
+    rows = random_rows(seed, n_rows=30, vocab=4, length=25)
+    index = BruteIndex(rows)
+    corpus = [tuple(t[i : i + n]) for t in rows.values() for n in (1, 2, 3, 5) for i in range(len(t) - n + 1)]
+    chosen = sorted(set(corpus[i] for i in rng.integers(0, len(corpus), 25)))
+    logprobs = rng.choice([math.log(0.3), math.log(0.05)], size=len(chosen))  # ties on purpose
+    ngrams = dict(zip(chosen, logprobs.tolist(), strict=True))
+    for params, allowed in (
+        (SealParams(), None),
+        (SealParams(max_hits=8, fully_score=7), None),
+        (SealParams(beta=0.3), set(rows) - {10, 11, 12}),
+    ):
+        assert score_passages(index, ngrams, 12, params, allowed) == reference_score_passages(
+            index, ngrams, 12, params, allowed
+        )
 
 
 def test_intersective_scoring_ranks_the_passage_with_the_rare_ngram_first():

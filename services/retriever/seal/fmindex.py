@@ -31,6 +31,10 @@ The arrays cost about 12 bytes per corpus token (2 + 4 + 2 + 4) under a 65k voca
 A decoder's first steps ask for the next tokens of frequent n-grams, whose ranges are wide (O(range) to
 count). Those of ranges of at least CACHED_WIDTH suffixes are kept for the CACHED_RANGES most recently
 asked (at most 16 bytes per distinct token each, so under 16·vocab_size·CACHED_RANGES bytes in all).
+The suffix-array ranges of the n-grams asked are kept too, up to CACHED_PREFIXES of them (a few hundred
+bytes each; then the cache starts afresh): a decoder asks for `ngram + [t]` right after `ngram`, and
+SEAL's scoring then counts and locates the n-grams its beams held, so most ranges are cached or one
+backward-search step from a cached one. Plain dict operations, so threads may share an index.
 
 Bad arguments raise `ParamError` naming the argument; a folder without a readable index, `ArtifactError`.
 """
@@ -57,6 +61,7 @@ END = 0  # the end marker's symbol
 # next_tokens of n-grams with this many occurrences or more is cached, for this many distinct n-grams
 CACHED_WIDTH = 1 << 12
 CACHED_RANGES = 256
+CACHED_PREFIXES = 4096  # suffix-array ranges of up to this many n-grams are cached
 SMALL_RANGE = 64  # next_tokens counts ranges up to this in Python
 
 
@@ -76,6 +81,14 @@ def token_array(tokens: Sequence[int] | np.ndarray, vocab_size: int, field: str)
             field, f"token id {int(array[bad[0]])} at {int(bad[0])} is outside [0, vocab_size={vocab_size})"
         )
     return array.astype(np.int64, copy=False)
+
+
+def ngram_key(ngram: Sequence[int] | np.ndarray, vocab_size: int, field: str = "ngram") -> tuple[int, ...]:
+    """`ngram` as a tuple of Python ints; ParamError naming `field` unless every one is a token id in
+    [0, vocab_size). A tuple of ints (what the search passes) is checked without numpy."""
+    if isinstance(ngram, tuple) and all(type(t) is int and 0 <= t < vocab_size for t in ngram):
+        return ngram
+    return tuple(token_array(ngram, vocab_size, field).tolist())
 
 
 def checked_vocab_size(vocab_size: int) -> int:
@@ -117,6 +130,7 @@ class FMIndex:
         self._unigrams = tokens, counts[tokens]
         # Frequent n-grams (a decoder's first steps) have wide ranges, slow to count anew every time.
         self._wide_successors = functools.lru_cache(maxsize=CACHED_RANGES)(self._successors)
+        self._ranges: dict[tuple[int, ...], tuple[int, int]] = {}  # see _range
         self._source = source  # the folder the arrays are mapped from; None while only in memory
         self.n_passages = len(self._starts) - 1
         self.n_tokens = len(self._text) - self.n_passages
@@ -150,7 +164,7 @@ class FMIndex:
                 raise ParamError("parts", f"vocab sizes differ: {index.vocab_size} and {vocab_size}")
             numbers = np.asarray(numbers, np.int64)
             begin, end = index._starts[numbers], index._starts[numbers + 1]  # each passage with its marker
-            texts.append(index._text[_ranges(begin, end - begin)])
+            texts.append(index._text[concat_ranges(begin, end - begin)])
             lengths.append(end - begin - 1)
         text = np.concatenate(texts).astype(_symbol_dtype(vocab_size), copy=False)
         return cls._from_text(text, np.concatenate(lengths), vocab_size)
@@ -224,13 +238,14 @@ class FMIndex:
 
     def count(self, ngram: Sequence[int]) -> int:
         """Occurrences of `ngram` in all passages; the empty n-gram occurs once before every token."""
-        sp, ep = self._range(ngram)
+        sp, ep = self._range(ngram_key(ngram, self.vocab_size))
         return ep - sp
 
     def next_tokens(self, ngram: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """The distinct tokens t (ascending, int64) such that `ngram + [t]` occurs, and its counts."""
+        ngram = ngram_key(ngram, self.vocab_size)
         sp, ep = self._range(ngram)
-        if not len(ngram):  # every token's count is known (the BWT range would miss first tokens)
+        if not ngram:  # every token's count is known (the BWT range would miss first tokens)
             tokens, counts = self._unigrams
         elif ep - sp >= CACHED_WIDTH:
             tokens, counts = self._wide_successors(sp, ep)
@@ -259,6 +274,7 @@ class FMIndex:
         any `limit` of the occurrences (the first in suffix-array order)."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ParamError("limit", f"must be None or an integer >= 0, got {limit!r}")
+        ngram = ngram_key(ngram, self.vocab_size)
         sp, ep = self._range(ngram)
         if limit is not None:
             ep = min(ep, sp + limit)
@@ -276,26 +292,47 @@ class FMIndex:
         """The token ids of passage `number` (int64)."""
         if not 0 <= number < self.n_passages:
             raise ParamError("number", f"must be in [0, {self.n_passages}), got {number}")
-        begin, end = int(self._starts[number]), int(self._starts[number + 1]) - 1
-        return self._text[begin:end][::-1].astype(np.int64) - 1
+        return self.passages(np.array([number]))[0]
 
-    def _range(self, ngram: Sequence[int]) -> tuple[int, int]:
-        """The suffix-array range [sp, ep) of the suffixes of T that begin with the reversed `ngram`."""
-        symbols = token_array(ngram, self.vocab_size, "ngram") + 1
-        c, psi = self._c, self._psi
-        if not len(symbols):  # the suffixes that begin with a token (the markers' come first)
+    def passages(self, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The token ids of passages `numbers` (valid passage numbers) back to back, and their lengths
+        (int64)."""
+        numbers = np.asarray(numbers, np.int64)
+        # Reversing the reversed passages (each with its marker) taken last to first gives them in order,
+        # each after a marker.
+        begin, end = self._starts[numbers[::-1]], self._starts[numbers[::-1] + 1]
+        text = self._text[concat_ranges(begin, end - begin)][::-1].astype(np.int64) - 1
+        return text[text >= 0], end[::-1] - begin[::-1] - 1  # markers are -1 now
+
+    def _range(self, ngram: tuple[int, ...]) -> tuple[int, int]:
+        """The suffix-array range [sp, ep) of the suffixes of T that begin with the reversed `ngram`:
+        cached, or one step from its prefix's cached range, or a whole backward search."""
+        if not ngram:  # the suffixes that begin with a token (the markers' come first)
             return self.n_passages, len(self._text)
-        sp, ep = 0, len(self._text)
-        for s in symbols.tolist():
-            lo, hi = c[s], c[s + 1]
-            rank = psi[lo:hi].searchsorted(np.array([sp, ep], psi.dtype))
-            sp, ep = lo + int(rank[0]), lo + int(rank[1])
-            if sp >= ep:
-                return 0, 0
+        found = self._ranges.get(ngram)
+        if found is not None:
+            return found
+        prefix = self._ranges.get(ngram[:-1])
+        sp, ep = prefix if prefix is not None else (0, len(self._text))
+        for token in ngram[-1:] if prefix is not None else ngram:
+            sp, ep = self._step(sp, ep, token)
+        if len(self._ranges) >= CACHED_PREFIXES:
+            self._ranges.clear()  # what a decoder asks next extends what it asked last
+        self._ranges[ngram] = sp, ep
         return sp, ep
 
+    def _step(self, sp: int, ep: int, token: int) -> tuple[int, int]:
+        """A backward-search step: the range of `token` before the suffixes of [sp, ep); (0, 0) if none."""
+        if sp >= ep:
+            return 0, 0
+        symbol = token + 1
+        lo, hi = self._c[symbol], self._c[symbol + 1]
+        rank = self._psi[lo:hi].searchsorted(np.array([sp, ep], self._psi.dtype))
+        sp, ep = lo + int(rank[0]), lo + int(rank[1])
+        return (sp, ep) if sp < ep else (0, 0)
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The positions starts[i] .. starts[i] + lengths[i] - 1 of every i, back to back."""
     total = int(lengths.sum())
     if not total:

@@ -14,7 +14,8 @@ best of them are the hits.
   (the sum of their weights ranks them); the best `fully_score` are scored in full: the n-grams found in
   each passage are placed greedily by weight, each n-gram once, where it adds the most uncovered tokens,
   with a coverage factor 1 - beta + beta * (new tokens / n-gram length). An n-gram that adds nothing is
-  dropped; a passage's placed n-grams are its matches (token spans, for highlights).
+  dropped; a passage's placed n-grams are its matches (token spans, for highlights). The candidates are
+  scored together, in numpy (`find_ngrams`, `place`): the index work of a query is mostly this step.
 
 Model code: no gRPC; bad arguments are `ParamError`s naming the field.
 """
@@ -22,11 +23,12 @@ Model code: no gRPC; bad arguments are `ParamError`s naming the field.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -46,9 +48,9 @@ class NgramIndex(Protocol):
 
     def next_tokens(self, ngram: Sequence[int]) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def locate(self, ngram: Sequence[int], limit: int | None = None) -> list[tuple[int, int]]: ...
+    def locate(self, ngram: Sequence[int], limit: int | None = None) -> np.ndarray: ...
 
-    def tokens(self, rowid: int) -> np.ndarray: ...
+    def passages(self, rowids: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class ConditionalLM(Protocol):
@@ -153,75 +155,116 @@ def ngram_weight(logprob: float, count: int, n_tokens: int, smoothing: float, al
     return max(0.0, weight) ** alpha
 
 
-def _hashes(tokens: np.ndarray, length: int, previous: np.ndarray | None) -> np.ndarray:
-    """Polynomial hashes of the windows of `length` tokens, from those of `length - 1`."""
-    values = tokens.astype(np.uint64)
-    if previous is None:
-        return values
-    return previous[:-1] * _HASH_BASE + values[length - 1 :]
+class Occurrences(NamedTuple):
+    """Where n-grams occur in passages given back to back: parallel int64 arrays."""
+
+    passage: np.ndarray  # the passage's position among them
+    ngram: np.ndarray  # the n-gram's number
+    start: np.ndarray  # the offset of its first token in the passage
+
+
+class Placements(NamedTuple):
+    """The n-grams `place` kept, by passage, then start: parallel arrays."""
+
+    passage: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    weight: np.ndarray  # float64
 
 
 def _ngram_hash(ngram: Ngram) -> int:
-    """The hash `_hashes` gives a window holding `ngram` (uint64 arithmetic, in Python ints)."""
+    """The hash `find_ngrams` gives a window holding `ngram` (uint64 arithmetic, in Python ints)."""
     h = 0
     for token in ngram:
         h = (h * int(_HASH_BASE) + token) % 2**64
     return h
 
 
-def find_ngrams(texts: Sequence[np.ndarray], ngrams: Sequence[Ngram]) -> list[list[tuple[int, int]]]:
-    """[(n-gram number, start)] of every occurrence of `ngrams` in each of `texts` (token id arrays).
+def find_ngrams(tokens: np.ndarray, lengths: np.ndarray, ngrams: Sequence[Ngram]) -> Occurrences:
+    """Every occurrence of the distinct, non-empty `ngrams` in the passages whose token ids are back to back
+    in `tokens`, passage i holding lengths[i]; ordered by n-gram length, then position.
 
-    The texts are laid end to end with a separator and every window hashed per length at once (64-bit
-    polynomial hashes; a collision would need ~2^32 windows)."""
-    texts = [np.asarray(t, dtype=np.int64) for t in texts]
-    starts = np.cumsum([0] + [len(t) + 1 for t in texts])
-    stream = np.concatenate([np.append(t, -1) for t in texts]) if texts else np.zeros(0, np.int64)
-    by_length: dict[int, dict[int, int]] = defaultdict(dict)
+    Windows are narrowed token by token to those whose j-th token is the j-th of some n-gram of their
+    length; the rest are hashed (64-bit polynomial hashes, compared against the n-grams'; a collision
+    would need ~2^32 windows)."""
+    tokens, lengths = np.asarray(tokens, np.int64), np.asarray(lengths, np.int64)
+    by_length: dict[int, list[int]] = defaultdict(list)
     for number, ngram in enumerate(ngrams):
-        by_length[len(ngram)][_ngram_hash(ngram)] = number
-    found: list[list[tuple[int, int]]] = [[] for _ in texts]
-    hashes = None
-    for length in range(1, max(by_length, default=0) + 1):
-        if length > len(stream):
-            break
-        hashes = _hashes(stream, length, hashes)
-        if length not in by_length:
-            continue
-        table = by_length[length]
-        keys = np.fromiter(table, dtype=np.uint64, count=len(table))
-        positions = np.flatnonzero(np.isin(hashes, keys))
-        docs = np.searchsorted(starts, positions, side="right") - 1
-        for pos, doc in zip(positions.tolist(), docs.tolist()):
-            found[doc].append((table[int(hashes[pos])], pos - int(starts[doc])))
-    return found
+        by_length[len(ngram)].append(number)
+    if not len(tokens) or not ngrams:
+        return Occurrences(*[np.zeros(0, np.int64)] * 3)
+    ends = np.cumsum(lengths)
+    passage_of = np.repeat(np.arange(len(lengths)), lengths)
+    vocab = max(int(tokens.max()), max(max(g) for g in ngrams)) + 1
+    allowed = np.zeros(vocab, bool)
+    allowed[[g[0] for g in ngrams]] = True
+    at = np.flatnonzero(allowed[tokens])  # where any n-gram may begin
+    first, room = tokens[at], ends[passage_of[at]] - at  # its token, and the tokens left in its passage
+    numbers, positions = [], []
+    for length, group in sorted(by_length.items()):
+        here = None
+        for j in range(length):
+            allowed[:] = False
+            allowed[[ngrams[i][j] for i in group]] = True
+            here = at[allowed[first] & (room >= length)] if j == 0 else here[allowed[tokens[here + j]]]
+        hashes = np.zeros(len(here), np.uint64)
+        for j in range(length):
+            hashes = hashes * _HASH_BASE + tokens[here + j].astype(np.uint64)
+        table = np.array([_ngram_hash(ngrams[i]) for i in group], np.uint64)
+        order = np.argsort(table)
+        table, group_numbers = table[order], np.array(group, np.int64)[order]
+        slot = np.minimum(np.searchsorted(table, hashes), len(table) - 1)
+        hit = table[slot] == hashes
+        numbers.append(group_numbers[slot[hit]])
+        positions.append(here[hit])
+    positions = np.concatenate(positions)
+    passage = passage_of[positions]
+    return Occurrences(passage, np.concatenate(numbers), positions - (ends - lengths)[passage])
 
 
 def place(
-    length: int,
-    occurrences: Iterable[tuple[int, int]],
-    ngrams: Sequence[Ngram],
-    weights: Sequence[float],
-    beta: float,
-) -> tuple[float, tuple[Match, ...]]:
-    """A passage's full score and matches: its n-grams placed greedily by weight, each once, where it
-    adds the most uncovered tokens (the first such place), scaled by its coverage factor."""
-    places: dict[int, list[int]] = defaultdict(list)
-    for number, start in occurrences:
-        places[number].append(start)
-    covered = bytearray(length)
-    score, matches = 0.0, []
-    for number in sorted(places, key=lambda n: (-weights[n], n)):
-        size = len(ngrams[number])
-        new, start = max((size - covered[s : s + size].count(1), -s) for s in places[number])
-        if new == 0:
+    lengths: np.ndarray, found: Occurrences, sizes: np.ndarray, weights: np.ndarray, beta: float
+) -> tuple[np.ndarray, Placements]:
+    """Each passage's full score, and its matches: the n-grams `found` in it (`sizes` and `weights` by
+    n-gram number) placed greedily by weight, each once, where it adds the most uncovered tokens (the
+    first such place), scaled by its coverage factor; an n-gram that adds nothing is dropped. Each
+    n-gram's occurrences in `found` come in passage, then start order (as find_ngrams gives them).
+
+    All passages are placed at once, one n-gram at a time: a passage's placements never touch
+    another's tokens."""
+    sizes, weights = np.asarray(sizes, np.int64), np.asarray(weights, np.float64)
+    rank = np.empty(len(weights), np.int64)
+    rank[np.lexsort((np.arange(len(weights)), -weights))] = np.arange(len(weights))
+    order = np.argsort(rank[found.ngram], kind="stable")  # keeps each n-gram's passage, start order
+    ngram, passage, start = found.ngram[order], found.passage[order], found.start[order]
+    at = (np.cumsum(lengths) - lengths)[passage] + start  # offset in all passages back to back
+    covered = np.zeros(int(np.sum(lengths)), bool)
+    scores = np.zeros(len(lengths))
+    placed: list[tuple[np.ndarray, ...]] = []  # (passage, start, end, weight, step) of each step
+    firsts = np.flatnonzero(np.diff(ngram, prepend=-1)).tolist()  # where each n-gram's occurrences begin
+    for lo, hi in itertools.pairwise([*firsts, len(ngram)]):
+        number = int(ngram[lo])
+        size = int(sizes[number])
+        inside = np.arange(size)  # a window's offsets
+        new = size - covered[at[lo:hi, None] + inside].sum(axis=1)
+        owner = passage[lo:hi]
+        opens = np.diff(owner, prepend=-1) != 0  # the passage's first occurrence
+        most = np.maximum.reduceat(new, np.flatnonzero(opens))
+        best = np.flatnonzero(new == most[np.cumsum(opens) - 1])
+        best = best[np.diff(owner[best], prepend=-1) != 0]  # the first best place in each passage
+        best = best[new[best] > 0]
+        if not len(best):
             continue
-        start = -start
-        weight = weights[number] * (1 - beta + beta * new / size)
-        covered[start : start + size] = b"\x01" * size
-        score += weight
-        matches.append(Match(start, start + size, weight))
-    return score, tuple(sorted(matches, key=lambda m: m.start))
+        weight = weights[number] * (1 - beta + beta * new[best] / size)
+        covered[(at[lo:hi][best, None] + inside).ravel()] = True
+        scores[owner[best]] += weight
+        begin = start[lo:hi][best]
+        placed.append((owner[best], begin, begin + size, weight, np.full(len(best), lo)))
+    if not placed:
+        return scores, Placements(*[np.zeros(0, np.int64)] * 3, np.zeros(0))
+    owner, begin, end, weight, step = (np.concatenate(column) for column in zip(*placed, strict=True))
+    order = np.lexsort((step, begin, owner))
+    return scores, Placements(owner[order], begin[order], end[order], weight[order])
 
 
 def score_passages(
@@ -244,19 +287,29 @@ def score_passages(
             keys.append(ngram)
             weights.append(weight)
             counts.append(count)
-    proposed: dict[int, float] = defaultdict(float)
-    for ngram, weight, count in zip(keys, weights, counts, strict=True):
-        if count <= params.max_hits:
-            for rowid in {r for r, _ in index.locate(ngram)}:
-                if allowed is None or rowid in allowed:
-                    proposed[rowid] += weight
-    candidates = heapq.nlargest(params.fully_score, proposed, key=lambda r: (proposed[r], -r))
-    texts = [index.tokens(rowid) for rowid in candidates]
-    scored = []
-    for rowid, text, found in zip(candidates, texts, find_ngrams(texts, keys), strict=True):
-        score, matches = place(len(text), found, keys, weights, params.beta)
-        scored.append(ScoredPassage(rowid, score, matches))
-    return heapq.nlargest(k, scored, key=lambda s: (s.score, -s.rowid))
+    weight_of = np.array(weights, np.float64)
+    rare = [i for i, count in enumerate(counts) if count <= params.max_hits]
+    holders = [np.unique(index.locate(keys[i])[:, 0]) for i in rare]
+    rowids = np.concatenate(holders) if holders else np.zeros(0, np.int64)
+    votes = np.repeat(weight_of[rare], [len(h) for h in holders])
+    if allowed is not None:
+        keep = np.isin(rowids, np.fromiter(allowed, np.int64, len(allowed)))
+        rowids, votes = rowids[keep], votes[keep]
+    # bincount adds each rowid's votes in key order, so the sums equal a loop's
+    proposed, slot = np.unique(rowids, return_inverse=True)
+    totals = np.bincount(slot, weights=votes, minlength=len(proposed))
+    candidates = proposed[np.lexsort((proposed, -totals))[: params.fully_score]]
+    tokens, lengths = index.passages(candidates)
+    found = find_ngrams(tokens, lengths, keys)
+    scores, placed = place(lengths, found, np.array([len(g) for g in keys]), weight_of, params.beta)
+    hits = []
+    for i in np.lexsort((candidates, -scores))[:k].tolist():
+        lo, hi = np.searchsorted(placed.passage, [i, i + 1]).tolist()
+        matches = map(
+            Match, placed.start[lo:hi].tolist(), placed.end[lo:hi].tolist(), placed.weight[lo:hi].tolist()
+        )
+        hits.append(ScoredPassage(int(candidates[i]), float(scores[i]), tuple(matches)))
+    return hits
 
 
 def search(

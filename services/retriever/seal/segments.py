@@ -36,7 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from services.retriever.seal.fmindex import FMIndex, checked_vocab_size, token_array, write_npy
+from services.retriever.seal.fmindex import (
+    FMIndex,
+    checked_vocab_size,
+    concat_ranges,
+    ngram_key,
+    token_array,
+    write_npy,
+)
 from services.runtime.model_errors import ArtifactError, ParamError
 from services.runtime.storage import atomic_write_json, fsync_dir
 
@@ -58,7 +65,7 @@ class _Segment:
     rowids: np.ndarray  # (n,) int64
     live: np.ndarray  # (n,) bool
     dead: FMIndex | None
-    by_rowid: np.ndarray = field(init=False)  # passage numbers in rowid order, for `number`
+    by_rowid: np.ndarray = field(init=False)  # passage numbers in rowid order, for `numbers`
 
     def __post_init__(self) -> None:
         self.by_rowid = np.argsort(self.rowids, kind="stable")
@@ -95,14 +102,14 @@ class _Segment:
         self.dead = FMIndex.combine([(self.index, np.flatnonzero(~live))])
         self.live = live
 
-    def number(self, rowid: int) -> int | None:
-        """The passage number of the live passage `rowid`, or None."""
-        i = int(np.searchsorted(self.rowids, rowid, sorter=self.by_rowid))
-        if i < len(self.rowids):
-            number = int(self.by_rowid[i])
-            if self.rowids[number] == rowid and self.live[number]:
-                return number
-        return None
+    def numbers(self, rowids: np.ndarray) -> np.ndarray:
+        """The passage number of each of `rowids` that is a live passage here, -1 for the others."""
+        if not len(self.rowids):
+            return np.full(len(rowids), -1, np.int64)
+        at = np.searchsorted(self.rowids, rowids, sorter=self.by_rowid)
+        numbers = self.by_rowid[np.minimum(at, len(self.rowids) - 1)].astype(np.int64)
+        found = (self.rowids[numbers] == rowids) & self.live[numbers]
+        return np.where(found, numbers, -1)
 
     @property
     def n_tokens(self) -> int:
@@ -235,7 +242,7 @@ class SegmentedIndex:
 
     def count(self, ngram: Sequence[int]) -> int:
         """Occurrences of `ngram` in live passages (the empty n-gram: live tokens)."""
-        ngram = token_array(ngram, self.vocab_size, "ngram")
+        ngram = ngram_key(ngram, self.vocab_size)
         total = 0
         for segment in self._segments:
             total += segment.index.count(ngram)
@@ -246,7 +253,7 @@ class SegmentedIndex:
     def next_tokens(self, ngram: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """The distinct tokens t (ascending) such that `ngram + [t]` occurs in a live passage, and the
         counts of `ngram + [t]` there, both int64."""
-        ngram = token_array(ngram, self.vocab_size, "ngram")
+        ngram = ngram_key(ngram, self.vocab_size)
         tokens, counts = [], []
         for segment in self._segments:
             t, c = segment.index.next_tokens(ngram)
@@ -267,29 +274,59 @@ class SegmentedIndex:
         distinct = np.flatnonzero(totals > 0)
         return distinct, totals[distinct]
 
-    def locate(self, ngram: Sequence[int], limit: int | None = None) -> list[tuple[int, int]]:
-        """(rowid, offset of the n-gram's first token) of its occurrences in live passages, segment by
-        segment, sorted within each; with `limit`, at most that many."""
-        ngram = token_array(ngram, self.vocab_size, "ngram")
+    def locate(self, ngram: Sequence[int], limit: int | None = None) -> np.ndarray:
+        """(k, 2) int64 rows (rowid, offset of the n-gram's first token) of its occurrences in live
+        passages, segment by segment, sorted within each; with `limit`, at most that many."""
+        ngram = ngram_key(ngram, self.vocab_size)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ParamError("limit", f"must be None or an integer >= 0, got {limit!r}")
-        found: list[tuple[int, int]] = []
+        found: list[np.ndarray] = []
+        held = 0
         for segment in self._segments:
             want = None
             if limit is not None:
-                if len(found) >= limit:
+                if held >= limit:
                     break
                 # the tombstoned occurrences among the first ones cannot outnumber the tombstone index's
-                want = limit - len(found) + (segment.dead.count(ngram) if segment.dead is not None else 0)
+                want = limit - held + (segment.dead.count(ngram) if segment.dead is not None else 0)
             rows = segment.index.locate(ngram, want)
             rows = rows[segment.live[rows[:, 0]]]
-            found.extend(zip(segment.rowids[rows[:, 0]].tolist(), rows[:, 1].tolist()))
-        return found if limit is None else found[:limit]
+            rows[:, 0] = segment.rowids[rows[:, 0]]
+            found.append(rows)
+            held += len(rows)
+        rows = np.concatenate(found) if found else np.zeros((0, 2), np.int64)
+        return rows if limit is None else rows[:limit]
+
+    def passages(self, rowids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The token ids of the live passages `rowids` back to back, in that order, and their lengths
+        (int64)."""
+        rowids = np.asarray(rowids, np.int64).reshape(-1)
+        if not len(rowids):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        pieces, lengths, order = [], [], []
+        for segment in self._segments:
+            numbers = segment.numbers(rowids)
+            here = np.flatnonzero(numbers >= 0)
+            if len(here):
+                tokens, sizes = segment.index.passages(numbers[here])
+                pieces.append(tokens)
+                lengths.append(sizes)
+                order.append(here)
+        asked = np.concatenate(order) if order else np.zeros(0, np.int64)
+        if len(asked) < len(rowids):
+            missing = np.setdiff1d(rowids, rowids[asked])
+            raise ParamError("rowids", f"{int(missing[0])} is not a live passage of the index")
+        if len(pieces) == 1:
+            return pieces[0], lengths[0]  # asked is 0..n-1: one segment holds them all
+        # Segment by segment, then back into the order asked.
+        tokens, sizes = np.concatenate(pieces), np.concatenate(lengths)
+        starts = np.cumsum(sizes) - sizes
+        back = np.argsort(asked)
+        return tokens[concat_ranges(starts[back], sizes[back])], sizes[back]
 
     def tokens(self, rowid: int) -> np.ndarray:
         """The token ids (int64) of the live passage `rowid`."""
-        for segment in self._segments:
-            number = segment.number(rowid)
-            if number is not None:
-                return segment.index.passage(number)
-        raise ParamError("rowid", f"{rowid} is not a live passage of the index")
+        try:
+            return self.passages([rowid])[0]
+        except ParamError as exc:
+            raise ParamError("rowid", exc.problem) from None
