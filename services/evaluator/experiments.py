@@ -367,7 +367,8 @@ class ExperimentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _index_fixes_ingest_settings(self) -> ExperimentConfig:
-        if self.index is not None and len({run.ingest for run in self.runs()}) > 1:
+        # Runs share an index when their settings agree where both set them (a bm25 run sets no store).
+        if self.index is not None and len(index_groups(self.runs())) > 1:
             raise ValueError(
                 "index: an existing index has fixed ingest settings, but the sweep varies "
                 "vector_store / chunk_tokens / overlap_tokens / whole_documents / colbert_model / "

@@ -410,3 +410,11 @@ def test_empty_documents_are_skipped_and_counted_and_judged_ones_are_misses(tmp_
     # dense finds d4 for q3 but d7 could not be found: half of q3's relevant documents.
     assert results["dense"]["recall@100"] == pytest.approx((1 + 1 + 0.5) / 3)
     assert "skipped: 1 (where judged, misses)" in markdown_table(results)
+
+
+def test_a_named_index_serves_runs_of_different_retrievers(beir_dir: Path):
+    # A bm25 run sets no vector store and a dense one does: they still search the same index.
+    config = retrieval_experiment(
+        beir_dir, retrievers=("dense", "bm25", "hybrid"), index="kb", rerank=["first"]
+    )
+    assert config.index == "kb" and len(config.runs()) == 6
