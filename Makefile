@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv protos demo demo-model test test-fast test-unit reliability bench bench-gpu lint clean
+.PHONY: venv protos demo demo-model colbert-model test test-fast test-unit reliability bench bench-gpu lint clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,14 @@ demo: $(STAMP)
 # Trains the demo's Retro model afresh and writes it where it ships (services/demo/model, committed).
 demo-model: $(STAMP)
 	$(BIN)/ragfleet demo --retrain --export services/demo/model
+
+# Trains the ColBERT default afresh on SciFact's train split (../shared/data, not in a fresh clone) and
+# writes it where it ships: MiniLM's top layer and the projection as a float16 delta over MiniLM.
+SHARED_DATA ?= ../shared/data
+colbert-model: $(STAMP)
+	$(BIN)/ragfleet train colbert --beir $(SHARED_DATA)/scifact --split train --train-layers 1 \
+	  --candidates 16 --batch-size 8 --steps 300 --lr 3e-3 --layer-lr 5e-5 --out .ragfleet/colbert-train \
+	  --export services/retriever/colbert/shipped/ragfleet-colbert.safetensors
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not reliability"

@@ -44,11 +44,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytrec_eval
 import torch
 
 from services.datasets.mining import MINED_RETRIEVERS, SEARCH_CHUNK, Example, mine_examples, prepare_index
 from services.datasets.pairs import Query, document_text
-from services.evaluator.metrics.ir import evaluate_run
 from services.reranker.backend import RerankerModel, blend
 from services.reranker.cross_encoder import CrossEncoderReranker
 from services.runtime.artifacts import Checkpoints
@@ -160,6 +160,7 @@ def tune_retrieval_weight(model: RerankerModel, lists: Sequence[HeldOut], progre
             rankings.extend(model.rerank_many([(h.query, h.texts) for h in chunk]))
             bar.update(task, advance=len(chunk))
     qrels = {str(i): {doc: 1 for doc in h.relevant} for i, h in enumerate(lists)}
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut_10"})
     curve = {}
     for weight in WEIGHTS:
         run = {}
@@ -169,7 +170,9 @@ def tune_retrieval_weight(model: RerankerModel, lists: Sequence[HeldOut], progre
             for position, candidate in enumerate(order):
                 ranked.setdefault(held.doc_ids[candidate], float(len(order) - position))
             run[str(i)] = ranked
-        curve[weight] = round(evaluate_run(run, qrels, ["ndcg_cut_10"])[0]["ndcg@10"], 5)
+        # Every held-out list is in the run, so the mean over it is over every query.
+        per_query = evaluator.evaluate(run).values()
+        curve[weight] = round(float(np.mean([m["ndcg_cut_10"] for m in per_query])), 5)
     best = max(WEIGHTS, key=lambda w: (curve[w], -w))
     validation = {"queries": len(lists), "depth": max(len(h.texts) for h in lists)}
     validation["ndcg@10"] = {str(w): v for w, v in curve.items()}

@@ -97,9 +97,10 @@ class RetrieverSettings(BaseModel):
     device: str = "cpu"
     batch_size: int = 64
     bm25_stopwords: str = "en"
-    # ColBERT checkpoint of new colbert indexes: "all-MiniLM-L6-v2" (MiniLM with an untrained
-    # projection, a baseline), or the folder `ragfleet train colbert` writes / any HF ColBERT checkpoint.
-    colbert_model: str = "all-MiniLM-L6-v2"
+    # ColBERT checkpoint of new colbert indexes: "ragfleet-colbert" (the trained default that ships
+    # with the project), "all-MiniLM-L6-v2" (MiniLM with an untrained projection, a baseline), or the
+    # folder `ragfleet train colbert` writes / any HF ColBERT checkpoint.
+    colbert_model: str = "ragfleet-colbert"
     # Bits per residual dimension (1, 2 or 4) and document length in tokens of new colbert indexes.
     colbert_nbits: int = 2
     colbert_doc_maxlen: int = 220

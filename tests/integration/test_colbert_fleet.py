@@ -25,7 +25,7 @@ QUESTIONS = demo_questions()[:4]
 ISLANDS = {q["doc_id"].split("-")[0] for q in QUESTIONS} | {"bruneth", "garrita"}
 DOCUMENTS = [d for d in demo_documents() if d["id"].split("-")[0] in ISLANDS]
 SPEC = {"retrievers": ["colbert", "bm25"], "chunking": {"whole_documents": True}}
-MODEL_ID = "colbert:sentence-transformers/all-MiniLM-L6-v2+untrained-projection"
+MODEL_ID = "colbert:ragfleet-colbert@"  # the shipped default's, then its fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,8 @@ def test_colbert_finds_the_answers_with_plaid_and_exhaustively(client: ragfleet.
         )
         assert top_docs(plaid)[0] == top_docs(exact)[0] == q["doc_id"], (q, top_docs(plaid), top_docs(exact))
         assert plaid.results[0].retriever == "colbert"
-        assert (plaid.versions[0].retriever, plaid.versions[0].model_id) == ("colbert", MODEL_ID)
+        assert plaid.versions[0].retriever == "colbert"
+        assert plaid.versions[0].model_id.startswith(MODEL_ID)
         fused = client.search(q["question"], index=INDEX, top_k=3)
         assert {v.retriever for v in fused.versions} == {"colbert", "bm25"}
         assert q["doc_id"] in top_docs(fused)

@@ -1,9 +1,11 @@
 """ColBERT backend: token-level embeddings from a `ColbertEncoder`, searched in a `PlaidIndex`.
 
 The spec of an index (fixed when it is created, kept in its manifest):
-- `colbert_model`: a checkpoint path or id, default `settings.retriever.colbert_model`.
-  "all-MiniLM-L6-v2" is MiniLM with an untrained projection (a baseline that runs offline); a
-  folder written by `ragfleet train colbert`, or any HF ColBERT checkpoint, is the real thing.
+- `colbert_model`: a checkpoint path or id, default `settings.retriever.colbert_model`:
+  "ragfleet-colbert", the trained default that ships with the project (MiniLM's top layer and a
+  projection fine-tuned on SciFact's train split). "all-MiniLM-L6-v2" is MiniLM with an untrained
+  projection (a baseline); a folder written by `ragfleet train colbert`, or any HF ColBERT checkpoint,
+  is the user's own.
 - `nbits`: bits per residual dimension, 1, 2 or 4; default `settings.retriever.colbert_nbits` (2).
   The ColBERT library defaults to 1; 2 bits (32 bytes per 128-d vector) stays closer to uncompressed
   MaxSim at twice the size.

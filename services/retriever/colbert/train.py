@@ -112,6 +112,12 @@ class TrainingSet:
     teacher: np.ndarray  # (n_queries, n_candidates) float32 teacher scores
 
 
+def inputs_key(pairs: Pairs, models: dict[str, Any]) -> str:
+    """The key of a run's precomputed inputs (and its `data` setting): the pairs and the models that
+    made them."""
+    return hashlib.sha256(json.dumps({"pairs": pairs.fingerprint(), **models}).encode()).hexdigest()
+
+
 def beir_pairs(folder: Path, split: str = "train", max_queries: int | None = None, seed: int = 0) -> Pairs:
     """The split's judged queries with their relevant documents as positives."""
     data = load_beir(folder, split)
@@ -405,7 +411,7 @@ def train_colbert(
     frozen = len(stack) - train_layers  # the layers whose outputs are computed once
     models = {"base": base, "dense_model": dense_model, "teacher": teacher, "candidates": candidates}
     models["frozen_layers"] = frozen
-    key = hashlib.sha256(json.dumps({"pairs": pairs.fingerprint(), **models}).encode()).hexdigest()
+    key = inputs_key(pairs, models)
     run = {**models, "batch_size": batch_size, "lr": lr, "seed": seed, "temperature": temperature}
     run.update(ce_weight=ce_weight, data=key)
     if train_layers:
