@@ -197,10 +197,8 @@ class RerankerService:
         top_k = validation.top_k_of(request.top_k, "top_k", len(request.candidates), "candidates")
         texts = [passage_text(c.passage) for c in request.candidates]
         asked_weight = request.HasField("retrieval_weight")
-        if asked_weight and not 0.0 <= request.retrieval_weight <= 1.0:
-            raise invalid_argument(
-                "retrieval_weight", f"must be between 0 and 1, got {request.retrieval_weight}"
-            )
+        if asked_weight:
+            validation.weight(request.retrieval_weight, "retrieval_weight")
 
         start = time.perf_counter()
         loaded = await asyncio.to_thread(self.model, backend, request.model)

@@ -193,7 +193,6 @@ def train_cross_encoder(
     record |= {"split": split if beir else None, "examples": len(data.examples)}
     record |= {"final_loss": metrics["final_loss"]}
     tokenizer.model_max_length = max_length
-    model.eval()
     settings = RerankerSettings(device=device)
     tuned = TunedRecord(record, CrossEncoderReranker, settings, data.held_out, progress)
     publish_run(out, save_pretrained(model, tokenizer), tuned)

@@ -248,7 +248,6 @@ def train_first(
     record |= {"data_source": str(data.source), "split": split if beir else None}
     record |= {"examples": len(windows), "positions": max_positions(model.config)}
     record |= {"final_loss": metrics["final_loss"]}
-    model.eval()
     tuned = TunedRecord(record, FirstReranker, settings, data.held_out, progress)
     publish_run(out, save_pretrained(model, tokenizer), tuned)
     return metrics | {"retrieval_weight": tuned.tuned["retrieval_weight"]}

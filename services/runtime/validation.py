@@ -179,11 +179,16 @@ def reranking(
             f"{field}.depth",
             f"must be between retrieval.top_k ({top_k}) and {limits.max_top_k}, got {spec.depth}",
         )
-    if spec.HasField("retrieval_weight") and not 0.0 <= spec.retrieval_weight <= 1.0:
-        raise invalid_argument(
-            f"{field}.retrieval_weight", f"must be between 0 and 1, got {spec.retrieval_weight}"
-        )
+    if spec.HasField("retrieval_weight"):
+        weight(spec.retrieval_weight, f"{field}.retrieval_weight")
     return checked
+
+
+def weight(value: float, field: str) -> float:
+    """A weight between 0 and 1 (NaN is not)."""
+    if not 0.0 <= value <= 1.0:
+        raise invalid_argument(field, f"must be between 0 and 1, got {value}")
+    return value
 
 
 def top_k_of(value: int, field: str, available: int, what: str) -> int:

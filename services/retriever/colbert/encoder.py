@@ -31,6 +31,7 @@ with the settings and the training record in the safetensors metadata) at SHIPPE
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import string
@@ -241,8 +242,6 @@ class ColbertEncoder:
         """Writes the top `layers` transformer layers and the projection as a delta over MiniLM (what
         `load_delta` reads): float16, with the settings, the training record and a fingerprint of the
         tensors in the metadata. Only for an encoder whose base is MiniLM."""
-        import hashlib
-
         total = len(self.bert.encoder.layer)
         prefixes = tuple(f"encoder.layer.{i}." for i in range(total - layers, total))
         tensors = {
@@ -371,13 +370,13 @@ class ColbertEncoder:
             yield positions, self._hidden(ids, attention, layer), keep.to(self.device), attention
 
     def _hidden(self, ids: torch.Tensor, attention: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        ids, attention = ids.to(self.device), attention.to(self.device)
         with torch.inference_mode():
-            out = self.bert(
-                input_ids=ids.to(self.device),
-                attention_mask=attention.to(self.device),
-                output_hidden_states=layer is not None,
-            )
-            return (out.last_hidden_state if layer is None else out.hidden_states[layer]).float()
+            if layer is None:
+                return self.bert(input_ids=ids, attention_mask=attention).last_hidden_state.float()
+            # Only the layers asked for: the ones above are what a trainer runs itself.
+            hidden = self.bert.embeddings(input_ids=ids)
+            return run_layers(self.bert.encoder.layer[:layer], hidden, attention).float()
 
 
 def run_layers(
