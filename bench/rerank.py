@@ -1,7 +1,7 @@
 """Reranker speed: the service against the model it serves, FIRST's single token against generation, and
 what reranking adds to an Ask.
 
-Three comparisons, each a ratio of two measurements of this one run:
+Five comparisons, each a ratio of measurements of this one run:
   throughput  (query, passage) pairs per second through a `ragfleet serve reranker` process over loopback
               gRPC (one Rerank call per query, back to back) against `CrossEncoder.predict` on the same
               pairs in this process, with the same model and batch size (goal: the service keeps >= 0.9x)
@@ -13,6 +13,10 @@ Three comparisons, each a ratio of two measurements of this one run:
   batching    `--concurrency` (8) Rerank calls of `--candidates` passages at once on one in-process
               RerankerService (no gRPC, no Ray): the cross-encoder scoring all waiting calls together
               (`reranker.batch_pairs`) against one call at a time (batch_pairs 0), in pairs per second
+  serve_batch the same concurrent calls inside one Ray Serve replica (a local Ray, no proxy, called
+              through a DeploymentHandle): the service's queue against Ray Serve's `@serve.batch`
+              (max_batch_size `--concurrency`, its default 10 ms wait for a batch to fill); run it in a
+              loopback-only network namespace (`unshare -n`), as the Ray tests are
 The modes of a comparison take turns call by call, so a busy machine slows them alike, and compare by the
 median call (throughput: the pairs of a call over its median time), which a burst of load barely moves.
 
@@ -26,7 +30,7 @@ rows say "untrained" and the numbers are speed only.
 Queries are the demo questions, passages the demo corpus's documents (about 55 tokens each). torch runs
 `--threads` threads (1), here and in the fleet's processes: on a shared CPU more threads than idle cores
 make every call wait on the others. Run `python -m bench.rerank` (`--only batching,first` runs those
-alone; only throughput and ask start a fleet); prints JSON and a markdown table.
+alone; only throughput and ask start a fleet, serve_batch a local Ray); prints JSON and a markdown table.
 """
 
 from __future__ import annotations
@@ -192,6 +196,61 @@ def bench_batching(
     return asyncio.run(measure())
 
 
+def bench_serve_batch(
+    home: Path, model_path: str, sets: list[tuple[str, list[str]]], concurrency: int, rounds: int
+) -> dict[str, list[float]]:
+    """{mode: ms per round of `concurrency` concurrent calls} for the service's queue ("batched") and
+    Ray Serve's `@serve.batch` (max_batch_size `concurrency`, its default 10 ms wait) scoring the same
+    model, both inside one Serve replica of a local Ray and called through the same DeploymentHandle."""
+    import ray
+    from ray import serve
+
+    from services.reranker.service import RerankerService
+    from services.runtime.settings import Settings
+
+    pairs = concurrency * len(sets[0][1])
+
+    @serve.deployment(max_ongoing_requests=4 * concurrency)
+    class Modes:
+        def __init__(self) -> None:
+            torch.set_num_threads(1)
+            reranker = {"cross_encoder_model": model_path, "batch_pairs": pairs}
+            self.loaded = RerankerService(Settings(home=home, reranker=reranker)).model("cross_encoder")
+
+        @serve.batch(max_batch_size=concurrency, batch_wait_timeout_s=0.01)
+        async def serve_batched(self, queries: list[str], texts: list[list[str]]) -> list[list[int]]:
+            calls = list(zip(queries, texts, strict=True))
+            rankings = await asyncio.to_thread(self.loaded.model.rerank_many, calls)
+            return [ranking.order for ranking in rankings]
+
+        async def __call__(self, mode: str, query: str, texts: list[str]) -> list[int]:
+            if mode == "@serve.batch":
+                return await self.serve_batched(query, texts)
+            return (await self.loaded.batcher.rank(query, texts)).order
+
+    # Local Ray and Serve without a proxy: the calls come through the handle, nothing listens outside.
+    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=2)
+    try:
+        serve.start(proxy_location="Disabled")
+        handle = serve.run(Modes.bind(), name="rerank-bench", route_prefix=None)
+
+        async def measure() -> dict[str, list[float]]:
+            samples: dict[str, list[float]] = {"batched": [], "@serve.batch": []}
+            for r in range(-1, rounds):  # round -1 is the warm-up
+                for mode in samples:
+                    calls = [sets[(r * concurrency + k) % len(sets)] for k in range(concurrency)]
+                    start = time.perf_counter()
+                    await asyncio.gather(*(handle.remote(mode, q, texts) for q, texts in calls))
+                    if r >= 0:
+                        samples[mode].append((time.perf_counter() - start) * 1000)
+            return samples
+
+        return asyncio.run(measure())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 # --- FIRST: one forward pass against generating the permutation ---------------------------------
 
 
@@ -296,14 +355,13 @@ def throughput_rows(
 
 
 def batching_rows(
-    batching: dict[str, list[float]], concurrency: int, candidates: int, weights: str
+    batching: dict[str, list[float]], concurrency: int, candidates: int, weights: str, where: str
 ) -> list[dict[str, Any]]:
-    comparison = (
-        f"{concurrency} concurrent calls of {candidates}, in-process (ratio: pairs/s vs one at a time)"
-    )
+    """Pairs per second of each mode, as a ratio to the first mode's."""
+    comparison = f"{concurrency} concurrent calls of {candidates}, {where} (ratio: pairs/s vs the first mode)"
     pairs = concurrency * candidates
     pairs_per_s = {mode: pairs * 1000 / percentiles(ms)["p50"] for mode, ms in batching.items()}
-    base = pairs_per_s["one call at a time"]
+    base = next(iter(pairs_per_s.values()))
     return [
         _row(
             comparison,
@@ -348,7 +406,7 @@ def ask_rows(ask: dict[str, list[float]], weights: dict[str, str]) -> list[dict[
     return rows
 
 
-COMPARISONS = ("throughput", "first", "ask", "batching")
+COMPARISONS = ("throughput", "first", "ask", "batching", "serve_batch")
 
 
 def main() -> None:
@@ -396,7 +454,17 @@ def main() -> None:
         if "batching" in only:
             sets = query_sets(args.queries, args.candidates)
             batching = bench_batching(home, cross_encoder, sets, args.concurrency, args.batch_rounds)
-            rows += batching_rows(batching, args.concurrency, args.candidates, weights["cross_encoder"])
+            where = "in-process"
+            rows += batching_rows(
+                batching, args.concurrency, args.candidates, weights["cross_encoder"], where
+            )
+        if "serve_batch" in only:
+            sets = query_sets(args.queries, args.candidates)
+            serve_batch = bench_serve_batch(home, cross_encoder, sets, args.concurrency, args.batch_rounds)
+            where = "in one Ray Serve replica"
+            rows += batching_rows(
+                serve_batch, args.concurrency, args.candidates, weights["cross_encoder"], where
+            )
         if "first" in only:
             first = bench_first(first_model, query_sets(args.queries, FIRST_WINDOW))
             rows += first_rows(first, weights["first"])

@@ -9,7 +9,7 @@ of its positives. Queries with fewer than `negatives` such hits are left out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,25 +45,34 @@ def prepare_index(client: Any, index: str, documents: Iterable[dict[str, Any]]) 
     return True
 
 
+def search_chunks(
+    client: Any, index: str, texts: Sequence[str], *, retrievers: list[str], depth: int
+) -> Iterator[list[Any]]:
+    """The fleet's responses to `texts`, `depth` deep in `retrievers` (fused when several): one
+    `search_batch` of at most SEARCH_CHUNK queries at a time, each chunk's responses in order."""
+    for start in range(0, len(texts), SEARCH_CHUNK):
+        chunk = list(texts[start : start + SEARCH_CHUNK])
+        yield list(client.search_batch(chunk, index=index, retrievers=retrievers, top_k=depth).responses)
+
+
 def mine_examples(
     client: Any, index: str, queries: Sequence[Query], *, depth: int, negatives: int, progress: bool
 ) -> list[Example]:
     """One example per (query, positive) with `negatives` hard negatives from dense and bm25 in turn."""
     hits: dict[str, list[list[tuple[str, str]]]] = {name: [] for name in MINED_RETRIEVERS}
+    texts = [q.text for q in queries]
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("mining negatives", total=len(queries) * len(MINED_RETRIEVERS))
         for name in MINED_RETRIEVERS:
-            for start in range(0, len(queries), SEARCH_CHUNK):
-                chunk = [q.text for q in queries[start : start + SEARCH_CHUNK]]
-                reply = client.search_batch(chunk, index=index, retrievers=[name], top_k=depth)
-                for response in reply.responses:
+            for responses in search_chunks(client, index, texts, retrievers=[name], depth=depth):
+                for response in responses:
                     hits[name].append(
                         [
                             (h.passage.doc_id, document_text(h.passage.title, h.passage.text))
                             for h in response.results
                         ]
                     )
-                bar.update(task, advance=len(chunk))
+                bar.update(task, advance=len(responses))
     examples = []
     for i, query in enumerate(queries):
         found: dict[str, str] = {}

@@ -18,9 +18,10 @@ every text of an example. The examples and their teacher scores are kept in
 `out/checkpoints/examples.json` under a key of the data and mining settings, so a resumed run needs
 neither the fleet nor the teacher.
 
-Validation: a `validation` share of the queries (drawn by the seed) is held out of training. Each is
-searched through the Pipeline in dense and bm25 fused, `mine_depth` deep, as an Ask with reranking would
-be, and the list is kept with the examples. Once trained, the model reranks those lists, and the weight
+Validation: a `validation` share of the queries (drawn by the seed, in whole groups of queries sharing a
+relevant document: `split_off`) is held out of training. Each is searched through the Pipeline in dense
+and bm25 fused, `mine_depth` deep, as an Ask with reranking would be, and the list is kept with the
+examples. Once trained, the model reranks those lists, and the weight
 of the retrieval scores in the final order (`backend.blend`) that gives the best mean nDCG@10 over them
 (0 to 1 by tenths, the smallest on a tie) is written to the model's train.json with the whole curve:
 the Reranker blends by it when a call names no weight. On pseudo-queries a held-out query's relevant
@@ -47,7 +48,7 @@ import numpy as np
 import pytrec_eval
 import torch
 
-from services.datasets.mining import MINED_RETRIEVERS, SEARCH_CHUNK, Example, mine_examples, prepare_index
+from services.datasets.mining import MINED_RETRIEVERS, Example, mine_examples, prepare_index, search_chunks
 from services.datasets.pairs import Query, document_text
 from services.reranker.backend import RerankerModel, blend
 from services.reranker.cross_encoder import CrossEncoderReranker
@@ -117,8 +118,33 @@ def add_teacher_scores(examples: list[Example], teacher: str, device: str, progr
 
 
 def split_off(queries: list[Query], share: float, seed: int) -> tuple[list[Query], list[Query]]:
-    """(training queries, held-out queries): `share` of them (rounded down) held out, drawn by `seed`."""
-    held = set(np.random.default_rng(seed).permutation(len(queries))[: int(len(queries) * share)].tolist())
+    """(training queries, held-out queries): about `share` of them (rounded down) held out, drawn by
+    `seed`, in whole groups of queries that share a relevant document, so no held-out query's relevant
+    document is ever a training positive.
+
+    SciFact's train queries share documents as its train and test splits do; a query held out alone would
+    find its documents trained on, and the weight tuned on it would reward memorising them."""
+    owner: dict[str, int] = {}
+    parent = list(range(len(queries)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, query in enumerate(queries):
+        for doc in query.relevant:
+            parent[root(i)] = root(owner.setdefault(doc, i))
+    groups: dict[int, list[int]] = {}
+    for i in range(len(queries)):
+        groups.setdefault(root(i), []).append(i)
+    members_of = list(groups.values())
+    wanted, held = int(len(queries) * share), set()
+    for g in np.random.default_rng(seed).permutation(len(members_of)):
+        members = members_of[g]
+        if len(held) + len(members) <= wanted:
+            held.update(members)
     return (
         [q for i, q in enumerate(queries) if i not in held],
         [q for i, q in enumerate(queries) if i in held],
@@ -127,23 +153,20 @@ def split_off(queries: list[Query], share: float, seed: int) -> tuple[list[Query
 
 def held_out_lists(client: Any, index: str, queries: Sequence[Query], depth: int) -> list[HeldOut]:
     """Each query's list from the fleet: dense and bm25 fused, `depth` deep."""
+    texts = [q.text for q in queries]
+    chunks = search_chunks(client, index, texts, retrievers=list(MINED_RETRIEVERS), depth=depth)
     lists = []
-    for start in range(0, len(queries), SEARCH_CHUNK):
-        chunk = queries[start : start + SEARCH_CHUNK]
-        reply = client.search_batch(
-            [q.text for q in chunk], index=index, retrievers=list(MINED_RETRIEVERS), top_k=depth
-        )
-        for query, response in zip(chunk, reply.responses, strict=True):
-            hits = list(response.results)
-            lists.append(
-                HeldOut(
-                    query=query.text,
-                    doc_ids=[h.passage.doc_id for h in hits],
-                    texts=[document_text(h.passage.title, h.passage.text) for h in hits],
-                    scores=[h.score for h in hits],
-                    relevant=sorted(query.relevant),
-                )
+    for query, response in zip(queries, (r for chunk in chunks for r in chunk), strict=True):
+        hits = list(response.results)
+        lists.append(
+            HeldOut(
+                query=query.text,
+                doc_ids=[h.passage.doc_id for h in hits],
+                texts=[document_text(h.passage.title, h.passage.text) for h in hits],
+                scores=[h.score for h in hits],
+                relevant=sorted(query.relevant),
             )
+        )
     return [h for h in lists if h.texts]
 
 

@@ -62,6 +62,18 @@ def test_mined_negatives_skip_excluded_documents_and_alternate_retrievers() -> N
     assert not mining.prepare_index(fleet, "kb", DOCUMENTS)
 
 
+def test_held_out_queries_share_no_relevant_document_with_training_queries() -> None:
+    # Chains of queries sharing documents: q0-q1 share d0, q1-q2 share d1; the rest stand alone.
+    relevant = [{"d0"}, {"d0", "d1"}, {"d1"}] + [{f"e{i}"} for i in range(17)]
+    queries = [pairs.Query(f"q{i}", ["p"], frozenset(r), frozenset(r)) for i, r in enumerate(relevant)]
+    for seed in range(20):
+        kept, held = trainer.split_off(queries, 0.25, seed)
+        assert len(kept) + len(held) == 20 and len(held) == 5
+        trained = set().union(*(q.relevant for q in kept))
+        assert not trained & set().union(*(q.relevant for q in held))
+    assert any("q1" in {q.text for q in trainer.split_off(queries, 0.25, s)[1]} for s in range(20))
+
+
 def test_training_lowers_the_loss_and_the_model_loads_in_the_reranker(
     tmp_path: Path, base: Path, corpus: Path
 ) -> None:
