@@ -17,8 +17,9 @@ every core), and the calls that arrive meanwhile wait in its queue (`Batcher`). 
 scores all waiting calls together, up to `reranker.batch_pairs` candidates in one `predict` (in batches
 of `reranker.batch_size` pairs); FIRST takes them one by one. A queue in the service rather than Ray
 Serve's `@serve.batch`: it batches the same way in every deployment mode (`ragfleet serve`, compose,
-Ray Serve), and `python -m bench.rerank --only batching` measures it against one call at a time. The
-time a call waited is its `rerank.queue` timing.
+Ray Serve), and `python -m bench.rerank --only batching,serve_batch` measures it against one call at a time
+and, inside a Serve replica, against `@serve.batch`. The time a call waited is its `rerank.queue`
+timing.
 """
 
 from __future__ import annotations
