@@ -29,7 +29,9 @@ model's own is used.
    The index is ingested once (into every retriever any run of the group uses) and dropped after the
    group's runs unless `keep_index` (a failed drop is logged, not raised). An index of that name that
    already exists in every one of those retrievers is the same corpus built the same way and is
-   reused (`ingest_s` is then None); a partial one is dropped and rebuilt. With `index:` the
+   reused (`ingest_s` is then None); a partial one is dropped and rebuilt when `keep_index`. Without
+   `keep_index` a new index gets the experiment's own suffix (`eval-<dataset>-<hash>-<id>`), so two
+   experiments of the same settings at once never search an index the other drops. With `index:` the
    experiment searches that existing index instead (needed for a QA set without contexts) and never
    drops it.
 2. Every query (the first `max_queries` in dataset order) goes through the pipeline:
@@ -646,20 +648,30 @@ def index_groups(runs: Sequence[RunConfig]) -> dict[IngestSettings, list[tuple[i
     return dict(groups)
 
 
-def _prepare_index(
-    exp: _Experiment, index: str, settings: IngestSettings, retrievers: list[str], run_id: str
-) -> float | None:
-    """Builds `index`, or reuses a complete one of that name; returns the ingest seconds (None: reused)."""
+def _choose_index(exp: _Experiment, shared: str, retrievers: list[str]) -> tuple[str, bool]:
+    """(the index to search, whether it is complete already): `shared` when it exists in every one of
+    `retrievers`, else one to build: `shared` when the experiment keeps it (a partial one dropped first),
+    else a name of this experiment's own, which no concurrent experiment of the same settings reuses,
+    or drops while this one searches it."""
     from ragfleet.errors import NotFound
 
     try:
-        described = exp.client.describe_index(index)
+        described = exp.client.describe_index(shared)
     except NotFound:
         described = None
+    if described is not None and set(retrievers) <= {d.version.retriever for d in described.retrievers}:
+        return shared, True
+    if not exp.config.keep_index:
+        return f"{shared}-{exp.experiment_id.rsplit('-', 1)[1]}", False
     if described is not None:
-        if set(retrievers) <= {d.version.retriever for d in described.retrievers}:
-            return None
-        exp.client.delete(index=index, drop_index=True)
+        exp.client.delete(index=shared, drop_index=True)
+    return shared, False
+
+
+def _ingest(
+    exp: _Experiment, index: str, settings: IngestSettings, retrievers: list[str], run_id: str
+) -> float:
+    """Ingests the dataset's documents into `index`; returns the seconds it took."""
     documents = list(exp.dataset.documents())
     start = time.perf_counter()
     exp.client.ingest(
@@ -918,9 +930,14 @@ def run_experiment(
     for settings, members in groups.items():
         first_id = f"{exp.experiment_id}-{members[0][0]:02d}"
         retrievers = list(dict.fromkeys(name for _, run in members for name in run.retrievers))
-        index = config.index or index_name(dataset, settings, retrievers, fingerprint)
+        complete = True
+        if config.index is not None:
+            index = config.index
+        else:
+            shared = index_name(dataset, settings, retrievers, fingerprint)
+            index, complete = _choose_index(exp, shared, retrievers)
         try:
-            ingest_s = None if config.index else _prepare_index(exp, index, settings, retrievers, first_id)
+            ingest_s = None if complete else _ingest(exp, index, settings, retrievers, first_id)
             for position, run in members:
                 run_id = f"{exp.experiment_id}-{position:02d}"
                 record = _execute(exp, run, run_id, index, ingest_s)

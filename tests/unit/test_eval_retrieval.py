@@ -284,6 +284,23 @@ def test_a_kept_index_is_reused_by_the_next_run(beir_dir: Path):
     assert first["timings"]["ingest_s"] >= 0 and again["timings"]["ingest_s"] is None
 
 
+def test_two_experiments_at_once_never_drop_the_index_the_other_searches(beir_dir: Path):
+    client, inner = FakeClient(), []
+    search = client.search
+
+    def search_then_run_another(*args, **kwargs):
+        if not inner:  # a second experiment of the same settings starts, runs and ends meanwhile
+            inner.append(None)
+            inner[0] = evaluate(client, beir_dir, retrievers=("dense",))
+        return search(*args, **kwargs)
+
+    client.search = search_then_run_another
+    outer = evaluate(client, beir_dir, retrievers=("dense",))
+    ingested = [call[1] for call in client.calls if call[0] == "ingest"]
+    assert len(set(ingested)) == 2 and not client.indexes
+    assert outer["dense"] == inner[0]["dense"] == {"ndcg@10": 1.0, "recall@100": 1.0, "mrr@10": 1.0}
+
+
 def test_index_is_dropped_when_a_search_fails(beir_dir: Path):
     client = FakeClient(fail_on="bm25")
     with pytest.raises(ConnectionError):
@@ -348,8 +365,11 @@ def test_markdown_table(beir_dir: Path):
 
 
 def comparable(record: dict) -> dict:
-    """What a run found, without its ids, times and latencies."""
-    return {key: record[key] for key in ("config", "dataset", "versions", "aggregate", "per_query", "rerank")}
+    """What a run found, without its ids (its index's name among them), times and latencies."""
+    found = {key: record[key] for key in ("config", "dataset", "aggregate", "per_query", "rerank")}
+    return found | {
+        "versions": [{k: v for k, v in ver.items() if k != "index"} for ver in record["versions"]]
+    }
 
 
 def runs(client: FakeClient, beir_dir: Path, home: str, batch_size: int) -> list[dict]:
