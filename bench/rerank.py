@@ -229,6 +229,9 @@ def bench_serve_batch(
             return (await self.loaded.batcher.rank(query, texts)).order
 
     # Local Ray and Serve without a proxy: the calls come through the handle, nothing listens outside.
+    # A new local ray.init() turns token auth on by default and leaves ~/.ray/auth_token behind, which
+    # then fails every later `ray start` cluster of the fleet ("InvalidAuthToken"): keep it off.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=2)
     try:
         serve.start(proxy_location="Disabled")
