@@ -454,20 +454,17 @@ def main() -> None:
         first_model = None
         if "first" in only or "ask" in only:
             first_model = str(Path(args.first_model or untrained_causal_lm(home / "first")).resolve())
-        if "batching" in only:
-            sets = query_sets(args.queries, args.candidates)
-            batching = bench_batching(home, cross_encoder, sets, args.concurrency, args.batch_rounds)
-            where = "in-process"
-            rows += batching_rows(
-                batching, args.concurrency, args.candidates, weights["cross_encoder"], where
-            )
-        if "serve_batch" in only:
-            sets = query_sets(args.queries, args.candidates)
-            serve_batch = bench_serve_batch(home, cross_encoder, sets, args.concurrency, args.batch_rounds)
-            where = "in one Ray Serve replica"
-            rows += batching_rows(
-                serve_batch, args.concurrency, args.candidates, weights["cross_encoder"], where
-            )
+        batchings = (
+            ("batching", bench_batching, "in-process"),
+            ("serve_batch", bench_serve_batch, "in one Ray Serve replica"),
+        )
+        for name, bench, where in batchings:
+            if name in only:
+                sets = query_sets(args.queries, args.candidates)
+                samples = bench(home, cross_encoder, sets, args.concurrency, args.batch_rounds)
+                rows += batching_rows(
+                    samples, args.concurrency, args.candidates, weights["cross_encoder"], where
+                )
         if "first" in only:
             first = bench_first(first_model, query_sets(args.queries, FIRST_WINDOW))
             rows += first_rows(first, weights["first"])

@@ -930,12 +930,12 @@ def run_experiment(
     for settings, members in groups.items():
         first_id = f"{exp.experiment_id}-{members[0][0]:02d}"
         retrievers = list(dict.fromkeys(name for _, run in members for name in run.retrievers))
-        complete = True
         if config.index is not None:
-            index = config.index
+            index, complete = config.index, True
         else:
-            shared = index_name(dataset, settings, retrievers, fingerprint)
-            index, complete = _choose_index(exp, shared, retrievers)
+            index, complete = _choose_index(
+                exp, index_name(dataset, settings, retrievers, fingerprint), retrievers
+            )
         try:
             ingest_s = None if complete else _ingest(exp, index, settings, retrievers, first_id)
             for position, run in members:

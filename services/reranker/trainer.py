@@ -21,10 +21,10 @@ neither the fleet nor the teacher.
 Validation: a `validation` share of the queries (drawn by the seed, in whole groups of queries sharing a
 relevant document: `split_off`) is held out of training. Each is searched through the Pipeline in dense
 and bm25 fused, `mine_depth` deep, as an Ask with reranking would be, and the list is kept with the
-examples. Once trained, the model reranks those lists, and the weight
-of the retrieval scores in the final order (`backend.blend`) that gives the best mean nDCG@10 over them
-(0 to 1 by tenths, the smallest on a tie) is written to the model's train.json with the whole curve:
-the Reranker blends by it when a call names no weight. On pseudo-queries a held-out query's relevant
+examples. Once trained, the model reranks those lists, and the weight of the retrieval scores in the
+final order (`backend.blend`) that gives the best mean nDCG@10 over them (0 to 1 by tenths, the smallest
+on a tie) is written to the model's train.json with the whole curve: the Reranker blends by it when a
+call names no weight. On pseudo-queries a held-out query's relevant
 document is the one it was cut from.
 
 The loop (`runtime.training.train_steps`): AdamW with linear warmup and linear decay to 0 at `steps`;
