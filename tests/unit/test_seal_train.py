@@ -91,6 +91,15 @@ def test_examples_are_spans_and_titles(tmp_path):
     assert prompt == [lm.bos, *lm.encode_query(pairs[0][0])[0], lm.sep]
 
 
+def test_every_other_span_starts_at_a_word_the_query_holds(tmp_path):
+    lm = SealLM.load(make_tiny_lm(tmp_path / "lm"))
+    pairs = [("blood pressure", "", DOCS[0][2])]
+    examples = build_examples(lm, pairs, spans=6, max_ngram=3, seed=1)
+    query = set(lm.encode_query("blood pressure")[0])
+    firsts = [next(t for t in e["labels"] if t != -100) for e in examples]
+    assert all(first in query for first in firsts[::2])
+
+
 def test_training_lowers_the_loss_resumes_and_saves_a_loadable_lm(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     base = str(make_tiny_lm(tmp_path / "base"))

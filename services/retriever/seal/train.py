@@ -12,7 +12,11 @@ instead (`base`).
 
 Data, SEAL's targets for a query and a passage it should find:
 - query -> n-gram: `spans` random spans of the passage, each of 2 to `max_ngram` tokens and starting at a
-  word, so that the beams' prefixes are what the model learns;
+  word, so that the beams' prefixes are what the model learns. Every other span, when the passage has
+  one, starts at a word whose first token the query holds: the query's own n-grams are keys the search
+  weighs by their probability under the model, and its rare words (the most telling, often split into
+  several word pieces) get a probability below their corpus frequency, so a weight of 0, unless the
+  model learns to copy them;
 - query -> title, when the passage has one.
 Queries: with `beir`, the split's judged queries with their relevant documents (`datasets.pairs`), plus
 pseudo-queries of its corpus; with `corpus` (JSONL or BEIR folder, as `ragfleet ingest` reads it) the
@@ -118,8 +122,10 @@ def build_examples(
         encoding = lm.tokenizer(text, add_special_tokens=False, truncation=True, max_length=PASSAGE_TOKENS)
         ids, words = encoding["input_ids"], encoding.word_ids()
         starts = [i for i in range(len(ids)) if i == 0 or words[i] != words[i - 1]]
-        for _ in range(spans if len(ids) >= 2 else 0):
-            start = starts[int(rng.integers(len(starts)))]
+        shared = [i for i in starts if ids[i] in set(query_ids)]
+        for span in range(spans if len(ids) >= 2 else 0):
+            pool = shared if shared and span % 2 == 0 else starts
+            start = pool[int(rng.integers(len(pool)))]
             length = int(rng.integers(2, max_ngram + 1))
             examples.append(lm.example(query_ids, ids[start : start + length]))
         if title:
