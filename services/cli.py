@@ -421,7 +421,7 @@ def search(
             )
         except ragfleet.errors.RagfleetError as err:
             _fail(err)
-    console.print(passage_table(found.results, query))
+    console.print(passage_table(found.results, query, plain=console.color_system is None))
     if found.HasField("rerank"):
         console.print(_rerank_line(found.rerank))
 
@@ -485,7 +485,7 @@ def ask(
 def _print_event(event: Any) -> None:
     kind = event.WhichOneof("event")
     if kind in ("retrieved", "reranked"):
-        console.print(passage_table(getattr(event, kind).passages, kind))
+        console.print(passage_table(getattr(event, kind).passages, kind, plain=console.color_system is None))
         if kind == "reranked":
             console.print(_rerank_line(event.reranked.rerank))
     elif kind == "token":

@@ -26,9 +26,10 @@ def progress_bar(console: Console | None = None, *, enabled: bool = True) -> Pro
     )
 
 
-def highlighted(text: str, highlights: Iterable[Any], max_chars: int) -> str:
+def highlighted(text: str, highlights: Iterable[Any], max_chars: int, *, plain: bool = False) -> str:
     """Rich markup of `text` cut to `max_chars`, its highlights (anything with start and end character
-    offsets, such as the contract's Highlight) in bold yellow; overlapping ones are merged."""
+    offsets, such as the contract's Highlight) in bold yellow, or between « and » when `plain` (output
+    without colours: a pipe, a log, NO_COLOR); overlapping ones are merged."""
     cut = len(text) if len(text) <= max_chars else max_chars - 3
     spans: list[list[int]] = []
     for h in sorted(highlights, key=lambda h: (h.start, h.end)):
@@ -41,21 +42,22 @@ def highlighted(text: str, highlights: Iterable[Any], max_chars: int) -> str:
             spans.append([start, end])
     parts, at = [], 0
     for start, end in spans:
-        parts += [escape(text[at:start]), f"[bold yellow]{escape(text[start:end])}[/bold yellow]"]
+        span = escape(text[start:end])
+        parts += [escape(text[at:start]), f"«{span}»" if plain else f"[bold yellow]{span}[/bold yellow]"]
         at = end
     parts.append(escape(text[at:cut]))
     return "".join(parts) + ("..." if cut < len(text) else "")
 
 
-def passage_table(results: Iterable[Any], title: str, *, max_chars: int = 160) -> Table:
+def passage_table(results: Iterable[Any], title: str, *, max_chars: int = 160, plain: bool = False) -> Table:
     """A table of search results (anything with rank, score, retriever and a passage with id, title and
     text, such as the SDK's ranked passages): one row each, texts cut to `max_chars`, the spans a
-    retriever matched (`highlights`, seal's n-grams) in bold yellow."""
+    retriever matched (`highlights`, seal's n-grams) in bold yellow (between « and » when `plain`)."""
     table = Table(title=title, title_justify="left")
     for column in ("rank", "score", "retriever", "passage", "text"):
         table.add_column(column, overflow="fold")
     for r in results:
-        text = highlighted(r.passage.text, getattr(r, "highlights", ()), max_chars)
+        text = highlighted(r.passage.text, getattr(r, "highlights", ()), max_chars, plain=plain)
         cite = f"[{r.passage.title}] {r.passage.id}" if r.passage.title else r.passage.id
         table.add_row(str(r.rank), f"{r.score:.4f}", r.retriever, escape(cite), text)
     return table

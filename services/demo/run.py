@@ -57,7 +57,9 @@ def run_demo(
             kind = event.WhichOneof("event")
             if kind in ("retrieved", "reranked"):
                 passages = list(getattr(event, kind).passages)
-                console.print(passage_table(passages, kind, max_chars=120))
+                console.print(
+                    passage_table(passages, kind, max_chars=120, plain=console.color_system is None)
+                )
             elif kind == "token":
                 if not streaming:
                     console.print("[bold]answer[/bold]: ", end="")

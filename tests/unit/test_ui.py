@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from rich.console import Console
 from rich.progress import Progress
 
-from services.ui import passage_table, progress_bar
+from services.ui import highlighted, passage_table, progress_bar
 
 
 def _result(rank: int, text: str, title: str = "") -> SimpleNamespace:
@@ -37,3 +37,10 @@ def test_passage_table_cuts_long_texts_and_prints_markup_as_text() -> None:
     printed = out.getvalue()
     assert "x" * 17 + "..." in printed and "x" * 18 not in printed
     assert "[[b]Island[/b]] doc1#0" in printed and "doc2#0" in printed and "short" in printed
+
+
+def test_highlights_show_between_marks_where_there_are_no_colours() -> None:
+    text = "kelp ash is shipped"
+    spans = [SimpleNamespace(start=0, end=4), SimpleNamespace(start=2, end=8)]
+    assert highlighted(text, spans, 100, plain=True) == "«kelp ash» is shipped"
+    assert highlighted(text, spans, 100) == "[bold yellow]kelp ash[/bold yellow] is shipped"
