@@ -44,7 +44,7 @@ from services.runtime.settings import (
     is_loopback,
     require_auth_when_exposed,
 )
-from services.ui import passage_table, progress_bar
+from services.ui import print_passages, progress_bar
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 eval_app = typer.Typer(help="Evaluate the running fleet.", no_args_is_help=True)
@@ -421,7 +421,7 @@ def search(
             )
         except ragfleet.errors.RagfleetError as err:
             _fail(err)
-    console.print(passage_table(found.results, query, plain=console.color_system is None))
+    print_passages(console, found.results, query)
     if found.HasField("rerank"):
         console.print(_rerank_line(found.rerank))
 
@@ -485,7 +485,7 @@ def ask(
 def _print_event(event: Any) -> None:
     kind = event.WhichOneof("event")
     if kind in ("retrieved", "reranked"):
-        console.print(passage_table(getattr(event, kind).passages, kind, plain=console.color_system is None))
+        print_passages(console, getattr(event, kind).passages, kind)
         if kind == "reranked":
             console.print(_rerank_line(event.reranked.rerank))
     elif kind == "token":

@@ -61,3 +61,9 @@ def passage_table(results: Iterable[Any], title: str, *, max_chars: int = 160, p
         cite = f"[{r.passage.title}] {r.passage.id}" if r.passage.title else r.passage.id
         table.add_row(str(r.rank), f"{r.score:.4f}", r.retriever, escape(cite), text)
     return table
+
+
+def print_passages(console: Console, results: Iterable[Any], title: str, *, max_chars: int = 160) -> None:
+    """Prints `passage_table` on `console`, its highlights marked in plain text where the console has no
+    colours."""
+    console.print(passage_table(results, title, max_chars=max_chars, plain=console.color_system is None))

@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from services.demo.corpus import demo_documents, demo_questions
 from services.demo.retro import MAX_ANSWER_TOKENS, contains_answer, ensure_demo_model, replace_index
-from services.ui import passage_table
+from services.ui import print_passages
 
 DEMO_INDEX = "demo"
 
@@ -57,9 +57,7 @@ def run_demo(
             kind = event.WhichOneof("event")
             if kind in ("retrieved", "reranked"):
                 passages = list(getattr(event, kind).passages)
-                console.print(
-                    passage_table(passages, kind, max_chars=120, plain=console.color_system is None)
-                )
+                print_passages(console, passages, kind, max_chars=120)
             elif kind == "token":
                 if not streaming:
                     console.print("[bold]answer[/bold]: ", end="")

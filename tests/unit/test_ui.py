@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from rich.console import Console
 from rich.progress import Progress
 
-from services.ui import highlighted, passage_table, progress_bar
+from services.ui import highlighted, passage_table, print_passages, progress_bar
 
 
 def _result(rank: int, text: str, title: str = "") -> SimpleNamespace:
@@ -44,3 +44,11 @@ def test_highlights_show_between_marks_where_there_are_no_colours() -> None:
     spans = [SimpleNamespace(start=0, end=4), SimpleNamespace(start=2, end=8)]
     assert highlighted(text, spans, 100, plain=True) == "«kelp ash» is shipped"
     assert highlighted(text, spans, 100) == "[bold yellow]kelp ash[/bold yellow] is shipped"
+
+
+def test_print_passages_marks_highlights_in_plain_text_on_a_console_without_colours() -> None:
+    result = _result(1, "kelp ash is shipped")
+    result.highlights = [SimpleNamespace(start=0, end=8)]
+    out = io.StringIO()
+    print_passages(Console(file=out, width=200), [result], "query")
+    assert "«kelp ash» is shipped" in out.getvalue()

@@ -122,7 +122,8 @@ def build_examples(
         encoding = lm.tokenizer(text, add_special_tokens=False, truncation=True, max_length=PASSAGE_TOKENS)
         ids, words = encoding["input_ids"], encoding.word_ids()
         starts = [i for i in range(len(ids)) if i == 0 or words[i] != words[i - 1]]
-        shared = [i for i in starts if ids[i] in set(query_ids)]
+        in_query = set(query_ids)
+        shared = [i for i in starts if ids[i] in in_query]
         for span in range(spans if len(ids) >= 2 else 0):
             pool = shared if shared and span % 2 == 0 else starts
             start = pool[int(rng.integers(len(pool)))]
