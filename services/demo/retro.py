@@ -3,9 +3,10 @@
 `ensure_demo_model` keeps `<home>/models/retro` (the Generator's default checkpoint) holding a model
 made for the current demo corpus and recipe; train.json's `demo_fingerprint` says which corpora and
 settings it was made with (`demo_fingerprint`). A current model there is used as it is; else the one
-that ships in `SHIPPED` (fp16 safetensors, made by `make demo-model`: `ragfleet demo --retrain --export
-services/demo/model`) is installed when its fingerprint is the current one; else, or with `retrain`, a
-new one is trained (about 18 minutes on two idle cores), replacing what is there.
+that ships in `SHIPPED` (made by `make demo-model`: `ragfleet demo --retrain --export services/demo/model`;
+fp16 safetensors with the vocabulary cut to the tokens of the demo's corpora, `retro.vocab`: 3.8 MB
+instead of 11) is installed when its fingerprint is the current one; else, or with `retrain`, a new one
+is trained (about 18 minutes on two idle cores), replacing what is there.
 
 The demo asks about facts that are only in its passages, so the model must learn to read answers from
 its neighbours, not to remember them. It trains on `TRAINING_ARCHIPELAGOS` other archipelagos
@@ -40,11 +41,18 @@ from safetensors.torch import save as safetensors_bytes
 
 from services.demo.corpus import demo_documents, demo_questions, generated_archipelago
 from services.evaluator.metrics.qa import normalize_answer
-from services.generator.retro.data import load_tokenizer, prompt_ids
+from services.generator.retro.data import PROMPT_TEMPLATE, load_tokenizer, prompt_ids
 from services.generator.retro.decode import DecodeParams, DecodeResult, Neighbour, generate
 from services.generator.retro.model import CONFIG_FILE, WEIGHTS_FILE, RetroConfig, RetroModel
 from services.generator.retro.neighbours import NEIGHBOURS_DIR, PipelineRetrieval
 from services.generator.retro.train import TRAIN_FILE, TrainProgress, TrainSettings, train_retro
+from services.generator.retro.vocab import (
+    TOKENIZER_FILES,
+    cut_config,
+    cut_tokenizer_files,
+    cut_weights,
+    kept_token_ids,
+)
 from services.runtime.artifacts import CHECKPOINTS_DIR, write_directory
 from services.runtime.storage import atomic_write_json
 from services.ui import progress_bar
@@ -52,7 +60,7 @@ from services.ui import progress_bar
 TOKENIZER = "all-MiniLM-L6-v2"
 # The checkpoint that ships with the project (package data).
 SHIPPED = Path(__file__).with_name("model")
-SHIPPED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TRAIN_FILE)
+SHIPPED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TRAIN_FILE, *TOKENIZER_FILES)
 TRAINING_INDEX = "demo-retro-train"
 TRAINING_ARCHIPELAGOS = 6
 # Demo passages are whole documents of 42–65 tokens, and prompts fit in 32 tokens: chunks of 32 and
@@ -177,12 +185,38 @@ def ensure_demo_model(
     return path
 
 
+def demo_texts(archipelagos: int = TRAINING_ARCHIPELAGOS) -> list[str]:
+    """Every text the demo model reads or writes: the demo's and the training corpus's documents and
+    questions with their answers, and the prompt's own words."""
+    documents, questions = training_corpus(archipelagos)
+    documents, questions = demo_documents() + documents, demo_questions() + questions
+    return (
+        [PROMPT_TEMPLATE]
+        + [f"{d['title']} {d['text']}" for d in documents]
+        + [f"{q['question']} {q['answer']}" for q in questions]
+    )
+
+
 def export_demo_model(source: Path, out: Path) -> None:
-    """Writes the model folder `source` to `out` as it ships: config and train.json as they are, the
-    weights in float16 (half the bytes; `RetroModel.load` reads them back into float32)."""
-    weights = {name: t.to(torch.float16) for name, t in load_file(str(Path(source) / WEIGHTS_FILE)).items()}
-    files = {name: (Path(source) / name).read_bytes() for name in (CONFIG_FILE, TRAIN_FILE)}
-    write_directory(out, {**files, WEIGHTS_FILE: safetensors_bytes(weights)})
+    """Writes the model folder `source` to `out` as it ships: the vocabulary cut to the demo's texts
+    (`demo_texts`, `retro.vocab`: the cut tokenizer's files join the folder), the weights in float16
+    (`RetroModel.load` reads them back into float32), train.json noting the cut."""
+    tokenizer = load_tokenizer(TOKENIZER)
+    kept = kept_token_ids(tokenizer, demo_texts())
+    weights = load_file(str(Path(source) / WEIGHTS_FILE))
+    weights = {name: t.to(torch.float16) for name, t in cut_weights(weights, kept).items()}
+    config = cut_config(json.loads((Path(source) / CONFIG_FILE).read_text()), kept)
+    record = json.loads((Path(source) / TRAIN_FILE).read_text())
+    record["vocabulary"] = {"kept": len(kept), "of": len(tokenizer), "texts": "demo_texts()"}
+    write_directory(
+        out,
+        {
+            CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True).encode(),
+            TRAIN_FILE: json.dumps(record, indent=2, sort_keys=True).encode(),
+            WEIGHTS_FILE: safetensors_bytes(weights),
+            **cut_tokenizer_files(tokenizer, kept),
+        },
+    )
 
 
 def train_demo_model(

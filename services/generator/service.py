@@ -14,7 +14,8 @@ fails fast with NOT_FOUND.
 
 The checkpoint (`generator.model`, default `<home>/models/retro`, written by `ragfleet train retro`) is
 loaded on first use and again whenever its files change, so a fleet started before training picks the
-model up without a restart. Its tokenizer is the one named in its train.json, else `generator.tokenizer`.
+model up without a restart. Its tokenizer is the one its folder holds (written by a vocabulary cut,
+`retro.vocab`), else the one named in its train.json, else `generator.tokenizer`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from services.generator.retro.decode import (
 )
 from services.generator.retro.model import CONFIG_FILE, WEIGHTS_FILE, RetroModel
 from services.generator.retro.train import TRAIN_FILE
+from services.generator.retro.vocab import checkpoint_tokenizer
 from services.runtime import validation
 from services.runtime.context import CallContext
 from services.runtime.errors import failed_precondition, invalid_argument
@@ -129,12 +131,16 @@ class GeneratorService:
             name = self.config.tokenizer
             if record.is_file():
                 name = json.loads(record.read_text()).get("tokenizer", name)
+            tokenizer = checkpoint_tokenizer(self.checkpoint)
         except (OSError, ValueError, SafetensorError) as err:
             raise failed_precondition(
                 f"the Retro checkpoint at {self.checkpoint} cannot be loaded ({err}); "
                 "retrain it with `ragfleet train retro`"
             ) from err
-        tokenizer = _tokenizer(name)
+        if tokenizer is None:
+            tokenizer = _tokenizer(name)
+        else:
+            name = str(self.checkpoint)
         if model.config.vocab_size < len(tokenizer) or model.config.pad_token_id != tokenizer.pad_token_id:
             raise failed_precondition(
                 f"the Retro checkpoint at {self.checkpoint} does not match tokenizer {name!r} "

@@ -265,7 +265,9 @@ def test_a_delta_over_minilm_round_trips_its_layers_and_projection(tmp_path):
     assert not np.allclose(got, ColbertEncoder.load("all-MiniLM-L6-v2").encode_documents(texts)[0])
 
     broken = {k: v for k, v in load_file(path).items() if k != "linear.weight"}
-    save_file(broken, tmp_path / "broken.safetensors", metadata={"base": "all-MiniLM-L6-v2", "settings": "{}"})
+    save_file(
+        broken, tmp_path / "broken.safetensors", metadata={"base": "all-MiniLM-L6-v2", "settings": "{}"}
+    )
     with pytest.raises(ArtifactError, match="linear.weight"):
         ColbertEncoder.load_delta(tmp_path / "broken.safetensors")
     with pytest.raises(ArtifactError, match="does not load"):
