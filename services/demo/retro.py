@@ -99,9 +99,11 @@ def contains_answer(generated: str, expected: str) -> bool:
     return bool(gold) and f" {gold} " in f" {normalize_answer(generated)} "
 
 
-def replace_index(client: Any, documents: list[dict], index: str, console: Console, description: str) -> None:
+def replace_index(
+    client: Any, documents: list[dict], index: str, console: Console, description: str
+) -> list[str]:
     """Drops `index` if it exists and ingests `documents` into it with the fleet's default spec, showing
-    a progress bar and the versions each retriever built."""
+    a progress bar and the versions each retriever built; returns those retrievers' names."""
     import ragfleet
 
     try:
@@ -117,6 +119,7 @@ def replace_index(client: Any, documents: list[dict], index: str, console: Conso
         f"ingested {report.documents} documents as {report.passages} passages into {index}: "
         + ", ".join(f"{r.version.retriever} (v{r.version.version})" for r in report.retrievers)
     )
+    return [r.version.retriever for r in report.retrievers]
 
 
 def model_dir(home: Path) -> Path:

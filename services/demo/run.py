@@ -40,7 +40,7 @@ def run_demo(
     and the last answer, counted from `started` (a `time.perf_counter()`; default: this call)."""
     started = time.perf_counter() if started is None else started
     questions = demo_questions()
-    replace_index(client, demo_documents(), index, console, "ingesting the demo corpus")
+    retrievers = replace_index(client, demo_documents(), index, console, "ingesting the demo corpus")
     ensure_demo_model(client, home, console, index=index, retrain=retrain)
 
     top1 = top5 = generated = correct = cited = 0
@@ -93,7 +93,8 @@ def run_demo(
     last_answer = time.perf_counter() - started
     console.print(
         f"\n[bold]{top1}/{n}[/bold] questions have the answering document first, "
-        f"[bold]{top5}/{n}[/bold] within the top {min(top_k, 5)} (fused dense + BM25)."
+        f"[bold]{top5}/{n}[/bold] within the top {min(top_k, 5)} ({' + '.join(retrievers)}"
+        f"{' fused' if len(retrievers) > 1 else ''})."
     )
     console.print(
         f"[bold]{correct}/{n}[/bold] generated answers contain the expected answer "

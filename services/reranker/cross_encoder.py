@@ -8,8 +8,9 @@ initialised head.
 
 Truncation is counted, not silent: before scoring, each pair's full token count is compared with the
 model's input length (`max_seq_length`), and the candidates over it are reported. `predict` scores in
-batches of `reranker.batch_size` pairs; `rerank_many` puts the pairs of several calls (concurrent calls
-the service batched) into the same batches.
+batches of `reranker.batch_size` pairs (by default sized for the device: `RerankerSettings.pairs_per_batch`),
+the pairs sorted by length so that a batch pads little; `rerank_many` puts the pairs of several calls
+(concurrent calls the service batched) into the same batches.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class CrossEncoderReranker(RerankerModel):
         except (OSError, ValueError) as err:
             raise ArtifactError(f"{name_or_path!r} cannot be loaded as a cross-encoder ({err})") from err
         model.eval()
-        loaded = cls(model, settings.batch_size)
+        loaded = cls(model, settings.pairs_per_batch())
         loaded.retrieval_weight = trained_retrieval_weight(found.path)
         return loaded
 
@@ -69,10 +70,14 @@ class CrossEncoderReranker(RerankerModel):
         queries = [query for query, texts in calls for _ in texts]
         texts = [text for _, call_texts in calls for text in call_texts]
         encoded = self.model.tokenizer(queries, texts, truncation=False, verbose=False)
-        too_long = np.array([len(ids) > self.max_length for ids in encoded["input_ids"]])
+        lengths = np.array([len(ids) for ids in encoded["input_ids"]])
+        too_long = lengths > self.max_length
         measured = time.perf_counter()
-        scores = self.model.predict(
-            list(zip(queries, texts)), batch_size=self.batch_size, show_progress_bar=False
+        # Pairs of like length share a batch, so a batch pads to little more than its own inputs.
+        by_length = np.argsort(np.minimum(lengths, self.max_length), kind="stable")
+        scores = np.empty(len(texts), dtype=np.float32)
+        scores[by_length] = self.model.predict(
+            [(queries[i], texts[i]) for i in by_length], batch_size=self.batch_size, show_progress_bar=False
         )
         scored = time.perf_counter()
         timings = [

@@ -45,7 +45,7 @@ def test_demo_runs_through_ray_serve(tmp_path: Path) -> None:
         top1, total, top5 = map(int, summary.groups())
         assert total == len(demo_questions())
         assert top5 >= total - 1 and top1 >= total // 2, out[-3000:]
-        assert "fused" in out and "Retrieval only" not in out
+        assert "within the top 5 (dense + bm25 fused)" in out and "Retrieval only" not in out
         answers = re.search(
             r"(\d+)/(\d+) generated answers contain the expected answer \((\d+)/\d+ questions were answered",
             out,

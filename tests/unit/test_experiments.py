@@ -340,7 +340,10 @@ def test_reranked_runs_put_the_reranked_head_before_the_retrieval_tail(
     assert plain["rerank"] is None and plain["config"]["rerank"] is False
     assert shallow["config"] | {"rerank": "cross_encoder", "rerank_depth": 1} == shallow["config"]
     assert deep["rerank"] == {
-        "model_ids": ["ce@1"], "candidates": 3, "truncated": 2, "retrieval_weights": [0.3]
+        "model_ids": ["ce@1"],
+        "candidates": 3,
+        "truncated": 2,
+        "retrieval_weights": [0.3],
     }
     assert set(deep["latency_ms"]["per_query"]["q1"]) == {"retrieve", "rerank", "total"}
 

@@ -243,3 +243,11 @@ async def test_a_cancelled_call_is_dropped_and_an_error_reaches_every_waiting_ca
     broken = Batcher(Recording(model, fail=True), 512)
     results = await asyncio.gather(*(broken.rank(q, TEXTS) for q in QUERIES), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_pairs_per_batch_are_the_devices_unless_configured() -> None:
+    assert RerankerSettings().pairs_per_batch() == 32
+    assert RerankerSettings(device="cuda").pairs_per_batch() == 256
+    assert RerankerSettings(device="cuda", batch_size=5).pairs_per_batch() == 5
+    with pytest.raises(ValueError, match="batch_size"):
+        RerankerSettings(batch_size=-1)
