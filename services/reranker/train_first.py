@@ -31,12 +31,12 @@ MiniLM's, and the head's new transform and bias learn to meet them); a `base` mo
 Each window is its own forward pass (`micro_batch=1`: no padding, the activations of one window held at a
 time).
 
-Cost, measured on the development machine's 2 shared cores while other jobs kept the load average at
-6-11: a forward and backward pass of the MiniLM decoder over 800 tokens took 4-6 s, over 1,500 tokens
-14-17 s; in a real run (windows of 20 passages of 48 tokens, at most 1,338 tokens) a step of 2 windows
-took about 52 s at load average 11. The default recipe, 100 steps of 2 windows, is so about 1.5 hours on
-such cores (less on idle ones); a GPU (`--device cuda`) takes longer recipes (`--steps`,
-`--passage-tokens`; resume a finished run to train on).
+Cost. On the development machine's 2 idle cores a step of 2 windows (20 passages of 48 tokens, at most
+1,338 tokens each) took 7.5 s: `--max-queries 200 --steps 60` with the cross-encoder teacher ran in
+11.8 minutes in all (4.1 for mining and the teacher's 4,000 pairs, 7.5 for the steps, 0.2 for tuning),
+so the default 100 steps take about 12.5 minutes of steps. The teacher scores 20 texts a query, so its
+share grows with the queries (200 there; SciFact's train split has 809). A GPU (`--device cuda`) takes
+longer recipes (`--steps`, `--passage-tokens`; resume a finished run to train on).
 """
 
 from __future__ import annotations
