@@ -19,6 +19,7 @@ from services.generator.retro.data import encode, load_tokenizer
 from services.generator.retro.model import CONFIG_FILE, WEIGHTS_FILE, RetroConfig, RetroModel
 from services.generator.retro.train import TRAIN_FILE
 from services.generator.retro.vocab import checkpoint_tokenizer, cut_config, kept_token_ids
+from tests.unit.test_retro_model import tiny_config
 
 STALE = "the shipped demo model is not what the recipe makes now: run `make demo-model` and commit it"
 
@@ -84,20 +85,7 @@ def test_a_shipped_model_of_another_recipe_is_not_used(tmp_path: Path, monkeypat
 def test_export_cuts_the_vocabulary_and_writes_float16_weights_that_load(tmp_path: Path) -> None:
     torch.manual_seed(0)
     tokenizer = load_tokenizer(retro.TOKENIZER)
-    config = RetroConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        d_ff=32,
-        chunk_size=4,
-        neighbour_len=8,
-        cca_start=1,
-        encoder_layers=1,
-        max_seq_len=32,
-        copy_head=True,
-    )
+    config = tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, copy_head=True)
     model = RetroModel(config)
     model.save(tmp_path / "trained")
     (tmp_path / "trained" / TRAIN_FILE).write_text(json.dumps({"demo_fingerprint": "f"}))

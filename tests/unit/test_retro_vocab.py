@@ -21,6 +21,7 @@ from services.generator.retro.vocab import (
     kept_token_ids,
 )
 from services.runtime.artifacts import write_directory
+from tests.unit.test_retro_model import tiny_config
 
 TEXTS = ["The lighthouse of Daikra flashes green every 7 seconds.", "question: who keeps it? answer:"]
 
@@ -43,20 +44,7 @@ def test_the_cut_tokenizer_reads_the_texts_as_the_full_one(tmp_path: Path) -> No
 
 
 def test_the_embedding_and_an_untied_head_keep_the_kept_rows() -> None:
-    config = RetroConfig(
-        vocab_size=12,
-        pad_token_id=2,
-        d_model=8,
-        n_layers=2,
-        n_heads=2,
-        d_ff=16,
-        chunk_size=4,
-        neighbour_len=8,
-        cca_start=1,
-        encoder_layers=1,
-        max_seq_len=16,
-        tie_embeddings=False,
-    )
+    config = tiny_config(vocab_size=12, pad_token_id=2, tie_embeddings=False)
     model = RetroModel(config)
     kept = [0, 2, 5, 11]
     state = model.state_dict()
