@@ -5,6 +5,10 @@ exists; `mine_examples` searches each query `depth` deep in dense and in bm25 th
 SDK's `search_batch`, `client` a `ragfleet.Client`) and gives one `Example` per (query, positive) whose
 negatives are the best hits of the two lists taken in turn, never a document the query excludes nor one
 of its positives. Queries with fewer than `negatives` such hits are left out.
+
+`search_in_halves` is the one `search_batch` loop of the trainers and the evaluator: a batch the fleet
+refuses as too large (RESOURCE_EXHAUSTED: its reply would pass `limits.max_reply_bytes`) is searched in
+halves, down to single queries.
 """
 
 from __future__ import annotations
@@ -45,14 +49,34 @@ def prepare_index(client: Any, index: str, documents: Iterable[dict[str, Any]]) 
     return True
 
 
+def search_in_halves(client: Any, texts: Sequence[str], **retrieval: Any) -> list[tuple[Any, Any]]:
+    """(response, the batch's versions) for each of `texts`, in order, from `client.search_batch(texts,
+    **retrieval)`, searched in halves while the fleet refuses a batch as too large."""
+    from ragfleet.errors import ResourceExhausted
+
+    try:
+        batch = client.search_batch(list(texts), **retrieval)
+    except ResourceExhausted:
+        if len(texts) == 1:
+            raise
+        half = len(texts) // 2
+        return search_in_halves(client, texts[:half], **retrieval) + search_in_halves(
+            client, texts[half:], **retrieval
+        )
+    if len(batch.responses) != len(texts):
+        raise RuntimeError(f"search_batch answered {len(batch.responses)} of {len(texts)} queries")
+    return [(response, batch.versions) for response in batch.responses]
+
+
 def search_chunks(
     client: Any, index: str, texts: Sequence[str], *, retrievers: list[str], depth: int
 ) -> Iterator[list[Any]]:
-    """The fleet's responses to `texts`, `depth` deep in `retrievers` (fused when several): one
-    `search_batch` of at most SEARCH_CHUNK queries at a time, each chunk's responses in order."""
+    """The fleet's responses to `texts`, `depth` deep in `retrievers` (fused when several): at most
+    SEARCH_CHUNK queries at a time (`search_in_halves`), each chunk's responses in order."""
     for start in range(0, len(texts), SEARCH_CHUNK):
-        chunk = list(texts[start : start + SEARCH_CHUNK])
-        yield list(client.search_batch(chunk, index=index, retrievers=retrievers, top_k=depth).responses)
+        chunk = texts[start : start + SEARCH_CHUNK]
+        found = search_in_halves(client, chunk, index=index, retrievers=retrievers, top_k=depth)
+        yield [response for response, _ in found]
 
 
 def mine_examples(

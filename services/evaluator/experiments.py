@@ -102,6 +102,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.datasets.collections import DEMO, EvalDataset, load_dataset
+from services.datasets.mining import search_in_halves
 from services.evaluator.metrics import ir
 from services.runtime.storage import atomic_write_json, utc_now
 from services.ui import progress_bar
@@ -737,18 +738,9 @@ def _search(exp: _Experiment, run: RunConfig, index: str, texts: list[str], dept
     if exp.config.batch_size == 1:
         responses = [exp.client.search(text, **retrieval) for text in texts]
         return [_search_result(run, r, r.versions) for r in responses]
-    from ragfleet.errors import ResourceExhausted
-
-    try:
-        batch = exp.client.search_batch(texts, **retrieval)
-    except ResourceExhausted:
-        if len(texts) == 1:
-            raise
-        half = len(texts) // 2
-        return _search(exp, run, index, texts[:half], depth) + _search(exp, run, index, texts[half:], depth)
-    if len(batch.responses) != len(texts):
-        raise RuntimeError(f"search_batch answered {len(batch.responses)} of {len(texts)} queries")
-    return [_search_result(run, r, batch.versions) for r in batch.responses]
+    return [
+        _search_result(run, r, versions) for r, versions in search_in_halves(exp.client, texts, **retrieval)
+    ]
 
 
 def _ask(exp: _Experiment, run: RunConfig, index: str, text: str, top_k: int, generate: bool) -> _QueryResult:

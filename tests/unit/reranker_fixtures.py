@@ -73,9 +73,11 @@ class FakeFleet:
     """What the trainers use of `ragfleet.Client`: an index of whole documents searched by word overlap
     (bm25) or by overlap of the first three letters of words (dense), and fused when both are named."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_batch: int | None = None) -> None:
         self.indexes: dict[str, list[dict]] = {}
         self.searches: list[tuple[str, int]] = []
+        # A larger search_batch is refused as the fleet refuses a reply over limits.max_reply_bytes.
+        self.max_batch = max_batch
 
     def describe_index(self, index: str) -> None:
         if index not in self.indexes:
@@ -87,6 +89,8 @@ class FakeFleet:
 
     def search_batch(self, queries, *, index: str, retrievers: list[str], top_k: int):
         """Each retriever's ranking, or for several their ranks fused (reciprocal rank, k = 60)."""
+        if self.max_batch is not None and len(queries) > self.max_batch:
+            raise ragfleet.errors.ResourceExhausted("the reply would be more than limits.max_reply_bytes")
         self.searches.append((",".join(retrievers), top_k))
         responses = []
         for query in queries:

@@ -62,6 +62,18 @@ def test_mined_negatives_skip_excluded_documents_and_alternate_retrievers() -> N
     assert not mining.prepare_index(fleet, "kb", DOCUMENTS)
 
 
+def test_a_batch_the_fleet_refuses_as_too_large_is_mined_in_halves() -> None:
+    queries = [
+        pairs.Query(d["text"].split(".")[0], ["p"], *[frozenset([d["id"]])] * 2) for d in DOCUMENTS[:3]
+    ]
+    whole, split = FakeFleet(), FakeFleet(max_batch=1)
+    for fleet in (whole, split):
+        mining.prepare_index(fleet, "kb", DOCUMENTS)
+    expected = mining.mine_examples(whole, "kb", queries, depth=10, negatives=2, progress=False)
+    assert mining.mine_examples(split, "kb", queries, depth=10, negatives=2, progress=False) == expected
+    assert len(whole.searches) == 2 and len(split.searches) == 2 * len(queries)
+
+
 def test_held_out_queries_share_no_relevant_document_with_training_queries() -> None:
     # Chains of queries sharing documents: q0-q1 share d0, q1-q2 share d1; the rest stand alone.
     relevant = [{"d0"}, {"d0", "d1"}, {"d1"}] + [{f"e{i}"} for i in range(17)]
