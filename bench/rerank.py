@@ -148,7 +148,7 @@ def bench_throughput(
         stub = reranker_pb2_grpc.RerankerStub(channel)
         calls: dict[str, Callable[[int], object]] = {
             "in-process": lambda i: cross_encoder.predict(
-                pairs[i], batch_size=settings.batch_size, show_progress_bar=False
+                pairs[i], batch_size=settings.pairs_per_batch(), show_progress_bar=False
             ),
             "grpc": lambda i: stub.Rerank(requests[i], timeout=600),
         }
