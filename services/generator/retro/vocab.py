@@ -2,9 +2,10 @@
 
 MiniLM's WordPiece vocabulary has 30,522 tokens. A model made for one corpus (the demo's) reads and
 writes a few thousand of them, and at d_model 128 the unused rows of its tied embedding are most of its
-bytes. `cut_vocabulary` keeps the special tokens and every token of the given texts, in their original
-order, slices the embedding (and an untied LM head) to those rows, and writes a WordPiece tokenizer of
-exactly those tokens into the checkpoint folder, where the Generator finds it (`checkpoint_tokenizer`).
+bytes. `kept_token_ids` keeps the special tokens and every token of the given texts, in their original
+order; `cut_weights` and `cut_config` slice the embedding (and an untied LM head) to those rows, and
+`cut_tokenizer_files` is a WordPiece tokenizer of exactly those tokens, written into the checkpoint
+folder, where the Generator finds it (`checkpoint_tokenizer`).
 
 On the given texts the cut tokenizer yields the same tokens as the full one: WordPiece takes the longest
 piece of its vocabulary at each step, every piece the full tokenizer took is kept, and the cut vocabulary
