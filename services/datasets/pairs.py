@@ -4,10 +4,13 @@ corpus without queries, and the seeded sampling that caps how many a run uses.
 - `beir_queries(folder, split)`: the split's queries with a relevant document (relevance > 0) in the
   corpus; the relevant documents are the positives and no document judged for the query is a negative.
   `judged_queries` is the same list by document id, for a trainer that keeps its own rows of the corpus.
-- `pseudo_queries(documents, seed)`: the inverse cloze task of Lee et al. (2019). One sentence of a
+- `cloze_corpus(documents, seed)`: the inverse cloze task of Lee et al. (2019). One sentence of a
   document (picked by the seed, at least MIN_QUERY_WORDS words) is the query and the document without
   that sentence is the positive, so a model cannot learn to find the query verbatim; the source document
-  is never a negative. `inverse_cloze` is the same split of any list of texts.
+  is never a negative. The corpus it gives back holds every document as cut, so that negatives mined and
+  held-out queries searched in it are searched as a real query is, with no copy of the query to find
+  (in the whole corpus bm25 finds a sentence's own document nearly always, and a weight tuned there says
+  nothing of real queries). `inverse_cloze` is the same split of any list of texts.
 - `sample(items, limit, seed)`: at most `limit` of them, a seeded choice kept in order.
 
 Texts are what the retrievers index and the rerankers score: `document_text(title, text)`.
@@ -115,13 +118,17 @@ def beir_queries(folder: str | Path, split: str) -> tuple[dict[str, dict[str, An
     return data.corpus, queries
 
 
-def pseudo_queries(documents: dict[str, dict[str, Any]], seed: int) -> list[Query]:
-    """Inverse-cloze queries from the documents' texts; a positive keeps its document's title, and the
-    document a query was cut from is its relevant one."""
+def cloze_corpus(
+    documents: dict[str, dict[str, Any]], seed: int
+) -> tuple[dict[str, dict[str, Any]], list[Query]]:
+    """The documents with each inverse-cloze query's sentence cut out, and those queries: a query's
+    positive is its cut document (with its title), which is its relevant one and never its negative."""
     ids = list(documents)
+    cut = dict(documents)
     queries = []
     for source, query, rest in inverse_cloze([doc["text"] for doc in documents.values()], seed):
         doc_id = ids[source]
+        cut[doc_id] = {**documents[doc_id], "text": rest}
         positive = document_text(documents[doc_id]["title"], rest)
         queries.append(Query(query, [positive], frozenset([doc_id]), frozenset([doc_id])))
-    return queries
+    return cut, queries

@@ -143,7 +143,8 @@ def _scaled(values: np.ndarray) -> np.ndarray:
 
 def blend(ranking: Ranking, retrieval: Sequence[float], weight: float) -> Ranking:
     """`ranking` reordered by (1 - weight) x its scores + weight x the candidates' `retrieval` scores
-    (by candidate position), each min-max scaled over the candidates; ties keep the model's order.
+    (by candidate position), each min-max scaled over the candidates; ties keep the order of the side
+    weighted more (the model's at 0.5), so weight 1 is exactly the retrieval order, ties and all.
 
     Interpolating a reranker's scores with the first stage's is the usual guard against a reranker that
     is weaker than its retrievers on some corpus: weight 1 is retrieval order, 0 the model's alone."""
@@ -153,7 +154,9 @@ def blend(ranking: Ranking, retrieval: Sequence[float], weight: float) -> Rankin
     model = np.empty(len(order))
     model[order] = ranking.scores
     mixed = (1.0 - weight) * _scaled(model) + weight * _scaled(np.asarray(retrieval, dtype=float))
-    ranked = order[np.argsort(-mixed[order], kind="stable")]
+    # Candidates come in retrieval order, so a candidate's position is its retrieval rank.
+    tie_order = np.arange(len(order)) if weight > 0.5 else order
+    ranked = tie_order[np.argsort(-mixed[tie_order], kind="stable")]
     return replace(ranking, order=ranked.tolist(), scores=mixed[ranked].tolist())
 
 

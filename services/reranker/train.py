@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from services.datasets.mining import Example
 from services.reranker.cross_encoder import CrossEncoderReranker
-from services.reranker.trainer import TunedRecord, training_data
+from services.reranker.trainer import DEFAULT_STEPS, TunedRecord, training_data
 from services.runtime.artifacts import Checkpoints
 from services.runtime.models import resolve_model
 from services.runtime.settings import RerankerSettings
@@ -98,7 +98,7 @@ def train_cross_encoder(
     index: str | None = None,
     base: str = DEFAULT_BASE,
     teacher: str = "none",
-    steps: int = 100,
+    steps: int = DEFAULT_STEPS,
     batch_size: int = 8,
     negatives: int = 3,
     max_length: int = 256,
@@ -144,6 +144,7 @@ def train_cross_encoder(
         corpus=corpus,
         index=index,
         max_queries=max_queries,
+        batch_size=batch_size,
         seed=seed,
         mine_depth=mine_depth,
         negatives=negatives,

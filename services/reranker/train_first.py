@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from services.datasets.mining import Example
 from services.reranker.first import FirstReranker, Prompt, max_positions
-from services.reranker.trainer import TunedRecord, training_data
+from services.reranker.trainer import DEFAULT_STEPS, TunedRecord, training_data
 from services.runtime.artifacts import Checkpoints
 from services.runtime.models import resolve_model
 from services.runtime.settings import RerankerSettings
@@ -164,7 +164,7 @@ def train_first(
     base: str = MINILM_DECODER,
     window: int = 20,
     passage_tokens: int = 48,
-    steps: int = 100,
+    steps: int = DEFAULT_STEPS,
     batch_size: int = 2,
     lr: float = 5e-5,
     warmup: int = 10,
@@ -207,6 +207,7 @@ def train_first(
         corpus=corpus,
         index=index,
         max_queries=max_queries,
+        batch_size=batch_size,
         seed=seed,
         mine_depth=mine_depth,
         negatives=window - 1,

@@ -3,7 +3,8 @@ learning rate, the naming of a distillation teacher, the checkpointed step loop 
 
 - `check_ranges` raises ParamError naming the first argument out of range, before any work;
   `check_source` the data source (exactly one of a BEIR folder and a corpus).
-- `training_queries`: the judged queries of a BEIR split, or a corpus's pseudo-queries (`datasets.pairs`).
+- `training_queries`: the judged queries of a BEIR split, or a corpus's pseudo-queries (`datasets.pairs`);
+  `training_index` the fleet index a trainer mines them in.
 - `batch_indices(step, batch_size, n, seed)`: the examples of a step, a pure function of the step, so a
   resumed run sees the batches an uninterrupted one would without saving the order.
 - `warmup_decay_lr`: linear warmup, a constant rate, then a linear decay.
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.datasets.pairs import Query, beir_queries, pseudo_queries, read_corpus, sample
+from services.datasets.pairs import Query, beir_queries, cloze_corpus, read_corpus, sample
 from services.runtime.artifacts import CHECKPOINTS_DIR, Checkpoints, publish_dir
 from services.runtime.model_errors import ArtifactError, ParamError
 from services.runtime.storage import atomic_write_json
@@ -77,13 +78,13 @@ def training_queries(
     beir: Path | None, split: str, corpus: Path | None, max_queries: int | None, seed: int
 ) -> tuple[dict[str, dict[str, Any]], list[Query]]:
     """The documents by id and at most `max_queries` queries (sampled by `seed`): the `split` queries of a
-    BEIR folder with their relevant documents, or the pseudo-queries of `corpus`; ParamError if none."""
+    BEIR folder with their relevant documents, or the pseudo-queries of `corpus` with the documents they
+    were cut from as cut (`datasets.pairs.cloze_corpus`); ParamError if none."""
     check_source(beir, corpus)
     if beir is not None:
         documents, queries = beir_queries(beir, split)
     else:
-        documents = read_corpus(corpus)
-        queries = pseudo_queries(documents, seed)
+        documents, queries = cloze_corpus(read_corpus(corpus), seed)
     queries = sample(queries, max_queries, seed)
     if not queries:
         raise ParamError(
@@ -98,6 +99,16 @@ def index_name(source: Path, default: str) -> str:
     """A fleet index name for the data at `source`: its file or folder name, made safe."""
     name = source.name if source.is_dir() else source.name.split(".")[0]
     return re.sub(r"[^A-Za-z0-9._-]", "-", name)[:100] or default
+
+
+def training_index(index: str | None, beir: Path | None, corpus: Path | None, seed: int, default: str) -> str:
+    """The index a trainer mines in: `index` if named, else the data's name; a corpus's own, since it
+    holds the documents as `training_queries` cut them, is `<name>-cloze<seed>`."""
+    if index:
+        return index
+    if beir is not None:
+        return index_name(beir, default)
+    return f"{index_name(Path(corpus), default)[:90]}-cloze{seed}"
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:

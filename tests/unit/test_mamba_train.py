@@ -52,7 +52,7 @@ def test_loss_falls_and_the_model_loads(tmp_path, corpus):
     out = tmp_path / "model"
     metrics = train_mamba(out=out, corpus=corpus, miner=fake_miner(calls), hard_negatives=1, **FAST)
     assert (
-        calls == [("corpus", len(TOPICS), len(TOPICS))]
+        calls == [("corpus-cloze0", len(TOPICS), len(TOPICS))]
         and metrics["steps"] == 24
         and metrics["examples"] == len(TOPICS)
     )

@@ -42,16 +42,20 @@ def test_beir_queries_give_positive_texts_and_exclude_every_judged_document(beir
     assert queries == [pairs.Query("query q1", ["third", "Alpha first"], judged, relevant)]
 
 
-def test_pseudo_queries_leave_their_sentence_out_of_the_positive() -> None:
+def test_cloze_corpus_cuts_each_querys_sentence_out_of_its_document() -> None:
     documents = {d["id"]: d for d in demo_documents()[:24]}
-    queries = pairs.pseudo_queries(documents, seed=0)
-    assert queries
+    cut, queries = pairs.cloze_corpus(documents, seed=0)
+    assert queries and list(cut) == list(documents)
     for query in queries:
         (source,) = query.exclude
         (positive,) = query.positives
+        assert query.relevant == query.exclude
         assert query.text in documents[source]["text"] and query.text not in positive
         assert len(query.text.split()) >= pairs.MIN_QUERY_WORDS
-        assert positive.startswith(documents[source]["title"])
+        assert positive == pairs.document_text(documents[source]["title"], cut[source]["text"])
+        assert query.text not in cut[source]["text"] and cut[source]["title"] == documents[source]["title"]
+    untouched = set(documents) - {next(iter(q.exclude)) for q in queries}
+    assert all(cut[d] == documents[d] for d in untouched)
 
 
 def test_inverse_cloze_cuts_one_long_enough_sentence_from_texts_of_two_or_more() -> None:

@@ -175,7 +175,7 @@ async def test_retrieval_scores_are_blended_by_the_calls_weight_else_the_models(
         await rerank(svc, model=str(tuned))
 
 
-def test_blend_interpolates_scaled_scores_and_keeps_the_models_order_on_ties() -> None:
+def test_blend_interpolates_scaled_scores_and_breaks_ties_by_the_side_weighted_more() -> None:
     ranking = Ranking(order=[2, 0, 1], scores=[3.0, 2.0, 1.0], truncated=0)
     assert blend(ranking, [0.0, 0.0, 0.0], 0.0) is ranking
     assert blend(ranking, [0.0, 0.0, 0.0], 0.5).order == [2, 0, 1]
@@ -183,6 +183,11 @@ def test_blend_interpolates_scaled_scores_and_keeps_the_models_order_on_ties() -
     # Model scaled: d2 1, d0 0.5, d1 0; retrieval scaled: d0 1, d1 0.5, d2 0 -> d0 0.75, d2 0.5, d1 0.25.
     mixed = blend(ranking, [9.0, 5.0, 1.0], 0.5)
     assert mixed.order == [0, 2, 1] and mixed.scores == pytest.approx([0.75, 0.5, 0.25])
+    # Retrieval ties d0 and d1, which the model ranks d1 first: weight 1 is the retrieval list as given.
+    model_first = Ranking(order=[2, 1, 0], scores=[3.0, 2.0, 1.0], truncated=0)
+    assert blend(model_first, [5.0, 5.0, 1.0], 1.0).order == [0, 1, 2]
+    # At 0.5: d1 0.75, then d0 and d2 tie at 0.5, in the model's order.
+    assert blend(model_first, [5.0, 5.0, 1.0], 0.5).order == [1, 2, 0]
 
 
 async def test_only_the_newest_models_stay_loaded(tmp_path: Path, checkpoint: Path) -> None:

@@ -86,6 +86,13 @@ def test_held_out_queries_share_no_relevant_document_with_training_queries() -> 
     assert any("q1" in {q.text for q in trainer.split_off(queries, 0.25, s)[1]} for s in range(20))
 
 
+def test_pseudo_queries_are_sized_to_the_steps_with_enough_held_out() -> None:
+    assert trainer.pseudo_query_budget(800, 0.1) == (900, pytest.approx(100 / 900))
+    assert trainer.pseudo_query_budget(200, 0.1) == (300, pytest.approx(1 / 3))
+    assert trainer.pseudo_query_budget(2000, 0.2) == (2500, pytest.approx(0.2))
+    assert trainer.pseudo_query_budget(200, 0.0) == (200, 0.0)
+
+
 def test_training_lowers_the_loss_and_the_model_loads_in_the_reranker(
     tmp_path: Path, base: Path, corpus: Path
 ) -> None:
@@ -95,14 +102,17 @@ def test_training_lowers_the_loss_and_the_model_loads_in_the_reranker(
         fleet, out=out, corpus=corpus, base=str(base), progress=False, **(TINY | {"steps": 100})
     )
     assert metrics["steps"] == 100 and metrics["final_loss"] < 0.8 * metrics["initial_loss"]
-    assert "corpus" in fleet.indexes
+    # Mined in an index of the documents with each pseudo-query's sentence cut out.
+    saved = json.loads((out / "checkpoints" / trainer.EXAMPLES_FILE).read_text())
+    queries = {ex["query"] for ex in saved["examples"]} | {h["query"] for h in saved["held_out"]}
+    assert not any(q in d["text"] for q in queries for d in fleet.indexes["corpus-cloze0"])
     record = json.loads((out / training.TRAIN_FILE).read_text())
     assert record["max_length"] == 64 and record["examples"] == metrics["examples"]
     assert (out / "checkpoints" / "step-00000100").is_dir()
-    # A tenth of the queries was held out of training, searched fused, and tuned the retrieval weight.
-    saved = json.loads((out / "checkpoints" / trainer.EXAMPLES_FILE).read_text())
+    # The 400 queries 100 steps train on and 100 beside them were asked for (pseudo_query_budget),
+    # so of the 24 the corpus gives a fifth was held out, searched fused, and tuned the retrieval weight.
     held = {h["query"] for h in saved["held_out"]}
-    assert len(held) == record["validation"]["queries"] == 2
+    assert len(queries) == 24 and len(held) == record["validation"]["queries"] == 4
     assert not held & {ex["query"] for ex in saved["examples"]}
     assert ("dense,bm25", 30) in fleet.searches
     assert record["retrieval_weight"] == metrics["retrieval_weight"] in trainer.WEIGHTS

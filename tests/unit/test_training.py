@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from services.runtime.training import (
     check_ranges,
     check_teacher,
     teacher_temperature,
+    training_index,
     warmup_decay_lr,
 )
 
@@ -79,3 +81,10 @@ def test_teachers_are_named_and_read_at_their_temperature() -> None:
     )
     assert teacher_temperature("dense") == DENSE_TEMPERATURE
     assert teacher_temperature("cross-encoder:x") == CROSS_ENCODER_TEMPERATURE
+
+
+def test_a_corpus_is_mined_in_its_own_cut_index_and_qrels_in_the_datas() -> None:
+    assert training_index("mine", Path("/d/scifact"), None, 0, "x") == "mine"
+    assert training_index(None, Path("/d/scifact"), None, 0, "x") == "scifact"
+    assert training_index(None, None, Path("/d/scifact"), 0, "x") == "scifact-cloze0"
+    assert training_index(None, None, Path("/d/my docs.jsonl"), 3, "x") == "my-docs-cloze3"

@@ -11,7 +11,8 @@ Data, one example per (query, positive) (`datasets.pairs`): `beir` (a BEIR folde
 and their relevant documents) or `corpus` (a JSONL file or BEIR folder without queries: inverse-cloze
 pseudo-queries). Negatives (`negatives`):
 - "fleet": `hard_negatives` per example mined through the running fleet (`datasets.mining`: dense and
-  bm25 hits of the corpus, ingested into `index` unless it exists), as the reranker's trainer mines;
+  bm25 hits of the corpus, ingested into `index` unless it exists; a corpus's pseudo-queries are mined
+  in its documents as cut, `runtime.training.training_index`), as the reranker's trainer mines;
 - "none": in-batch negatives only (no fleet needed).
 Every other text of the batch is a negative too (in-batch), except the query's own other positives.
 
@@ -62,10 +63,10 @@ from services.runtime.training import (
     DENSE_TEACHER,
     check_ranges,
     check_source,
-    index_name,
     publish_run,
     teacher_temperature,
     train_steps,
+    training_index,
     training_queries,
 )
 
@@ -247,7 +248,7 @@ def train_mamba(
 
     documents, queries = training_queries(beir, split, corpus, max_queries, seed)
     source = Path(beir or corpus)
-    index = index or index_name(source, "mamba-train")
+    index = training_index(index, beir, corpus, seed, "mamba-train")
     described = {"queries": [[q.text, q.positives, sorted(q.exclude)] for q in queries], "index": index}
     described |= {"negatives": negatives, "hard_negatives": hard_negatives if negatives == "fleet" else 0}
     key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
