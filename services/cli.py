@@ -742,7 +742,10 @@ PseudoCorpusOpt = Annotated[
 ]
 MineIndexOpt = Annotated[
     str | None,
-    typer.Option(help="Index to mine negatives in (default: the data's name); ingested if it is new."),
+    typer.Option(
+        help="Index to mine negatives in; ingested if it is new (default: the data's name; with --corpus "
+        "NAME-clozeSEED, the documents with their pseudo-queries' sentences cut out)."
+    ),
 ]
 StepsOpt = Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")]
 PeakLrOpt = Annotated[float, typer.Option(help="AdamW peak learning rate.")]

@@ -237,6 +237,43 @@ def test_score_passages_equals_the_loop_exactly(seed):
         )
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_uncovered_positions_add_the_lms_likeliest_unigrams(seed):
+    """With the LM's first-token log-probabilities, each passage gains, past its placed n-grams (the same
+    as without them), the weight of every distinct likely token at an uncovered position, times
+    1 - beta when a placed n-gram holds that token; a one-token n-gram is no unigram."""
+    rng = np.random.default_rng(seed)
+    rows = random_rows(seed, n_rows=30, vocab=12, length=25)
+    index = BruteIndex(rows)
+    corpus = [tuple(t[i : i + n]) for t in rows.values() for n in (2, 3) for i in range(len(t) - n + 1)]
+    ngrams = {corpus[i]: math.log(0.2) for i in rng.integers(0, len(corpus), 6)} | {(0,): math.log(0.5)}
+    logits = rng.normal(size=14) * 2
+    first = logits - np.log(np.exp(logits).sum())
+    params = SealParams(unigrams=5)
+    plain = {h.rowid: h for h in score_passages(index, ngrams, 30, params)}
+    mixed = score_passages(index, ngrams, 30, params, first=first)
+    present = sorted({t for text in rows.values() for t in text} - {0})
+    top = sorted(present, key=lambda t: -first[t])[: params.unigrams]
+    weight = {
+        t: ngram_weight(first[t], index.count((t,)), index.n_tokens, params.smoothing, 1.0) for t in top
+    }
+    gained = []
+    assert {h.rowid for h in mixed} == set(plain)
+    for hit in mixed:
+        text, alone = rows[hit.rowid], plain[hit.rowid]
+        assert hit.matches == alone.matches
+        covered = {i for m in hit.matches for i in range(m.start, m.end)}
+        held = {text[i] for i in covered}
+        free = {text[i] for i in range(len(text)) if i not in covered}
+        extra = sum(weight[t] * (1 - params.beta if t in held else 1.0) for t in free & set(weight))
+        assert hit.score == pytest.approx(alone.score + extra)
+        gained.append(extra)
+    assert max(gained) > 0
+    assert score_passages(index, ngrams, 30, SealParams(unigrams=0), first=first) == list(
+        sorted(plain.values(), key=lambda h: (-h.score, h.rowid))
+    )
+
+
 def test_intersective_scoring_ranks_the_passage_with_the_rare_ngram_first():
     rows = {1: [1, 2, 3, 4, 5], 2: [1, 2, 9, 9, 9], 3: [7, 7, 7, 7], 4: [1, 2, 3, 0, 0]}
     index = BruteIndex(rows)
