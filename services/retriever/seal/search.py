@@ -34,10 +34,11 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from services.retriever.seal.fmindex import concat_ranges
 from services.runtime.model_errors import ParamError
 
 Ngram = tuple[int, ...]
@@ -157,12 +158,13 @@ def query_keys(tokens: Sequence[int], word_ids: Sequence[int], max_words: int, m
     return list(keys)
 
 
-def ngram_weight(logprob: float, count: int, n_tokens: int, smoothing: float, alpha: float) -> float:
-    """SEAL's weight of an n-gram from its conditional log-probability and its corpus count."""
+def ngram_weight(logprob: Any, count: Any, n_tokens: int, smoothing: float, alpha: float) -> Any:
+    """SEAL's weight of an n-gram from its conditional log-probability and its corpus count (floats, or
+    numpy arrays of them n-gram by n-gram)."""
     unconditional = (count + smoothing) / (n_tokens + smoothing)
-    logprob = min(logprob, -1e-6)  # P(n|q) = 1 would make log(1 - P(n|q)) infinite
-    weight = logprob + math.log1p(-unconditional) - math.log(unconditional) - math.log(-math.expm1(logprob))
-    return max(0.0, weight) ** alpha
+    logprob = np.minimum(logprob, -1e-6)  # P(n|q) = 1 would make log(1 - P(n|q)) infinite
+    weight = logprob + np.log1p(-unconditional) - np.log(unconditional) - np.log(-np.expm1(logprob))
+    return np.maximum(0.0, weight) ** alpha
 
 
 def unigram_weights(
@@ -178,11 +180,10 @@ def unigram_weights(
     tokens, counts = tokens[keep], counts[keep]
     if not len(tokens):
         return {}
-    logprob = np.minimum(np.asarray(first, np.float64)[tokens], -1e-6)
+    logprob = np.asarray(first, np.float64)[tokens]
     top = np.argpartition(-logprob, min(params.unigrams, len(tokens)) - 1)[: params.unigrams]
-    tokens, counts, logprob = tokens[top], counts[top], logprob[top]
-    unconditional = (counts + params.smoothing) / (index.n_tokens + params.smoothing)
-    weight = logprob + np.log1p(-unconditional) - np.log(unconditional) - np.log(-np.expm1(logprob))
+    tokens = tokens[top]
+    weight = ngram_weight(logprob[top], counts[top], index.n_tokens, params.smoothing, 1.0)
     positive = weight > 0
     return dict(zip(tokens[positive].tolist(), weight[positive].tolist(), strict=True))
 
@@ -310,11 +311,8 @@ def uncovered_unigrams(
     tokens = np.asarray(tokens, np.int64)
     passage_of = np.repeat(np.arange(len(lengths)), lengths)
     covered = np.zeros(len(tokens), bool)
-    if len(placed.passage):
-        sizes = placed.end - placed.start
-        first = (np.cumsum(lengths) - lengths)[placed.passage] + placed.start
-        within = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        covered[np.repeat(first, sizes) + within] = True
+    first = (np.cumsum(lengths) - lengths)[placed.passage] + placed.start
+    covered[concat_ranges(first, placed.end - placed.start)] = True
     vocab = int(max(tokens.max(), max(weights))) + 1
     weight_of = np.zeros(vocab)
     weight_of[list(weights)] = list(weights.values())
@@ -338,19 +336,14 @@ def score_passages(
     """The top `k` passages for n-grams with their log P(n|q), by SEAL's intersective scoring; `first`
     (the LM's log-probabilities of an n-gram's first token) gives the unigram scores of uncovered
     positions (`unigram_weights`), none when it is None."""
-    keys: list[Ngram] = []
-    weights: list[float] = []
-    counts: list[int] = []
-    for ngram, logprob in ngrams.items():
-        count = index.count(ngram)
-        if count == 0 or count > params.max_occurrences:
-            continue
-        weight = ngram_weight(logprob, count, index.n_tokens, params.smoothing, params.alpha)
-        if weight > 0:
-            keys.append(ngram)
-            weights.append(weight)
-            counts.append(count)
-    weight_of = np.array(weights, np.float64)
+    counted = [(g, logprob, index.count(g)) for g, logprob in ngrams.items()]
+    counted = [(g, logprob, count) for g, logprob, count in counted if 0 < count <= params.max_occurrences]
+    logprobs = np.array([logprob for _, logprob, _ in counted], np.float64)
+    all_counts = np.array([count for _, _, count in counted], np.int64)
+    all_weights = ngram_weight(logprobs, all_counts, index.n_tokens, params.smoothing, params.alpha)
+    positive = np.flatnonzero(all_weights > 0).tolist()
+    keys = [counted[i][0] for i in positive]
+    weight_of, counts = all_weights[positive], all_counts[positive].tolist()
     rare = [i for i, count in enumerate(counts) if count <= params.max_hits]
     holders = [np.unique(index.locate(keys[i])[:, 0]) for i in rare]
     rowids = np.concatenate(holders) if holders else np.zeros(0, np.int64)
