@@ -38,13 +38,13 @@ model's own is used.
    - IR datasets: `client.search` with depth `max(top_k, largest @k of the metrics)` — or, with
      `batch_size` above 1, `client.search_batch` of that many queries at a time (the same lists,
      faster; a batch the fleet refuses as too large, RESOURCE_EXHAUSTED, is searched in halves) —
-     and the ranked passages become document scores (`ir.passages_to_docs`: a document scores its
-     best passage), scored per query with `ir.evaluate_run` (pytrec_eval). A reranked run searches
+     and the ranked passages become document scores (`ir.passages_to_docs`: a document ranks at its
+     first passage and scores by that rank, so trec_eval keeps the fleet's order, ties and all),
+     scored per query with `ir.evaluate_run` (pytrec_eval). A reranked run searches
      with the Pipeline's reranking: the best `rerank_depth` passages (0: the whole depth) are
      rescored by the Reranker; when that is fewer than the depth, the rest of the retrieval list
      (a second, untimed search without reranking, batched alike) follows them in retrieval order,
-     the usual way to score a reranker over a deeper cut-off such as recall@100. A reranked list's documents
-     score by their rank.
+     the usual way to score a reranker over a deeper cut-off such as recall@100.
    - QA datasets: `client.ask` (streamed) with top_k, retrievers, fusion, rerank and the sampling
      temperature; the answer text is scored with EM/F1 (`metrics.qa`, SQuAD v2.0 rules: a question
      without gold answers expects the empty answer) and, where the dataset has qrels, the passages
@@ -776,13 +776,6 @@ def _ask(exp: _Experiment, run: RunConfig, index: str, text: str, top_k: int, ge
     )
 
 
-def _ranked_docs(head: Sequence[Any], tail: Sequence[Any]) -> dict[str, float]:
-    """Document scores of a reranked list `head` followed by the retrieval list `tail`: documents in the
-    order of their first passage, scored by that rank (the two lists' scores are not comparable)."""
-    order = list(dict.fromkeys([*ir.passages_to_docs(head), *ir.passages_to_docs(tail)]))
-    return {doc: float(len(order) - rank) for rank, doc in enumerate(order)}
-
-
 def _rerank_summary(reports: Sequence[Any]) -> dict[str, Any]:
     """What a run's RerankReports add up to (see the module docstring)."""
     return {
@@ -844,10 +837,7 @@ def _execute(
             tails = [r.passages for r in _search(exp, replace(run, rerank=False), index, texts, depth)]
         for qid, result, tail in zip(qids, results, tails):
             latency[qid] = {**result.timings, TOTAL: millis}
-            if run.rerank:
-                doc_run[qid] = _ranked_docs(result.passages, tail)
-            else:
-                doc_run[qid] = ir.passages_to_docs(result.passages)
+            doc_run[qid] = ir.passages_to_docs([*result.passages, *tail])
             if result.rerank is not None:
                 reports.append(result.rerank)
             versions |= {(v.index, v.retriever, v.version, v.model_id) for v in result.versions}

@@ -116,24 +116,25 @@ def scored(pid: str, score: float, doc_id: str | None = None):
     return SimpleNamespace(passage=SimpleNamespace(id=pid, doc_id=doc), score=score)
 
 
-def test_passages_to_docs_keeps_best_passage_and_first_seen_order():
+def test_passages_to_docs_ranks_a_document_at_its_first_passage():
     docs = passages_to_docs(
-        [
-            scored("b#1", 0.9),
-            scored("a#0", 0.9),
-            scored("b#0", 0.5),
-            scored("c#2", 0.4),
-            scored("a#3", 0.95),
-        ]
+        [scored("b#1", 0.9), scored("a#0", 0.8), scored("b#0", 0.5), scored("c#2", 0.4), scored("a#3", 0.3)]
     )
-    assert list(docs) == ["b", "a", "c"]
-    assert docs == {"b": 0.9, "a": 0.95, "c": pytest.approx(0.4)}
+    assert docs == {"b": 3.0, "a": 2.0, "c": 1.0}
+
+
+def test_tied_scores_keep_the_order_of_the_list_not_trec_evals_doc_id_order():
+    # Reciprocal-rank fusion ties often; trec_eval would put tied "a" below "b" (doc ids decreasing).
+    qrels = {"q": {"a": 1}}
+    tied = [scored("a#0", 0.5), scored("b#0", 0.5)]
+    assert evaluate_run({"q": {"a": 0.5, "b": 0.5}}, qrels)[0]["mrr@10"] == 0.5
+    assert evaluate_run({"q": passages_to_docs(tied)}, qrels)[0]["mrr@10"] == 1.0
 
 
 def test_passages_to_docs_reads_the_document_from_the_id_when_doc_id_is_empty():
     assert passages_to_docs([scored("x#y#3", 1.0, doc_id=""), scored("plain", 0.5, doc_id="")]) == {
-        "x#y": 1.0,
-        "plain": 0.5,
+        "x#y": 2.0,
+        "plain": 1.0,
     }
 
 

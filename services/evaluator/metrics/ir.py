@@ -46,7 +46,6 @@ class ScoredPassageLike(Protocol):
     """What `passages_to_docs` reads of a `ragfleet.v1.ScoredPassage`."""
 
     passage: _PassageLike
-    score: float
 
 
 def parse_measure(measure: str) -> tuple[str, str]:
@@ -134,15 +133,15 @@ def evaluate_run(
 
 
 def passages_to_docs(scored_passages: Iterable[ScoredPassageLike]) -> dict[str, float]:
-    """Turns a ranked list of passages into document scores: a document scores its best passage.
+    """Turns a ranked list of passages into document scores that keep the list's order exactly.
 
-    Documents keep the order of their first passage in the list (a stable tie-break). A passage
-    without `doc_id` gets its document from its id, `<doc_id>#<n>`.
+    A document ranks where its first (best-ranked) passage is, and scores by that rank (the first
+    document scores the number of documents, the last 1). The passages' own scores are not used: they
+    can tie (reciprocal-rank fusion ties often), and trec_eval would then reorder the tied documents
+    by doc id rather than keep the order the fleet returned. A passage without `doc_id` gets its
+    document from its id, `<doc_id>#<n>`.
     """
-    docs: dict[str, float] = {}
+    order: dict[str, None] = {}
     for scored in scored_passages:
-        doc_id = scored.passage.doc_id or scored.passage.id.rpartition("#")[0] or scored.passage.id
-        score = float(scored.score)
-        if doc_id not in docs or score > docs[doc_id]:
-            docs[doc_id] = score
-    return docs
+        order.setdefault(scored.passage.doc_id or scored.passage.id.rpartition("#")[0] or scored.passage.id)
+    return {doc: float(len(order) - rank) for rank, doc in enumerate(order)}
