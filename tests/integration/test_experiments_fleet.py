@@ -59,10 +59,11 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CountingClient]
 
 
 def independent_scores(passages: list, qrels: dict[str, int]) -> dict[str, float]:
-    """nDCG@10 and Recall@100 of one ranked passage list by pytrec_eval directly, best passage per doc."""
+    """nDCG@10 and Recall@100 of one ranked passage list by pytrec_eval directly, a document ranked at its
+    first passage (scored minus that position, so ties cannot reorder it)."""
     docs: dict[str, float] = {}
-    for hit in passages:
-        docs[hit.passage.doc_id] = max(docs.get(hit.passage.doc_id, float("-inf")), hit.score)
+    for position, hit in enumerate(passages):
+        docs.setdefault(hit.passage.doc_id, -float(position))
     evaluator = pytrec_eval.RelevanceEvaluator({"q": qrels}, {"ndcg_cut.10", "recall.100"})
     scores = evaluator.evaluate({"q": docs})["q"]
     return {"ndcg@10": scores["ndcg_cut_10"], "recall@100": scores["recall_100"]}
