@@ -74,7 +74,7 @@ bench-gpu: $(STAMP)
 	$(BIN)/python -m bench.selective_scan
 
 lint: $(STAMP)
-	$(BIN)/ruff check services kernels clients/python/ragfleet bench tools tests
+	$(BIN)/ruff check services ragfleet_kernels clients/python/ragfleet bench tools tests
 
 clean:
 	rm -rf $(VENV) .ragfleet

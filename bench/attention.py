@@ -1,4 +1,5 @@
-"""Attention on a GPU: the Triton kernel (kernels.attention) against torch's scaled_dot_product_attention.
+"""Attention on a GPU: the Triton kernel (ragfleet_kernels.attention) against torch's
+scaled_dot_product_attention.
 
 For every sequence length, head dim, mask and dtype both implementations run on the same tensors, forward
 alone and forward + backward, and each row gives both times, both TFLOP/s and their ratio (triton / sdpa
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import RESULTS_DIR, write_bench_results
-from kernels.attention import attention
+from ragfleet_kernels.attention import attention
 from services.runtime.storage import atomic_write_json
 
 NAME = "attention"

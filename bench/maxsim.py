@@ -3,8 +3,8 @@
 Shapes are PLAID's last stage: one query of 32 tokens against 1k-64k candidate documents of at most 220
 tokens (lengths drawn uniformly from 16..220), dim 128, fp16; plus a batch of 64 queries against 4k
 documents. Three implementations score the same tensors:
-  triton         kernels.maxsim, backend "triton"
-  torch-ref      kernels.maxsim, backend "torch" (the fp32 reference, chunked over documents)
+  triton         ragfleet_kernels.maxsim, backend "triton"
+  torch-ref      ragfleet_kernels.maxsim, backend "torch" (the fp32 reference, chunked over documents)
   torch-fp16     what ColBERT's own scorer does: one fp16 einsum over the padded tensors, masked max, sum
 Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between runs) and include the
 inputs' checks that every `maxsim` call makes. GB/s counts the bytes that must be read (the real query and
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from bench.common import write_bench_results
-from kernels.maxsim import maxsim
+from ragfleet_kernels.maxsim import maxsim
 
 PLAID_DOCS = (1024, 4096, 16384, 65536)
 BATCH = (64, 4096)  # (queries, documents)

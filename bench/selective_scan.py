@@ -12,8 +12,9 @@ benchmark).
 On a CUDA GPU (`make bench-gpu`) the rows are triton, torch and torch-chunked in fp32 and fp16, timed with
 `triton.testing.do_bench`, and go to bench/results/selective_scan.json. Without one the Triton path cannot
 run (it says so) and the torch paths are measured in fp32 on the CPU, timed with perf_counter over
-`--repeats` runs after a warm-up: that is the measurement behind `kernels.selective_scan.CPU_BACKEND`, which
-"auto" runs on CPUs. CPU results go to bench/results/selective_scan_cpu.json.
+`--repeats` runs after a warm-up: that is the measurement behind
+`ragfleet_kernels.selective_scan.CPU_BACKEND`, which "auto" runs on CPUs. CPU results go to
+bench/results/selective_scan_cpu.json.
 `python -m bench.selective_scan --lengths 128 256 --dim 512` shrinks it; `--threads N` sets torch's CPU
 threads.
 """
@@ -29,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from bench.common import write_bench_results
-from kernels.selective_scan import CPU_BACKEND, selective_scan
+from ragfleet_kernels.selective_scan import CPU_BACKEND, selective_scan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")

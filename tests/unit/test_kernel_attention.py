@@ -1,5 +1,5 @@
-"""kernels.attention: the reference against a loop and SDPA, the Triton kernel against the reference, and the
-dispatcher.
+"""ragfleet_kernels.attention: the reference against a loop and SDPA, the Triton kernel against the
+reference, and the dispatcher.
 
 The kernel runs on the GPU where there is one and otherwise in Triton's CPU interpreter; tests/conftest.py
 sets TRITON_INTERPRET=1 before anything imports triton. bf16 is compared on a GPU only (the interpreter
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.attention as attn
-import kernels.common
-from kernels.common import KernelInputError
+import ragfleet_kernels.attention as attn
+import ragfleet_kernels.common
+from ragfleet_kernels.common import KernelInputError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -188,8 +188,8 @@ def test_bad_arguments_are_rejected_by_name(monkeypatch):
     assert "head dims" in _raises("q", attn.attention, q48, k48, v48, backend="triton")
     assert attn.attention(q48, k48, v48).shape == q48.shape  # auto falls back to the reference
     cpu = [t.cpu() for t in (q, k, v)]
-    if kernels.common.INTERPRETED:
+    if ragfleet_kernels.common.INTERPRETED:
         bf16 = [t.bfloat16() for t in cpu]
         assert "bfloat16" in _raises("q", attn.attention, *bf16, backend="triton")
-    monkeypatch.setattr(kernels.common, "INTERPRETED", False)
+    monkeypatch.setattr(ragfleet_kernels.common, "INTERPRETED", False)
     assert "CUDA" in _raises("backend", attn.attention, *cpu, backend="triton")

@@ -18,9 +18,9 @@ if DEVICE == "cpu":
 
 import triton  # noqa: E402
 
-import kernels.common  # noqa: E402
-import kernels.maxsim as maxsim_module  # noqa: E402
-from kernels.maxsim import maxsim, maxsim_reference  # noqa: E402
+import ragfleet_kernels.common  # noqa: E402
+import ragfleet_kernels.maxsim as maxsim_module  # noqa: E402
+from ragfleet_kernels.maxsim import maxsim, maxsim_reference  # noqa: E402
 
 # (nq, Lq, nd, Ld, dim): ragged lengths are drawn below; Lq 20 / Ld 40 span several 16-wide tiles, dim 48
 # is padded to 64 inside the kernel.
@@ -184,7 +184,7 @@ def test_auto_runs_the_kernel_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels.common, "INTERPRETED", False)
+    monkeypatch.setattr(ragfleet_kernels.common, "INTERPRETED", False)
     q, ql, d, dl = random_batch(2, 5, 3, 7, 32)
     with pytest.raises(ValueError, match="^backend: 'triton' needs CUDA tensors .*TRITON_INTERPRET=1"):
         maxsim(q, ql, d, dl, backend="triton")

@@ -1,5 +1,6 @@
-"""kernels.selective_scan: the torch paths against a loop written from the definition, the Triton kernel and
-the chunked torch scan against the reference (outputs and every gradient), state chaining, and bad input.
+"""ragfleet_kernels.selective_scan: the torch paths against a loop written from the definition, the Triton
+kernel and the chunked torch scan against the reference (outputs and every gradient), state chaining, and
+bad input.
 
 The kernel runs on the GPU where there is one and otherwise in Triton's CPU interpreter; tests/conftest.py
 sets TRITON_INTERPRET=1 before anything imports triton. Shapes are small and deliberately ragged: dim 6 is
@@ -11,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.common
-import kernels.selective_scan as ss
-from kernels.common import KernelInputError
+import ragfleet_kernels.common
+import ragfleet_kernels.selective_scan as ss
+from ragfleet_kernels.common import KernelInputError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -199,7 +200,7 @@ def test_bad_arguments_are_rejected_by_name(monkeypatch):
         "u", **{k: args[k].double() for k in ("u", "delta", "B", "C", "z")}, backend="triton"
     )
     cpu = {k: v.cpu() for k, v in args.items()}
-    if kernels.common.INTERPRETED:
+    if ragfleet_kernels.common.INTERPRETED:
         assert "bfloat16" in _raises("u", **(cpu | {"u": cpu["u"].bfloat16()}), backend="triton")
-    monkeypatch.setattr(kernels.common, "INTERPRETED", False)
+    monkeypatch.setattr(ragfleet_kernels.common, "INTERPRETED", False)
     assert "CUDA" in _raises("backend", **cpu, backend="triton")

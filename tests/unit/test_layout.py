@@ -1,8 +1,8 @@
 """The import rules of ARCHITECTURE.md, checked by parsing the source (nothing is imported).
 
-(a) kernels/ imports neither `services` nor `grpc`; (b) model code imports neither `grpc` nor the runtime's
-error, server, serve or calls modules; (c) a Retriever backend does not import a sibling backend; (d) a
-service package does not import another one (services talk through the `ragfleet` stubs); (e) the
+(a) ragfleet_kernels/ imports neither `services` nor `grpc`; (b) model code imports neither `grpc` nor the
+runtime's error, server, serve or calls modules; (c) a Retriever backend does not import a sibling backend;
+(d) a service package does not import another one (services talk through the `ragfleet` stubs); (e) the
 packaged code imports nothing from tools/, bench/ or tests/, which a wheel does not hold. Imports inside
 functions count too. `services/cli.py` and `services/demo/` are front-ends: no rule applies to them.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 MODEL_CODE = (
-    "kernels",
+    "ragfleet_kernels",
     "services/generator/retro",
     "services/retriever/colbert/encoder.py",
     "services/retriever/colbert/plaid.py",
@@ -108,7 +108,7 @@ def _broken_rule(rel: str, module: str, name: str) -> str | None:
     """The first rule that `module` (at path `rel`) importing `name` breaks, or None."""
     if any(_within(name, top) for top in ("tools", "bench", "tests")):
         return "shipped"
-    if rel.startswith("kernels/") and (_within(name, "services") or _within(name, "grpc")):
+    if rel.startswith("ragfleet_kernels/") and (_within(name, "services") or _within(name, "grpc")):
         return "kernel"
     if any(rel == m or rel.startswith(m + "/") for m in MODEL_CODE) and any(
         _within(name, bound) for bound in GRPC_BOUND
@@ -124,9 +124,10 @@ def _broken_rule(rel: str, module: str, name: str) -> str | None:
 
 
 def violations(root: Path) -> list[Violation]:
-    """Every import under root/kernels and root/services that breaks a rule, one per import statement."""
+    """Every import under root/ragfleet_kernels and root/services that breaks a rule, one per import
+    statement."""
     found = []
-    for path in sorted([*(root / "kernels").rglob("*.py"), *(root / "services").rglob("*.py")]):
+    for path in sorted([*(root / "ragfleet_kernels").rglob("*.py"), *(root / "services").rglob("*.py")]):
         rel, module = path.relative_to(root).as_posix(), _module_name(root, path)
         for line, names in _imports(root, path):
             broken = [(rule, name) for name in names if (rule := _broken_rule(rel, module, name))]
@@ -155,7 +156,9 @@ def test_the_checker_catches_a_violation_of_each_rule(tmp_path: Path) -> None:
     _write(
         tmp_path,
         {
-            "kernels/fast.py": "import grpc\nfrom services.runtime.storage import atomic_write_json\n",
+            "ragfleet_kernels/fast.py": (
+                "import grpc\nfrom services.runtime.storage import atomic_write_json\n"
+            ),
             "services/evaluator/report.py": "def f():\n    from bench.common import markdown_table\n",
             "services/generator/retro/model.py": "def f():\n    from services.runtime import errors\n",
             "services/retriever/colbert/plaid.py": "from services.runtime import errors\n",
@@ -180,8 +183,8 @@ def test_the_checker_catches_a_violation_of_each_rule(tmp_path: Path) -> None:
     )
     found = [(v.path, v.line, v.rule) for v in violations(tmp_path)]
     assert found == [
-        ("kernels/fast.py", 1, "kernel"),
-        ("kernels/fast.py", 2, "kernel"),
+        ("ragfleet_kernels/fast.py", 1, "kernel"),
+        ("ragfleet_kernels/fast.py", 2, "kernel"),
         ("services/evaluator/report.py", 2, "shipped"),
         ("services/gateway/service.py", 1, "service"),
         ("services/generator/retro/model.py", 2, "model"),
@@ -190,5 +193,6 @@ def test_the_checker_catches_a_violation_of_each_rule(tmp_path: Path) -> None:
         ("services/retriever/dense.py", 1, "backend"),
     ]
     assert (
-        str(violations(tmp_path)[0]) == "kernels/fast.py:1: imports grpc (a kernel imports services or grpc)"
+        str(violations(tmp_path)[0])
+        == "ragfleet_kernels/fast.py:1: imports grpc (a kernel imports services or grpc)"
     )

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bench.colbert import overlap, topic_mixture
-from kernels.maxsim import maxsim_reference
+from ragfleet_kernels.maxsim import maxsim_reference
 from services.retriever.colbert.codec import ResidualCodec
 from services.retriever.colbert.plaid import PlaidIndex, SearchParams
 from services.runtime.model_errors import ArtifactError, ParamError

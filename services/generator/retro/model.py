@@ -23,7 +23,7 @@ Layout (RETRO, Borgeaud et al. 2022; the alignment rules are in ../shared/design
   to copy it, which it learns far more slowly than remembering facts; with it, copying only takes knowing
   where to look.
 
-Every attention goes through `kernels.attention.attention` (flash attention on a GPU, its PyTorch
+Every attention goes through `ragfleet_kernels.attention.attention` (flash attention on a GPU, its PyTorch
 reference elsewhere). That kernel masks keys by length only, so arbitrary key masks (padding inside the
 flattened k·r neighbour tokens) are handled by moving the valid keys to the front (`pack_keys`); attention
 does not depend on key order once the rotary phases are applied.
@@ -49,7 +49,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from kernels.attention import attention
+from ragfleet_kernels.attention import attention
 from services.runtime.artifacts import write_directory
 
 CONFIG_FILE = "config.json"
@@ -188,8 +188,8 @@ def pack_keys(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Keys/values (B, H, L, d) with the valid ones (mask (B, L) True) moved to the front, and their counts.
 
-    Turns an arbitrary key mask into the per-row key lengths `kernels.attention` takes; the lengths are
-    None when every key is valid.
+    Turns an arbitrary key mask into the per-row key lengths `ragfleet_kernels.attention` takes; the
+    lengths are None when every key is valid.
     """
     if bool(mask.all()):
         return k, v, None

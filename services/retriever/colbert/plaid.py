@@ -31,9 +31,9 @@ Search (PLAID, Santhanam et al. 2022), for a query Q (Lq, dim):
      some query token; approximate score = Σ over query tokens of the max of S over the kept centroids;
      keep the best `ndocs` (at least k).
   3. The same score over all of their tokens' centroids; keep the best ndocs/4 (at least k).
-  4. Score those passages with exact MaxSim (`kernels.maxsim`) of their stored fp16 tokens, so returned
-     scores equal `search_exhaustive`'s. With `SearchParams.compressed_rerank`, stage 4 decompresses the
-     residual codes instead, as PLAID does; its scores then carry the compression error.
+  4. Score those passages with exact MaxSim (`ragfleet_kernels.maxsim`) of their stored fp16 tokens, so
+     returned scores equal `search_exhaustive`'s. With `SearchParams.compressed_rerank`, stage 4
+     decompresses the residual codes instead, as PLAID does; its scores then carry the compression error.
 Why fp16 by default: the index keeps those tokens anyway (exhaustive search needs them), reading a few
 hundred passages' tokens costs no more than decompressing them, and on the 50k-passage bench
 (`bench/colbert.py`) the compression error alone cost 8 points of top-10 overlap at 2 bits.
@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels.maxsim import maxsim
+from ragfleet_kernels.maxsim import maxsim
 from services.retriever.colbert.codec import NBITS, ResidualCodec
 from services.runtime.model_errors import ArtifactError, ParamError
 from services.runtime.storage import atomic_write_json, fsync_dir

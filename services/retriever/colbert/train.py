@@ -57,7 +57,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kernels.maxsim import maxsim_reference
+from ragfleet_kernels.maxsim import maxsim_reference
 from services.datasets.collections import load_beir
 from services.datasets.pairs import document_text, inverse_cloze, judged_queries, sample
 from services.retriever.colbert.encoder import ColbertEncoder, project_tokens, run_layers

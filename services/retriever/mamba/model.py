@@ -1,7 +1,7 @@
 """The Mamba bi-encoder: Mamba-1 blocks in the Hugging Face `MambaModel` layout, and text embeddings.
 
 A block is RMSNorm -> in-projection (to the SSM input x and the gate z) -> causal depthwise conv ->
-SiLU -> selective scan (`kernels.selective_scan`, input-dependent delta, B, C; A = -exp(A_log); the
+SiLU -> selective scan (`ragfleet_kernels.selective_scan`, input-dependent delta, B, C; A = -exp(A_log); the
 skip D; gated by SiLU(z)) -> out-projection, added to the residual. Parameter names are those of
 transformers' `MambaModel` (embeddings, layers.N.norm, layers.N.mixer.{in_proj, conv1d, x_proj,
 dt_proj, A_log, D, out_proj}, norm_f), so a `state-spaces/mamba-*-hf` folder (whose `MambaForCausalLM`
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kernels.selective_scan import selective_scan
+from ragfleet_kernels.selective_scan import selective_scan
 from services.runtime.model_errors import ArtifactError, ParamError
 
 CONFIG_FILE = "config.json"
@@ -174,7 +174,7 @@ class MambaModel(nn.Module):
         self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
 
     def set_scan_backend(self, backend: str) -> None:
-        """The scan backend ("auto", "triton" or "torch"), as `kernels.selective_scan` takes it."""
+        """The scan backend ("auto", "triton" or "torch"), as `ragfleet_kernels.selective_scan` takes it."""
         for layer in self.layers:
             layer.mixer.scan_backend = backend
 

@@ -28,7 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import BACKENDS, INTERPRETED, KernelInputError, check_backend, check_triton_device, dot
+from ragfleet_kernels.common import (
+    BACKENDS,
+    INTERPRETED,
+    KernelInputError,
+    check_backend,
+    check_triton_device,
+    dot,
+)
 
 __all__ = ["BACKENDS", "DTYPES", "maxsim", "maxsim_reference"]
 

@@ -36,7 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import BACKENDS, INTERPRETED, KernelInputError, check_backend, check_triton_device, dot
+from ragfleet_kernels.common import (
+    BACKENDS,
+    INTERPRETED,
+    KernelInputError,
+    check_backend,
+    check_triton_device,
+    dot,
+)
 
 TRITON_HEAD_DIMS = (32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.common import INTERPRETED, KernelInputError, check_triton_device
+from ragfleet_kernels.common import INTERPRETED, KernelInputError, check_triton_device
 
 __all__ = [
     "CPU_BACKEND",
