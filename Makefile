@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The versions every dependency is installed at (torch, triton and CUDA packages aside): `make lock`.
+LOCK   ?= constraints.txt
 PROTOS := $(wildcard protos/ragfleet/v1/*.proto)
 
 export HF_HUB_OFFLINE := 1
@@ -10,12 +12,12 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv protos demo demo-model colbert-model test test-fast test-unit reliability bench bench-gpu lint clean
+.PHONY: venv lock protos demo demo-model colbert-model test test-fast test-unit reliability bench bench-gpu lint clean
 
 venv: $(STAMP)
 
 # torch: the CPU build 2.13.0 unless a CUDA GPU is present; the gpu extra swaps faiss-cpu for faiss-gpu.
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -23,8 +25,15 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	else \
 	  $(BIN)/python -m pip install -q torch==2.13.0 && extra=cpu; \
 	fi; \
-	$(BIN)/python -m pip install -q -e clients/python -e ".[$$extra,dev]"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e clients/python -e ".[$$extra,dev]"
 	touch $@
+
+# Re-pins constraints.txt to what .venv holds. To move to newer releases on purpose:
+# `make clean && make venv LOCK=/dev/null && make test LOCK=/dev/null && make lock`.
+lock: $(STAMP)
+	{ echo "# pip constraints: the versions make venv installs (written by make lock; torch, triton and"; \
+	  echo "# CUDA packages are left to the CPU or GPU install)."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-)'; } > $(LOCK)
 
 protos: $(STAMP)
 	$(BIN)/python -m tools.protogen
