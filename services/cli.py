@@ -744,7 +744,7 @@ MineIndexOpt = Annotated[
     str | None,
     typer.Option(
         help="Index to mine negatives in; ingested if it is new (default: the data's name; with --corpus "
-        "NAME-clozeSEED, the documents with their pseudo-queries' sentences cut out)."
+        "NAME-clozeSEED, the documents with their pseudo-queries (titles or sentences) cut out)."
     ),
 ]
 StepsOpt = Annotated[int, typer.Option(help="Optimiser steps in all, a resumed run's included.")]

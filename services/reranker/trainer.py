@@ -5,9 +5,10 @@ publishing are every trainer's (`runtime.training.train_steps`, `runtime.trainin
 Data, one example per (query, positive), in order of what the user has:
 - `beir`: a BEIR folder's `split` queries with their relevant documents (relevance > 0) as positives;
   no document judged for the query is ever one of its negatives (`datasets.pairs.beir_queries`).
-- `corpus` (a JSONL file or a BEIR folder, read as `ragfleet ingest` reads it), no queries: pseudo-queries,
-  the inverse cloze task (`datasets.pairs.cloze_corpus`): one sentence of a document (picked by the
-  seed) is the query, the document without it the positive, and the source document never a negative.
+- `corpus` (a JSONL file or a BEIR folder, read as `ragfleet ingest` reads it), no queries: pseudo-queries
+  cut out of the documents (`datasets.pairs.cloze_corpus`): a document's title (of 4 words or more) or
+  else one of its sentences (picked by the seed) is the query, the document without it the positive,
+  and the source document never a negative.
   The index mined in holds the documents so cut (`runtime.training.training_index`: `<name>-cloze<seed>`).
   A corpus gives about a query a document, so unless `max_queries` says otherwise a run takes the
   queries the default steps train on (DEFAULT_STEPS x batch_size) and the held-out share beside them,

@@ -58,6 +58,23 @@ def test_cloze_corpus_cuts_each_querys_sentence_out_of_its_document() -> None:
     assert all(cut[d] == documents[d] for d in untouched)
 
 
+def test_cloze_corpus_cuts_a_long_enough_title_out_and_falls_back_to_a_sentence() -> None:
+    documents = {
+        "t1": {"id": "t1", "title": "Lighthouses of the northern islands", "text": "One line. Two lines."},
+        "s1": {"id": "s1", "title": "Short title", "text": "A sentence of enough words. Another one here."},
+        "t2": {"id": "t2", "title": "Tides and the harbour of Punnour", "text": "Single sentence text."},
+        "e1": {"id": "e1", "title": "A title over no text", "text": ""},
+    }
+    cut, queries = pairs.cloze_corpus(documents, seed=0)
+    assert [next(iter(q.relevant)) for q in queries] == ["t1", "s1", "t2"]
+    t1, s1, t2 = queries
+    assert (t1.text, t1.positives) == ("Lighthouses of the northern islands", ["One line. Two lines."])
+    assert cut["t1"] == {**documents["t1"], "title": ""} and cut["t2"]["title"] == ""
+    assert s1.text in documents["s1"]["text"] and s1.text not in cut["s1"]["text"]
+    assert s1.positives == [pairs.document_text("Short title", cut["s1"]["text"])]
+    assert cut["e1"] == documents["e1"]
+
+
 def test_inverse_cloze_cuts_one_long_enough_sentence_from_texts_of_two_or_more() -> None:
     texts = [
         "One sentence only, with many words in it.",

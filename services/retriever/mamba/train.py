@@ -8,8 +8,8 @@ start a model trained for minutes on a CPU could not learn; frozen, a small trai
 the rows of its own words away from those of the test queries.
 
 Data, one example per (query, positive) (`datasets.pairs`): `beir` (a BEIR folder's `split` queries
-and their relevant documents) or `corpus` (a JSONL file or BEIR folder without queries: inverse-cloze
-pseudo-queries). Negatives (`negatives`):
+and their relevant documents) or `corpus` (a JSONL file or BEIR folder without queries: pseudo-queries,
+titles or inverse-cloze sentences). Negatives (`negatives`):
 - "fleet": `hard_negatives` per example mined through the running fleet (`datasets.mining`: dense and
   bm25 hits of the corpus, ingested into `index` unless it exists; a corpus's pseudo-queries are mined
   in its documents as cut, `runtime.training.training_index`), as the reranker's trainer mines;
