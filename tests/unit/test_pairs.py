@@ -1,4 +1,5 @@
-"""services.datasets.pairs: judged queries from BEIR qrels, inverse-cloze pseudo-queries, seeded sampling."""
+"""services.datasets.pairs: judged queries from BEIR qrels, pseudo-queries (titles or inverse-cloze
+sentences), seeded sampling."""
 
 from __future__ import annotations
 
