@@ -5,17 +5,18 @@ corpus without queries, and the seeded sampling that caps how many a run uses.
   corpus; the relevant documents are the positives and no document judged for the query is a negative.
   `judged_queries` is the same list by document id, for a trainer that keeps its own rows of the corpus.
 - `cloze_corpus(documents, seed)`: a pseudo-query cut out of each document. A title of at least
-  MIN_QUERY_WORDS words is the query and the document's text the positive: a title says what its
-  document is about, as a query does, and title-to-text pairs are the usual weak supervision of a corpus
-  without queries. A document without such a title gives the inverse cloze task of Lee et al. (2019): one
-  sentence (picked by the seed, at least MIN_QUERY_WORDS words) is the query and the document without it
-  the positive. Either way a model cannot learn to find the query verbatim, and the source document is
-  never a negative. Titles teach a reranker more: on SciFact's corpus, a cross-encoder after 100 steps
-  on titles ranked the top 30 of 100 SciFact train claims at 0.64 nDCG@10 alone, one after 100 steps
-  on sentences at 0.44. The corpus it gives back holds every document as cut, so that negatives mined
-  and held-out queries searched in it are searched as a real query is, with no copy of the query to
-  find (in the whole corpus bm25 finds a sentence's own document nearly always, and a weight tuned there
-  says nothing of real queries). `inverse_cloze` is the same split of any list of texts.
+  MIN_QUERY_WORDS words is the query and the document's text the positive: a title says what its document
+  is about, as a query does, and title-to-text pairs are the usual weak supervision of a corpus without
+  queries. A document without such a title gives the inverse cloze task of Lee et al. (2019): one sentence
+  (picked by the seed, at least MIN_QUERY_WORDS words) is the query and the document without it the
+  positive. Either way a model cannot learn to find the query verbatim, and the source document is never a
+  negative. Titles teach a reranker more: on SciFact's corpus, a cross-encoder after 100 steps on titles
+  (of a 150-step schedule) ranked the top 30 of 100 SciFact train claims at 0.64 nDCG@10 alone, one after
+  100 steps on sentences (of a 300-step schedule) at 0.44. The corpus it gives back holds every document
+  as cut, so that negatives mined and held-out queries searched in it are searched as a real query is,
+  with no copy of the query to find (in the whole corpus bm25 finds a sentence's own document nearly
+  always, and a weight tuned there says nothing of real queries). `inverse_cloze` is the same split of any
+  list of texts.
 - `sample(items, limit, seed)`: at most `limit` of them, a seeded choice kept in order.
 
 Texts are what the retrievers index and the rerankers score: `document_text(title, text)`.
@@ -130,16 +131,19 @@ def cloze_corpus(
     with them cut out: a title of at least MIN_QUERY_WORDS words, else an inverse-cloze sentence. A
     query's positive is its cut document, which is its relevant one and never its negative."""
     cut = dict(documents)
-    found: dict[str, Query] = {}
-    untitled = [d for d, doc in documents.items() if len(doc["title"].split()) < MIN_QUERY_WORDS]
-    for doc_id in documents.keys() - set(untitled):
-        doc = documents[doc_id]
-        if doc["text"].strip():
+    query_of: dict[str, str] = {}
+    untitled = []
+    for doc_id, doc in documents.items():
+        if len(doc["title"].split()) < MIN_QUERY_WORDS:
+            untitled.append(doc_id)
+        elif doc["text"].strip():
             cut[doc_id] = {**doc, "title": ""}
-            found[doc_id] = Query(doc["title"], [doc["text"]], frozenset([doc_id]), frozenset([doc_id]))
+            query_of[doc_id] = doc["title"]
     for source, query, rest in inverse_cloze([documents[d]["text"] for d in untitled], seed):
-        doc_id = untitled[source]
-        cut[doc_id] = {**documents[doc_id], "text": rest}
-        positive = document_text(documents[doc_id]["title"], rest)
-        found[doc_id] = Query(query, [positive], frozenset([doc_id]), frozenset([doc_id]))
-    return cut, [found[d] for d in documents if d in found]
+        cut[untitled[source]] = {**documents[untitled[source]], "text": rest}
+        query_of[untitled[source]] = query
+    return cut, [
+        Query(query_of[d], [document_text(cut[d]["title"], cut[d]["text"])], frozenset([d]), frozenset([d]))
+        for d in documents
+        if d in query_of
+    ]

@@ -37,7 +37,9 @@ Cost. On the development machine's 2 idle cores a step of 2 windows (20 passages
 so the default 100 steps take about 12.5 minutes of steps. The teacher scores 20 texts a query, so its
 share grows with the queries (200 there; SciFact's train split has 809). With SciFact's corpus alone
 (`--corpus`: 300 pseudo-queries, the teacher a cross-encoder trained the same way) a default run took
-16.3 minutes in all. A GPU (`--device cuda`) takes longer recipes (`--steps`, `--passage-tokens`;
+16.3 minutes in all, and at the default rate it learned no ranking: 0.050 nDCG@10 alone on its 100
+held-out titles (its tuned weight 1.0, retrieval order); the same data at `--lr 3e-4 --steps 60` gave
+0.734. A GPU (`--device cuda`) takes longer recipes (`--steps`, `--passage-tokens`;
 resume a finished run to train on).
 """
 
