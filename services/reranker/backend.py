@@ -58,6 +58,8 @@ class RerankerModel(ABC):
     # The weight of the retrieval scores in this model's final order (see `blend`) when a call names
     # none: what the checkpoint's trainer tuned on held-out queries (`trained_retrieval_weight`), else 0.
     retrieval_weight: float = 0.0
+    # Whether a candidate's score depends on the others and their order (a listwise model).
+    ORDER_SENSITIVE: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

@@ -90,6 +90,7 @@ def max_positions(config: Any) -> int:
 class FirstReranker(RerankerModel):
     DEFAULT_FOLDER = "first"
     TRAIN_COMMAND = "ragfleet train first"
+    ORDER_SENSITIVE = True
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: RerankerSettings) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer

@@ -57,7 +57,7 @@ import torch
 
 from services.datasets.mining import MINED_RETRIEVERS, Example, mine_examples, prepare_index, search_chunks
 from services.datasets.pairs import Query, document_text
-from services.reranker.backend import RerankerModel, blend
+from services.reranker.backend import Ranking, RerankerModel, blend
 from services.reranker.cross_encoder import CrossEncoderReranker
 from services.runtime.artifacts import Checkpoints
 from services.runtime.model_errors import ParamError
@@ -189,35 +189,57 @@ def held_out_lists(client: Any, index: str, queries: Sequence[Query], depth: int
     return [h for h in lists if h.texts]
 
 
-def tune_retrieval_weight(model: RerankerModel, lists: Sequence[HeldOut], progress: bool) -> dict[str, Any]:
-    """The retrieval weight (of WEIGHTS) that gives `model` the best mean nDCG@10 over the held-out
-    lists, the smallest on a tie, with each weight's nDCG@10; weight 0 when there are no lists."""
-    if not lists:
-        return {"retrieval_weight": 0.0, "validation": None}
+def _rankings(
+    model: RerankerModel, pairs: Sequence[tuple[str, list[str]]], label: str, progress: bool
+) -> list[Ranking]:
     rankings = []
     with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("tuning the retrieval weight", total=len(lists))
-        for start in range(0, len(lists), VALIDATION_CHUNK):
-            chunk = lists[start : start + VALIDATION_CHUNK]
-            rankings.extend(model.rerank_many([(h.query, h.texts) for h in chunk]))
+        task = bar.add_task(label, total=len(pairs))
+        for start in range(0, len(pairs), VALIDATION_CHUNK):
+            chunk = pairs[start : start + VALIDATION_CHUNK]
+            rankings.extend(model.rerank_many(chunk))
             bar.update(task, advance=len(chunk))
+    return rankings
+
+
+def _mean_ndcg(evaluator: Any, doc_ids: Sequence[Sequence[str]], orders: Sequence[Sequence[int]]) -> float:
+    """Mean nDCG@10 of the held-out lists ranked in `orders` (candidate positions, best first); a document
+    ranks at its first candidate."""
+    run = {}
+    for i, (ids, order) in enumerate(zip(doc_ids, orders, strict=True)):
+        ranked: dict[str, float] = {}
+        for position, candidate in enumerate(order):
+            ranked.setdefault(ids[candidate], float(len(order) - position))
+        run[str(i)] = ranked
+    # Every held-out list is in the run, so the mean over it is over every query.
+    return round(float(np.mean([m["ndcg_cut_10"] for m in evaluator.evaluate(run).values()])), 5)
+
+
+def tune_retrieval_weight(model: RerankerModel, lists: Sequence[HeldOut], progress: bool) -> dict[str, Any]:
+    """The retrieval weight (of WEIGHTS) that gives `model` the best mean nDCG@10 over the held-out
+    lists, the smallest on a tie, with each weight's nDCG@10; weight 0 when there are no lists.
+
+    A model that sees a list as a whole (`ORDER_SENSITIVE`) is also scored alone on each list reversed
+    (`ndcg@10_reversed`): one that ranks by position rather than content scores far below its weight-0
+    score there, as FIRST's students trained on a few hundred windows do."""
+    if not lists:
+        return {"retrieval_weight": 0.0, "validation": None}
+    rankings = _rankings(model, [(h.query, h.texts) for h in lists], "tuning the retrieval weight", progress)
     qrels = {str(i): {doc: 1 for doc in h.relevant} for i, h in enumerate(lists)}
     evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut_10"})
+    doc_ids = [h.doc_ids for h in lists]
     curve = {}
     for weight in WEIGHTS:
-        run = {}
-        for i, (held, ranking) in enumerate(zip(lists, rankings, strict=True)):
-            order = blend(ranking, held.scores, weight).order
-            ranked: dict[str, float] = {}
-            for position, candidate in enumerate(order):
-                ranked.setdefault(held.doc_ids[candidate], float(len(order) - position))
-            run[str(i)] = ranked
-        # Every held-out list is in the run, so the mean over it is over every query.
-        per_query = evaluator.evaluate(run).values()
-        curve[weight] = round(float(np.mean([m["ndcg_cut_10"] for m in per_query])), 5)
+        orders = [blend(r, h.scores, weight).order for h, r in zip(lists, rankings, strict=True)]
+        curve[weight] = _mean_ndcg(evaluator, doc_ids, orders)
     best = max(WEIGHTS, key=lambda w: (curve[w], -w))
-    validation = {"queries": len(lists), "depth": max(len(h.texts) for h in lists)}
+    validation: dict[str, Any] = {"queries": len(lists), "depth": max(len(h.texts) for h in lists)}
     validation["ndcg@10"] = {str(w): v for w, v in curve.items()}
+    if model.ORDER_SENSITIVE:
+        pairs = [(h.query, h.texts[::-1]) for h in lists]
+        reversed_rankings = _rankings(model, pairs, "scoring the lists reversed", progress)
+        orders = [r.order for r in reversed_rankings]
+        validation["ndcg@10_reversed"] = _mean_ndcg(evaluator, [ids[::-1] for ids in doc_ids], orders)
     return {"retrieval_weight": best, "validation": validation}
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,12 @@ from ragfleet.v1 import common_pb2, reranker_pb2
 from services.datasets import mining, pairs
 from services.demo.corpus import demo_documents
 from services.reranker import train, trainer
+from services.reranker.backend import Ranking, RerankerModel
 from services.reranker.service import RerankerService
 from services.runtime import training
 from services.runtime.context import CallContext
 from services.runtime.model_errors import ParamError
-from services.runtime.settings import Settings
+from services.runtime.settings import RerankerSettings, Settings
 
 DOCUMENTS = demo_documents()[:24]
 TINY = {"steps": 60, "batch_size": 4, "negatives": 2, "max_length": 64, "lr": 5e-3, "warmup": 3}
@@ -119,6 +121,7 @@ def test_training_lowers_the_loss_and_the_model_loads_in_the_reranker(
     curve = record["validation"]["ndcg@10"]
     assert list(curve) == [str(w) for w in trainer.WEIGHTS]
     assert curve[str(record["retrieval_weight"])] == max(curve.values())
+    assert "ndcg@10_reversed" not in record["validation"]  # a pointwise score ignores the order
 
     service = RerankerService(Settings(home=tmp_path / "home"))
     doc = DOCUMENTS[0]
@@ -202,3 +205,49 @@ def test_bad_settings_name_the_parameter(tmp_path: Path, corpus: Path) -> None:
         with pytest.raises(ParamError) as err:
             train.train_cross_encoder(FakeFleet(), out=tmp_path / "x", progress=False, **kwargs)
         assert err.value.field == field
+
+
+class _ListwiseFake(RerankerModel):
+    """A listwise model that ranks by content (the texts naming the query first) or by position alone."""
+
+    DEFAULT_FOLDER, TRAIN_COMMAND, ORDER_SENSITIVE = "fake", None, True
+
+    def __init__(self, by_content: bool) -> None:
+        self.by_content = by_content
+
+    @classmethod
+    def configured_model(cls, settings: RerankerSettings) -> str | None:
+        return None
+
+    @classmethod
+    def load(cls, name_or_path: str, settings: RerankerSettings) -> _ListwiseFake:
+        raise NotImplementedError
+
+    @property
+    def max_length(self) -> int:
+        return 64
+
+    def rerank(self, query: str, texts: Sequence[str]) -> Ranking:
+        order = list(range(len(texts)))
+        if self.by_content:
+            order.sort(key=lambda i: query not in texts[i])
+        return Ranking(order=order, scores=[1.0 - i / len(order) for i in range(len(order))], truncated=0)
+
+
+def test_a_listwise_model_is_also_scored_on_reversed_lists() -> None:
+    # The relevant document is retrieved first, so ranking by position scores 1 on the lists as given.
+    lists = [
+        trainer.HeldOut(
+            query=f"q{n}",
+            doc_ids=[f"d{n}", "x1", "x2", "x3"],
+            texts=[f"about q{n}", "other", "more", "still more"],
+            scores=[4.0, 3.0, 2.0, 1.0],
+            relevant=[f"d{n}"],
+        )
+        for n in range(3)
+    ]
+    by_content = trainer.tune_retrieval_weight(_ListwiseFake(True), lists, progress=False)["validation"]
+    by_position = trainer.tune_retrieval_weight(_ListwiseFake(False), lists, progress=False)["validation"]
+    assert by_content["ndcg@10"]["0.0"] == by_content["ndcg@10_reversed"] == 1.0
+    assert by_position["ndcg@10"]["0.0"] == 1.0
+    assert by_position["ndcg@10_reversed"] == pytest.approx(1 / math.log2(5), abs=1e-5)  # the positive last

@@ -96,6 +96,7 @@ def test_training_lowers_the_loss_and_the_model_serves(
     assert metrics["steps"] == 30 and metrics["final_loss"] < 0.7 * metrics["initial_loss"]
     record = json.loads((out / training.TRAIN_FILE).read_text())
     assert record["window"] == 4 and record["examples"] == metrics["examples"]
+    assert 0.0 <= record["validation"]["ndcg@10_reversed"] <= 1.0  # a listwise model's position check
 
     service = RerankerService(Settings(home=tmp_path / "home", reranker={"first_window": 4}))
     candidates = [
