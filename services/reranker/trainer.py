@@ -192,6 +192,7 @@ def held_out_lists(client: Any, index: str, queries: Sequence[Query], depth: int
 def _rankings(
     model: RerankerModel, pairs: Sequence[tuple[str, list[str]]], label: str, progress: bool
 ) -> list[Ranking]:
+    """`model`'s rankings of `pairs` (query, texts), in chunks of VALIDATION_CHUNK under a progress bar."""
     rankings = []
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task(label, total=len(pairs))
