@@ -771,7 +771,8 @@ def _run_trainer(
     """Runs a `ragfleet train` command: `train(**options)` with the command's options, which are the
     trainer's keyword arguments (but --address and --token: with `fleet`, the fleet's client they
     reach goes first). A bad input, a missing file or a failed fleet call (or one of `errors`) exits
-    with its message; else it prints the metrics as JSON and where `model` was written (options' out)."""
+    with its message; else it prints the metrics as JSON, their warnings, and where `model` was written
+    (options' out)."""
     import ragfleet
 
     options = dict(options)
@@ -783,6 +784,8 @@ def _run_trainer(
         except (ValueError, FileNotFoundError, ragfleet.errors.RagfleetError, *errors) as err:
             _fail(err)
     print(json.dumps(metrics))
+    for warning in metrics.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     console.print(f"{model} written to {options['out']}")
 
 

@@ -199,4 +199,4 @@ def train_cross_encoder(
     settings = RerankerSettings(device=device)
     tuned = TunedRecord(record, CrossEncoderReranker, settings, data.held_out, progress)
     publish_run(out, save_pretrained(model, tokenizer), tuned)
-    return metrics | {"retrieval_weight": tuned.tuned["retrieval_weight"]}
+    return metrics | tuned.summary()

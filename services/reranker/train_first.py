@@ -261,4 +261,4 @@ def train_first(
     record |= {"final_loss": metrics["final_loss"]}
     tuned = TunedRecord(record, FirstReranker, settings, data.held_out, progress)
     publish_run(out, save_pretrained(model, tokenizer), tuned)
-    return metrics | {"retrieval_weight": tuned.tuned["retrieval_weight"]}
+    return metrics | tuned.summary()

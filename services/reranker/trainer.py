@@ -77,6 +77,8 @@ VALIDATION_CHUNK = 8
 DEFAULT_STEPS = 100
 # The fewest held-out pseudo-queries of a run whose queries `pseudo_query_budget` sizes.
 MIN_HELD_OUT = 100
+# A listwise model whose reversed-list score is below this share of its own ranks mostly by position.
+POSITION_SHARE = 0.5
 
 
 @dataclass
@@ -244,10 +246,33 @@ def tune_retrieval_weight(model: RerankerModel, lists: Sequence[HeldOut], progre
     return {"retrieval_weight": best, "validation": validation}
 
 
+def tuning_warnings(tuned: Mapping[str, Any]) -> list[str]:
+    """What the tuning (`tune_retrieval_weight`'s result) found that a user should know before serving
+    the model: that no weight of it beats the retrieval order, and that a listwise model ranks by
+    position."""
+    validation = tuned["validation"]
+    if validation is None:
+        return []
+    curve, found = validation["ndcg@10"], []
+    retrieved = curve[str(WEIGHTS[-1])]
+    if max(curve.values()) <= retrieved:
+        found.append(
+            f"the model does not improve on the retrieval order of the {validation['queries']} held-out "
+            f"lists ({retrieved} nDCG@10) at any retrieval weight"
+        )
+    alone, reversed_ = curve[str(WEIGHTS[0])], validation.get("ndcg@10_reversed")
+    if reversed_ is not None and reversed_ < POSITION_SHARE * alone:
+        found.append(
+            f"the model ranks by position rather than content: alone it scores {alone} nDCG@10 on the "
+            f"held-out lists as retrieved and {reversed_} on the same lists reversed"
+        )
+    return found
+
+
 class TunedRecord:
     """The train.json of a model saved in a folder (a `record` for `runtime.training.publish_run`): the
     run's `record` and the retrieval weight tuned on `lists` with the saved model as the backend loads
-    it; `tuned` keeps what the tuning found."""
+    it; `tuned` keeps what the tuning found, with its `tuning_warnings`."""
 
     def __init__(
         self,
@@ -264,7 +289,12 @@ class TunedRecord:
     def __call__(self, folder: Path) -> dict[str, Any]:
         model = self.backend.load(str(folder), self.settings)
         self.tuned = tune_retrieval_weight(model, self.lists, self.progress)
+        self.tuned["warnings"] = tuning_warnings(self.tuned)
         return {**self.record, **self.tuned}
+
+    def summary(self) -> dict[str, Any]:
+        """What a trainer returns of the tuning beside its metrics."""
+        return {key: self.tuned[key] for key in ("retrieval_weight", "warnings")}
 
 
 def _load_saved(path: Path, key: str) -> tuple[list[Example], list[HeldOut]] | None:

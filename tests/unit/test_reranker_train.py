@@ -122,6 +122,7 @@ def test_training_lowers_the_loss_and_the_model_loads_in_the_reranker(
     assert list(curve) == [str(w) for w in trainer.WEIGHTS]
     assert curve[str(record["retrieval_weight"])] == max(curve.values())
     assert "ndcg@10_reversed" not in record["validation"]  # a pointwise score ignores the order
+    assert record["warnings"] == metrics["warnings"] == trainer.tuning_warnings(record)
 
     service = RerankerService(Settings(home=tmp_path / "home"))
     doc = DOCUMENTS[0]
@@ -251,3 +252,27 @@ def test_a_listwise_model_is_also_scored_on_reversed_lists() -> None:
     assert by_content["ndcg@10"]["0.0"] == by_content["ndcg@10_reversed"] == 1.0
     assert by_position["ndcg@10"]["0.0"] == 1.0
     assert by_position["ndcg@10_reversed"] == pytest.approx(1 / math.log2(5), abs=1e-5)  # the positive last
+
+
+def test_the_tuning_warns_of_a_model_that_adds_nothing_or_ranks_by_position() -> None:
+    lists = [
+        trainer.HeldOut(
+            query=f"q{n}",
+            doc_ids=["x0", f"d{n}", *(f"x{i}" for i in range(2, 12))],
+            texts=["other", f"about q{n}", *(f"other {i}" for i in range(2, 12))],
+            scores=[float(12 - i) for i in range(12)],
+            relevant=[f"d{n}"],
+        )
+        for n in range(3)
+    ]
+    # Reading the texts finds the positive that retrieval put second; keeping the order adds nothing,
+    # and reversed, that order puts the positive 11th.
+    by_content = trainer.tune_retrieval_weight(_ListwiseFake(True), lists, progress=False)
+    by_position = trainer.tune_retrieval_weight(_ListwiseFake(False), lists, progress=False)
+    assert by_content["retrieval_weight"] < 1.0 and trainer.tuning_warnings(by_content) == []
+    adds_nothing, positional = trainer.tuning_warnings(by_position)
+    retrieved = by_position["validation"]["ndcg@10"]["1.0"]
+    assert f"retrieval order of the 3 held-out lists ({retrieved} nDCG@10)" in adds_nothing
+    reversed_ = by_position["validation"]["ndcg@10_reversed"]
+    assert "ranks by position" in positional and f"{reversed_} on the same lists reversed" in positional
+    assert trainer.tuning_warnings({"retrieval_weight": 0.0, "validation": None}) == []

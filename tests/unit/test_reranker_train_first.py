@@ -193,10 +193,13 @@ def test_the_cli_trains_into_the_default_folder_taught_by_the_default_cross_enco
     seen: dict[str, object] = {}
     monkeypatch.setenv("RAGFLEET_HOME", str(tmp_path))
     monkeypatch.setattr(
-        train_first, "train_first", lambda client, **kwargs: seen.update(kwargs) or {"steps": 1}
+        train_first,
+        "train_first",
+        lambda client, **kwargs: seen.update(kwargs) or {"steps": 1, "warnings": ["it ranks by position"]},
     )
     result = CliRunner().invoke(app, ["train", "first", "--corpus", str(corpus), "--steps", "7"])
     assert result.exit_code == 0, result.output
+    assert "warning: it ranks by position" in result.output
     assert seen["out"] == tmp_path / "models" / FirstReranker.DEFAULT_FOLDER
     assert seen["teacher"] == f"cross-encoder:{tmp_path / 'models' / 'cross-encoder'}"
     assert (seen["steps"], seen["window"], seen["corpus"]) == (7, 20, corpus)
