@@ -883,9 +883,12 @@ def train_first_command(
         str, typer.Option(help="'minilm-decoder' (MiniLM as a causal LM) or any HF causal LM path or id.")
     ] = "minilm-decoder",
     window: Annotated[int, typer.Option(help="Passages per training window.")] = 20,
+    orders: Annotated[
+        int | None, typer.Option(help="Rotations of an example's window in one step (default: the window).")
+    ] = None,
     passage_tokens: Annotated[int, typer.Option(help="Tokens of a passage in a window.")] = 48,
-    steps: StepsOpt = 100,
-    batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 2,
+    steps: StepsOpt = 10,
+    batch_size: Annotated[int, typer.Option(help="Examples per step, each in --orders windows.")] = 1,
     lr: PeakLrOpt = 5e-5,
     ranking_weight: Annotated[float, typer.Option(help="Weight of the RankNet loss.")] = 10.0,
     mine_depth: MineDepthOpt = 30,

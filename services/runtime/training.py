@@ -186,6 +186,7 @@ def train_steps(
     weight_decay: float = 0.01,
     clip_norm: float | None = 1.0,
     micro_batch: int | None = None,
+    group: int = 1,
     lr_scale: Mapping[str, float] | None = None,
     label: str,
     progress: bool,
@@ -197,6 +198,9 @@ def train_steps(
     The rate warms up over `warmup` steps, then decays linearly to 0 at `steps` if `decay` (a run resumed
     with more steps then stretches its decay), else stays. `micro_batch` examples go through each forward
     and backward pass (all of the batch when None): the step's gradient is the same, held in less memory.
+    With `group`, the examples come in groups of that many consecutive ones, and a step takes
+    `batch_size` whole groups, drawn as `batch_indices` draws examples (`micro_batch` still counts
+    examples).
     `lr_scale` maps a parameter-name prefix to a factor of the rate for the parameters under it (e.g.
     pretrained layers that must move slower than a new head); the others take the rate itself.
     """
@@ -214,7 +218,7 @@ def train_steps(
         load_model_weights(model, weights)
         step = latest.step
     start_step = step
-    chunk = micro_batch or batch_size
+    chunk = micro_batch or batch_size * group
     decay_start, decay_end = (warmup, steps) if decay else (math.inf, math.inf)
 
     model.train()
@@ -222,9 +226,10 @@ def train_steps(
         task = bar.add_task(label, total=steps, completed=min(step, steps))
         while step < steps:
             rate = warmup_decay_lr(step, lr, warmup=warmup, decay_start=decay_start, decay_end=decay_end)
-            for group in optimizer.param_groups:
-                group["lr"] = rate * group.get("scale", 1.0)  # absent from older checkpoints
-            rows = batch_indices(step, batch_size, examples, seed)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = rate * param_group.get("scale", 1.0)  # absent from older checkpoints
+            drawn = batch_indices(step, batch_size, examples // group, seed)
+            rows = (drawn[:, None] * group + np.arange(group)).ravel()
             optimizer.zero_grad()
             loss = 0.0
             for start in range(0, len(rows), chunk):

@@ -27,7 +27,8 @@ from services.runtime.model_errors import ParamError
 from services.runtime.settings import RerankerSettings, Settings
 
 DOCUMENTS = demo_documents()[:24]
-TINY = {"window": 4, "passage_tokens": 16, "batch_size": 2, "lr": 2e-2, "warmup": 2, "mine_depth": 8}
+TINY = {"window": 4, "orders": 2, "passage_tokens": 16, "batch_size": 1, "lr": 2e-2, "warmup": 2}
+TINY |= {"mine_depth": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +85,14 @@ def test_a_window_puts_the_positive_first_then_the_teacher_order(models: dict[st
     # Another example is shown in another order (drawn per example), with the same targets.
     orders = {tuple(w.ranks) for w in train_first.windows_of(reranker, [example] * 6, seed=0)}
     assert len(orders) > 1
+    # In all its rotations, one after another, each text takes each position once.
+    rotations = train_first.windows_of(reranker, [example, example], seed=0, orders=4)
+    assert rotations[0] == window and len(rotations) == 8
+    for ranks in ([w.ranks for w in rotations[:4]], [w.ranks for w in rotations[4:]]):
+        assert [r[1:] + r[:1] for r in ranks[:-1]] == ranks[1:]
+        assert all(sorted(column) == [1, 2, 3, 4] for column in zip(*ranks))
+    halves = train_first.windows_of(reranker, [example], seed=0, orders=2)
+    assert [w.ranks for w in halves] == [rotations[0].ranks, rotations[2].ranks]
 
 
 def test_training_lowers_the_loss_and_the_model_serves(
@@ -96,6 +105,7 @@ def test_training_lowers_the_loss_and_the_model_serves(
     assert metrics["steps"] == 30 and metrics["final_loss"] < 0.7 * metrics["initial_loss"]
     record = json.loads((out / training.TRAIN_FILE).read_text())
     assert record["window"] == 4 and record["examples"] == metrics["examples"]
+    assert record["windows"] == 2 * record["examples"] and record["orders"] == 2
     assert 0.0 <= record["validation"]["ndcg@10_reversed"] <= 1.0  # a listwise model's position check
 
     service = RerankerService(Settings(home=tmp_path / "home", reranker={"first_window": 4}))
@@ -203,6 +213,7 @@ def test_the_cli_trains_into_the_default_folder_taught_by_the_default_cross_enco
     assert seen["out"] == tmp_path / "models" / FirstReranker.DEFAULT_FOLDER
     assert seen["teacher"] == f"cross-encoder:{tmp_path / 'models' / 'cross-encoder'}"
     assert (seen["steps"], seen["window"], seen["corpus"]) == (7, 20, corpus)
+    assert (seen["orders"], seen["batch_size"]) == (None, 1)  # the trainer takes None as the window
     monkeypatch.undo()
     failed = CliRunner().invoke(app, ["train", "first", "--out", str(tmp_path / "x")])
     assert failed.exit_code == 1 and "beir" in failed.output

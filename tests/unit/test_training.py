@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from services.runtime.artifacts import Checkpoints
 from services.runtime.model_errors import ParamError
 from services.runtime.training import (
     CROSS_ENCODER_TEMPERATURE,
@@ -16,6 +18,7 @@ from services.runtime.training import (
     check_ranges,
     check_teacher,
     teacher_temperature,
+    train_steps,
     training_index,
     warmup_decay_lr,
 )
@@ -36,6 +39,35 @@ def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step() -> Non
     assert len(batch_indices(0, 5, 3, seed=0)) == 5
     # Epoch e is the permutation drawn from (seed, e), whatever the batch size.
     assert batch_indices(1, 3, 3, seed=7).tolist() == np.random.default_rng([7, 1]).permutation(3).tolist()
+
+
+def test_grouped_examples_are_drawn_whole_and_passed_a_micro_batch_at_a_time(tmp_path: Path) -> None:
+    model = torch.nn.Linear(1, 1)
+    parts: list[list[int]] = []
+
+    def loss_of(rows: np.ndarray) -> torch.Tensor:
+        parts.append(rows.tolist())
+        return model(torch.tensor([[float(r)] for r in rows])).pow(2).mean()
+
+    settings = {"run": {}, "batch_size": 2, "lr": 1e-3, "seed": 5, "checkpoint_every": 10}
+    checkpoints = Checkpoints.for_run(tmp_path, resume=False)
+    train_steps(
+        model,
+        loss_of,
+        12,
+        checkpoints=checkpoints,
+        steps=2,
+        micro_batch=1,
+        group=3,
+        label="t",
+        progress=False,
+        **settings,
+    )
+    assert all(len(part) == 1 for part in parts) and len(parts) == 2 * 2 * 3
+    for step in range(2):
+        rows = [part[0] for part in parts[6 * step : 6 * step + 6]]
+        groups = batch_indices(step, 2, 4, seed=5).tolist()
+        assert rows == [3 * g + i for g in groups for i in range(3)]
 
 
 def test_lr_warms_up_holds_and_decays_to_its_floor() -> None:
