@@ -68,6 +68,7 @@ from services.datasets.mining import Example
 from services.reranker.first import FirstReranker, Prompt, max_positions
 from services.reranker.trainer import TunedRecord, training_data
 from services.runtime.artifacts import Checkpoints
+from services.runtime.model_errors import ParamError
 from services.runtime.models import resolve_model
 from services.runtime.settings import RerankerSettings
 from services.runtime.training import check_ranges, check_teacher, publish_run, save_pretrained, train_steps
@@ -188,7 +189,7 @@ def train_first(
     steps: int = FIRST_STEPS,
     batch_size: int = 1,
     lr: float = 5e-5,
-    warmup: int = 10,
+    warmup: int = 1,
     ranking_weight: float = 10.0,
     mine_depth: int = 30,
     validation: float = 0.1,
@@ -218,6 +219,8 @@ def train_first(
         non_negative={"ranking_weight": ranking_weight},
         below_one={"validation": validation},
     )
+    if orders > window:
+        raise ParamError("orders", f"must be at most the window's {window} rotations, got {orders}")
     settings = RerankerSettings(first_window=window, first_passage_tokens=passage_tokens, device=device)
     check_teacher(teacher)
     out = Path(out)

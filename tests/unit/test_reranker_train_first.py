@@ -151,6 +151,8 @@ def test_bad_settings_name_the_parameter(tmp_path: Path, models: dict[str, Path]
     for kwargs, field in [
         ({"window": 1}, "window"),
         ({"mine_depth": 2}, "mine_depth"),
+        ({"orders": 0}, "orders"),
+        ({"orders": 5}, "orders"),  # more than the window's 4 rotations
         ({"teacher": "none"}, "teacher"),
         ({"corpus": None}, "beir"),
     ]:
